@@ -1,0 +1,55 @@
+"""gradckpt: gradient (activation) checkpointing for PyTorch that makes training fit at the least cost.
+
+The whole public API is here; everything else is internal.
+
+Example:
+    >>> import gradckpt
+    >>> plan = gradckpt.enable(model, policy="full")
+    >>> stats = gradckpt.measure(lambda: model(**batch).loss.backward(), model=model)
+    >>> gradckpt.disable(model)
+"""
+
+from __future__ import annotations
+
+from .apply import applied_plan, disable, enable
+from .blocks import find_blocks
+from .checkpoint import checkpoint
+from .errors import (
+    BlockError,
+    BudgetError,
+    CheckpointMismatchError,
+    ConfigError,
+    GradCkptError,
+    PlanError,
+    PolicyError,
+)
+from .measure import MemoryStats, measure
+from .plan import Decision, Plan
+from .policies import make_plan, policy_names
+from .units import format_bytes, parse_bytes
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockError",
+    "BudgetError",
+    "CheckpointMismatchError",
+    "ConfigError",
+    "Decision",
+    "GradCkptError",
+    "MemoryStats",
+    "Plan",
+    "PlanError",
+    "PolicyError",
+    "__version__",
+    "applied_plan",
+    "checkpoint",
+    "disable",
+    "enable",
+    "find_blocks",
+    "format_bytes",
+    "make_plan",
+    "measure",
+    "parse_bytes",
+    "policy_names",
+]

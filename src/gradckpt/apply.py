@@ -1,0 +1,352 @@
+"""Install a Plan on a model by overriding each block's ``forward``; ``disable`` undoes it exactly.
+
+No wrapper modules are added, so ``state_dict()`` keys, ``named_parameters()`` and Hugging Face
+``save_pretrained`` output are the same with and without gradckpt. The checkpoint wraps the block's
+``forward`` (not ``__call__``), so module hooks such as FSDP2's all-gather stay outside the
+recomputed region and do not run twice (the same choice transformers makes for its layers).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import checkpoint as ck
+from .blocks import BlockSpec, resolve_blocks
+from .errors import GradCkptError, PlanError, PolicyError
+from .plan import Decision, Plan
+from .policies import make_plan
+
+__all__ = ["BlockWrapper", "applied_plan", "disable", "enable", "register_decision"]
+
+#: ``wrapper(name, block, forward, plan_options) -> new_forward`` for one decision.
+BlockWrapper = Callable[[str, nn.Module, Callable[..., Any], Mapping[str, Any]], Callable[..., Any]]
+
+_WRAPPERS: dict[Decision, BlockWrapper] = {}
+
+
+def register_decision(decision: Decision) -> Callable[[BlockWrapper], BlockWrapper]:
+    """Register how blocks with ``decision`` are wrapped (one place per decision)."""
+
+    def deco(fn: BlockWrapper) -> BlockWrapper:
+        _WRAPPERS[decision] = fn
+        return fn
+
+    return deco
+
+
+def run_checkpointed(
+    forward: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    stateful: list[nn.Module],
+    context_fn: ck.ContextFn | None = None,
+) -> Any:
+    """Checkpoint ``forward(*args, **kwargs)``, passing keyword tensors positionally.
+
+    torch infers the device whose RNG it replays from positional tensors only, and its own
+    keyword arguments (``debug``, ``context_fn``...) could collide with a block's; so keyword
+    values travel as positional arguments and are put back by name inside.
+    """
+    names = tuple(kwargs)
+    n = len(args)
+
+    def call(*flat: Any) -> Any:
+        return forward(*flat[:n], **dict(zip(names, flat[n:])))
+
+    return ck.checkpoint(
+        call, *args, *kwargs.values(), stateful=stateful, context_fn=context_fn
+    )
+
+
+@register_decision(Decision.RECOMPUTE)
+def _recompute(
+    name: str, block: nn.Module, forward: Callable[..., Any], options: Mapping[str, Any]
+) -> Callable[..., Any]:
+    stateful = ck.stateful_modules([block])
+
+    def checkpointed_forward(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return run_checkpointed(forward, args, kwargs, stateful=stateful)
+
+    return checkpointed_forward
+
+
+# -- segments: several consecutive blocks checkpointed as one unit ----------------------------
+
+
+class _Ref:
+    """Placeholder for a tensor of the previous block's output, found again at recompute time."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: tuple[Any, ...]) -> None:
+        self.path = path
+
+
+def _tensor_paths(obj: Any, path: tuple[Any, ...] = ()) -> dict[int, tuple[Any, ...]]:
+    if isinstance(obj, torch.Tensor):
+        return {id(obj): path}
+    out: dict[int, tuple[Any, ...]] = {}
+    if isinstance(obj, (tuple, list)):
+        for i, v in enumerate(obj):
+            out.update(_tensor_paths(v, (*path, i)))
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            out.update(_tensor_paths(v, (*path, k)))
+    return out
+
+
+def _get(obj: Any, path: tuple[Any, ...]) -> Any:
+    for p in path:
+        obj = obj[p]
+    return obj
+
+
+def _substitute(obj: Any, paths: dict[int, tuple[Any, ...]], found: list[int]) -> Any:
+    if isinstance(obj, torch.Tensor) and id(obj) in paths:
+        found.append(1)
+        return _Ref(paths[id(obj)])
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(_substitute(v, paths, found) for v in obj)
+    if isinstance(obj, list):
+        return [_substitute(v, paths, found) for v in obj]
+    if type(obj) is dict:
+        return {k: _substitute(v, paths, found) for k, v in obj.items()}
+    return obj
+
+
+def _fill(obj: Any, out: Any) -> Any:
+    if isinstance(obj, _Ref):
+        return _get(out, obj.path)
+    if isinstance(obj, tuple):
+        return tuple(_fill(v, out) for v in obj)
+    if isinstance(obj, list):
+        return [_fill(v, out) for v in obj]
+    if type(obj) is dict:
+        return {k: _fill(v, out) for k, v in obj.items()}
+    return obj
+
+
+@dataclass
+class _SegmentRun:
+    names: list[str]
+    forwards: list[Callable[..., Any]]
+    stateful: list[nn.Module]
+    gen: Generator[None, None, None] | None = None
+    prev: Any = None
+    expect: int = 0
+    records: list[tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=list)
+
+    def abort(self) -> None:
+        if self.gen is not None:
+            ck.abort_region(self.gen)
+        self.gen, self.prev, self.expect = None, None, 0
+
+    def forward(self, j: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        fwd = self.forwards[j]
+        if j == 0:
+            self.abort()  # a region left open by an exception outside the blocks
+            if not torch.is_grad_enabled():
+                return fwd(*args, **kwargs)
+            records: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+            forwards = self.forwards
+
+            def replay(*a: Any, **kw: Any) -> Any:
+                out = forwards[0](*a, **kw)
+                for k, (ra, rkw) in enumerate(records, start=1):
+                    out = forwards[k](*_fill(ra, out), **_fill(rkw, out))
+                return out
+
+            self.records = records
+            self.gen = ck.open_region(replay, args, kwargs, stateful=self.stateful)
+        elif self.gen is None:
+            return fwd(*args, **kwargs)
+        else:
+            if j != self.expect:
+                self.abort()
+                raise GradCkptError(
+                    f"block {self.names[j]!r} ran out of order inside a checkpointed segment "
+                    f"(expected {self.names[self.expect]!r}); the sqrt policy needs its blocks "
+                    "called one after another: use policy='full' for this model"
+                )
+            found: list[int] = []
+            paths = _tensor_paths(self.prev)
+            rec = (_substitute(args, paths, found), _substitute(kwargs, paths, found))
+            if not found:
+                self.abort()
+                raise GradCkptError(
+                    f"block {self.names[j]!r} does not take block {self.names[j - 1]!r}'s output "
+                    "as input, so they cannot be checkpointed as one segment: use policy='full' "
+                    "or 'every:K' for this model"
+                )
+            self.records.append(rec)
+        self.prev = None
+        try:
+            out = fwd(*args, **kwargs)
+        except BaseException:
+            self.abort()
+            raise
+        if j == len(self.forwards) - 1:
+            gen, self.gen = self.gen, None
+            if gen is not None:
+                ck.close_region(gen)
+            self.expect = 0
+        else:
+            self.prev, self.expect = out, j + 1
+        return out
+
+
+# -- enable / disable ----------------------------------------------------------------------
+
+
+@dataclass
+class _Applied:
+    plan: Plan
+    restores: list[Callable[[], None]]
+    segments: list[_SegmentRun]
+
+
+_APPLIED: weakref.WeakKeyDictionary[nn.Module, _Applied] = weakref.WeakKeyDictionary()
+
+
+def applied_plan(model: nn.Module) -> Plan | None:
+    """The plan currently installed on ``model`` by ``enable``, or None."""
+    state = _APPLIED.get(model)
+    return None if state is None else state.plan
+
+
+def _override_forward(block: nn.Module, new_forward: Callable[..., Any]) -> Callable[[], None]:
+    had = "forward" in block.__dict__
+    old = block.__dict__.get("forward")
+    block.forward = new_forward  # type: ignore[method-assign]
+
+    def restore() -> None:
+        if had:
+            block.forward = old  # type: ignore[method-assign]
+        else:
+            block.__dict__.pop("forward", None)
+
+    return restore
+
+
+def _check_plan(plan: Plan, names: list[str]) -> None:
+    if list(plan.blocks) != names:
+        missing = [b for b in plan.blocks if b not in names]
+        raise PlanError(
+            "plan does not match the model's blocks"
+            + (f": no block named {missing[0]!r}" if missing else "")
+            + f" (model has {len(names)} blocks, plan has {len(plan.blocks)}); make the plan for this model"
+        )
+
+
+def enable(
+    model: nn.Module,
+    policy: str | None = None,
+    *,
+    budget: int | str | None = None,
+    plan: Plan | None = None,
+    blocks: BlockSpec = None,
+    **options: Any,
+) -> Plan:
+    """Checkpoint ``model``'s blocks according to a policy, a memory budget, or a saved plan.
+
+    Args:
+        model: any ``nn.Module`` with repeated blocks (Hugging Face models included).
+        policy: ``"none"``, ``"full"``, ``"every:K"``, ``"sqrt"``... (``gradckpt.policy_names()``);
+            default ``"full"`` when neither ``budget`` nor ``plan`` is given.
+        budget: memory budget (``"20GiB"`` or bytes): the cheapest plan whose peak fits.
+        plan: a ``Plan`` made earlier (e.g. loaded with ``Plan.from_json``).
+        blocks: which modules are blocks: names or a predicate ``(name, module) -> bool``
+            (default: ``find_blocks(model)``).
+        **options: policy options (e.g. ``save_ops`` for ``selective``).
+
+    Returns:
+        The installed ``Plan``. A second ``enable`` replaces the first.
+
+    Example:
+        >>> plan = gradckpt.enable(model, policy="every:2")
+        >>> print(plan.summary())
+        every:2: 4 recompute, 4 save
+    """
+    if not isinstance(model, nn.Module):
+        raise GradCkptError(f"enable needs an nn.Module, got {type(model).__name__}")
+    given = [k for k, v in (("policy", policy), ("budget", budget), ("plan", plan)) if v is not None]
+    if len(given) > 1:
+        raise PolicyError(f"give one of policy=, budget= or plan=, not {' and '.join(given)}")
+    if plan is not None:
+        if not isinstance(plan, Plan):
+            raise PlanError(f"plan= must be a gradckpt.Plan, got {type(plan).__name__}")
+        if options:
+            raise PolicyError("options are part of the plan; do not pass them with plan=")
+        found = resolve_blocks(model, list(plan.blocks) if blocks is None else blocks)
+        _check_plan(plan, [n for n, _ in found])
+    elif budget is not None:
+        from .planner import plan_for_budget  # the planner needs profiling machinery
+
+        found = resolve_blocks(model, blocks)
+        plan = plan_for_budget(model, budget, blocks=found, **options)
+    else:
+        found = resolve_blocks(model, blocks)
+        plan = make_plan(policy or "full", [n for n, _ in found], **options)
+
+    for d in set(plan.decisions) - {Decision.SAVE} - set(_WRAPPERS):
+        raise PlanError(f"decision {d.value!r} is not available in this build of gradckpt")
+
+    # Check everything before touching the model, so a refused plan leaves nothing half-applied.
+    disable(model)
+    state = _Applied(plan=plan, restores=[], segments=[])
+    try:
+        from .integrations import prepare_model
+
+        state.restores.append(prepare_model(model))
+        in_segment = {i for a, b in plan.segments for i in range(a, b)}
+        for i, ((name, block), decision) in enumerate(zip(found, plan.decisions)):
+            if decision is Decision.SAVE or i in in_segment:
+                continue
+            wrapped = _WRAPPERS[decision](name, block, block.forward, plan.options)
+            state.restores.append(_override_forward(block, wrapped))
+        for a, b in plan.segments:
+            seg_blocks = [blk for _, blk in found[a:b]]
+            run = _SegmentRun(
+                names=[n for n, _ in found[a:b]],
+                forwards=[blk.forward for blk in seg_blocks],
+                stateful=ck.stateful_modules(seg_blocks),
+            )
+            state.segments.append(run)
+            for j, blk in enumerate(seg_blocks):
+                state.restores.append(_override_forward(blk, _segment_forward(run, j)))
+    except BaseException:
+        for restore in reversed(state.restores):
+            restore()
+        raise
+    _APPLIED[model] = state
+    return plan
+
+
+def _segment_forward(run: _SegmentRun, j: int) -> Callable[..., Any]:
+    def segment_forward(*args: Any, **kwargs: Any) -> Any:
+        return run.forward(j, args, kwargs)
+
+    return segment_forward
+
+
+def disable(model: nn.Module) -> None:
+    """Remove gradckpt from ``model``: the model is exactly what it was before ``enable``.
+
+    Calling it on a model without gradckpt does nothing.
+    """
+    state = _APPLIED.pop(model, None)
+    if state is None:
+        return
+    for run in state.segments:
+        run.abort()
+    for restore in reversed(state.restores):
+        restore()

@@ -1,0 +1,220 @@
+"""Non-reentrant checkpoint with gradckpt's fixes: stateful layers updated once, recompute flagged."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import threading
+from collections.abc import Callable, Generator, Iterable, Iterator
+from contextlib import AbstractContextManager, ExitStack
+from typing import Any
+
+import torch
+import torch.utils.checkpoint as tuc
+from torch import nn
+
+from .errors import GradCkptError
+
+__all__ = ["checkpoint", "is_recomputing"]
+
+ContextFn = Callable[[], tuple[AbstractContextManager[Any], AbstractContextManager[Any]]]
+
+_tls = threading.local()
+
+
+def is_recomputing() -> bool:
+    """True while a checkpointed region is being recomputed during backward (this thread)."""
+    return getattr(_tls, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def _recompute_flag() -> Iterator[None]:
+    _tls.depth = getattr(_tls, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _tls.depth -= 1
+
+
+def stateful_modules(modules: Iterable[nn.Module]) -> list[nn.Module]:
+    """Sub-modules whose forward updates buffers in train mode (BatchNorm, InstanceNorm with stats)."""
+    out: list[nn.Module] = []
+    seen: set[int] = set()
+    for root in modules:
+        for m in root.modules():
+            if (
+                isinstance(m, nn.modules.batchnorm._NormBase)
+                and m.track_running_stats
+                and id(m) not in seen
+            ):
+                seen.add(id(m))
+                out.append(m)
+    return out
+
+
+@contextlib.contextmanager
+def _restore_buffers(stateful: list[nn.Module]) -> Iterator[None]:
+    """Undo buffer updates made during a recompute.
+
+    A plain recompute runs BatchNorm's train-mode forward twice, so running_mean/var move twice
+    and num_batches_tracked goes up by 2 per step (seen on torch 2.13). The recompute's output does
+    not depend on the running statistics in train mode (batch statistics are used), so restoring
+    the pre-recompute values afterwards gives exactly the statistics of a run without checkpointing.
+    """
+    saved = []
+    for m in stateful:
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            buf = getattr(m, name, None)
+            if isinstance(buf, torch.Tensor):
+                saved.append((buf, buf.detach().clone()))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, value in saved:
+                buf.copy_(value)
+
+
+def _context_fn(extra: ContextFn | None, stateful: list[nn.Module]) -> ContextFn:
+    def make() -> tuple[AbstractContextManager[Any], AbstractContextManager[Any]]:
+        fwd: AbstractContextManager[Any]
+        rec: AbstractContextManager[Any]
+        if extra is not None:
+            fwd, rec = extra()
+        else:
+            fwd, rec = contextlib.nullcontext(), contextlib.nullcontext()
+        stack = ExitStack()
+        # Entered lazily when the recompute starts, in this order: flag, buffer guard, user context.
+        return fwd, _Chain([_recompute_flag(), _restore_buffers(stateful), rec], stack)
+
+    return make
+
+
+class _Chain(AbstractContextManager[Any]):
+    """Enter several context managers as one (the recompute context torch expects is a single one)."""
+
+    def __init__(self, cms: list[AbstractContextManager[Any]], stack: ExitStack) -> None:
+        self._cms = cms
+        self._stack = stack
+
+    def __enter__(self) -> None:
+        for cm in self._cms:
+            self._stack.enter_context(cm)
+
+    def __exit__(self, *exc: Any) -> bool | None:
+        return self._stack.__exit__(*exc)
+
+
+def _modules_of(fn: Callable[..., Any]) -> list[nn.Module]:
+    if isinstance(fn, nn.Module):
+        return [fn]
+    owner = getattr(fn, "__self__", None)
+    if isinstance(owner, nn.Module):
+        return [owner]
+    return []
+
+
+def checkpoint(
+    fn: Callable[..., Any],
+    *args: Any,
+    use_reentrant: bool | None = None,
+    context_fn: ContextFn | None = None,
+    preserve_rng_state: bool = True,
+    determinism_check: str = "default",
+    debug: bool = False,
+    early_stop: bool = True,
+    stateful: Iterable[nn.Module] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Drop-in for ``torch.utils.checkpoint.checkpoint``, always on its non-reentrant path.
+
+    Differences from torch: ``use_reentrant`` defaults to False and True is refused (it gives
+    adapters no gradient when the block input does not require grad, breaks DDP and ignores
+    kwargs); RNG state (CPU and the inputs' accelerator) is replayed so dropout masks match;
+    autocast state is kept; BatchNorm running statistics of ``fn`` (when it is a module or a
+    module's method, or of the modules given in ``stateful``) are updated once, not twice.
+
+    Args:
+        fn: the function or module to run; recomputed during backward.
+        *args, **kwargs: passed to ``fn``; may include non-tensors and keyword tensors.
+        context_fn: as in torch: returns (forward context, recompute context), e.g. from
+            ``torch.utils.checkpoint.create_selective_checkpoint_contexts``.
+        stateful: modules whose running statistics must not be updated by the recompute
+            (default: the BatchNorm-like sub-modules of ``fn`` when it is a module).
+
+    Returns:
+        Whatever ``fn`` returns.
+
+    Example:
+        >>> y = gradckpt.checkpoint(block, x, attention_mask=mask)
+    """
+    if use_reentrant:
+        raise GradCkptError(
+            "gradckpt.checkpoint does not run the reentrant variant: it silently gives no "
+            "gradients to adapters when the input does not require grad, breaks DDP and "
+            "ignores keyword arguments; drop use_reentrant=True"
+        )
+    mods = list(stateful) if stateful is not None else _modules_of(fn)
+    return tuc.checkpoint(
+        fn,
+        *args,
+        use_reentrant=False,
+        context_fn=_context_fn(context_fn, stateful_modules(mods)),
+        preserve_rng_state=preserve_rng_state,
+        determinism_check=determinism_check,
+        debug=debug,
+        early_stop=early_stop,
+        **kwargs,
+    )
+
+
+# -- open-ended regions (a segment of several blocks checkpointed as one unit) --------------
+
+_GEN_SIG = inspect.signature(tuc._checkpoint_without_reentrant_generator)
+
+
+def open_region(
+    recompute: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    stateful: list[nn.Module],
+    context_fn: ContextFn | None = None,
+) -> Generator[None, None, None]:
+    """Start a checkpointed region whose forward runs outside this call (across several blocks).
+
+    Returns torch's non-reentrant checkpoint generator, already entered: tensors saved for
+    backward from now on belong to the region until ``close_region`` is called; during backward
+    ``recompute(*args, **kwargs)`` replays the region. Built on the same private generator as
+    torch's composable ``checkpoint`` (torch/distributed/_composable/checkpoint_activation.py).
+    """
+    known: dict[str, Any] = {
+        "preserve_rng_state": True,
+        "context_fn": _context_fn(context_fn, stateful),
+        "determinism_check": "default",
+        "debug": False,
+        "early_stop": True,
+    }
+    positional = []
+    for p in list(_GEN_SIG.parameters.values())[1:]:
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:
+            break
+        positional.append(known.get(p.name, p.default))
+    gen = tuc._checkpoint_without_reentrant_generator(recompute, *positional, *args, **kwargs)
+    next(gen)
+    return gen
+
+
+def close_region(gen: Generator[None, None, None]) -> None:
+    """End a region started by ``open_region`` (pops its saved-tensor hooks)."""
+    try:
+        next(gen)
+    except StopIteration:
+        return
+    raise GradCkptError("internal: checkpoint region generator yielded more than twice")
+
+
+def abort_region(gen: Generator[None, None, None]) -> None:
+    """Close a region after an exception in its forward, so no saved-tensor hooks are left behind."""
+    with contextlib.suppress(BaseException):
+        gen.close()

@@ -1,0 +1,152 @@
+"""Named policies: one registry mapping a name (``"full"``, ``"every:2"``...) to a Plan maker."""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import PolicyError
+from .plan import Decision, Plan
+
+__all__ = ["PolicySpec", "make_plan", "policy_names", "register_policy"]
+
+#: ``maker(block_names, arg, options) -> Plan``; ``arg`` is the text after ``:`` (``"2"`` in ``"every:2"``).
+PlanMaker = Callable[[Sequence[str], "str | None", dict[str, Any]], Plan]
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A named policy.
+
+    Attributes:
+        name: what users type (``"every"`` for ``"every:K"``).
+        help: one line for ``--help`` and error messages.
+        make: builds the Plan for a list of block names.
+        arg: the argument's metavar (``"K"``) when the policy takes one, else ``None``.
+        options: keyword options ``enable`` passes through (e.g. ``("save_ops",)``).
+    """
+
+    name: str
+    help: str
+    make: PlanMaker
+    arg: str | None = None
+    options: tuple[str, ...] = ()
+
+    @property
+    def usage(self) -> str:
+        return f"{self.name}:{self.arg}" if self.arg else self.name
+
+
+_REGISTRY: dict[str, PolicySpec] = {}
+
+
+def register_policy(
+    name: str, help: str, *, arg: str | None = None, options: tuple[str, ...] = ()
+) -> Callable[[PlanMaker], PlanMaker]:
+    """Decorator adding a policy to the registry; adding a policy touches only this call."""
+
+    def deco(fn: PlanMaker) -> PlanMaker:
+        _REGISTRY[name] = PolicySpec(name, help, fn, arg, options)
+        return fn
+
+    return deco
+
+
+def policy_names() -> list[str]:
+    """The policies users can ask for, as typed (``["none", "full", "every:K", ...]``)."""
+    return [spec.usage for spec in _REGISTRY.values()]
+
+
+def get_policy(policy: str) -> tuple[PolicySpec, str | None]:
+    if not isinstance(policy, str):
+        raise PolicyError(f"policy must be a name like 'full', got {type(policy).__name__}")
+    name, sep, arg = policy.strip().partition(":")
+    spec = _REGISTRY.get(name.lower())
+    if spec is None:
+        close = difflib.get_close_matches(name.lower(), list(_REGISTRY), n=1)
+        hint = f" (did you mean {_REGISTRY[close[0]].usage!r}?)" if close else ""
+        raise PolicyError(
+            f"unknown policy {policy!r}{hint}; valid policies: {', '.join(policy_names())}"
+        )
+    if spec.arg and not sep:
+        raise PolicyError(f"policy {spec.name!r} needs an argument: write {spec.usage!r}")
+    if not spec.arg and sep:
+        raise PolicyError(f"policy {spec.name!r} takes no argument, got {policy!r}")
+    return spec, (arg if sep else None)
+
+
+def make_plan(policy: str, block_names: Sequence[str], **options: Any) -> Plan:
+    """Build the Plan named ``policy`` for blocks ``block_names``.
+
+    Example:
+        >>> make_plan("every:2", ["l.0", "l.1", "l.2"]).decisions
+        (Decision.RECOMPUTE, Decision.SAVE, Decision.RECOMPUTE)
+    """
+    spec, arg = get_policy(policy)
+    unknown = set(options) - set(spec.options)
+    if unknown:
+        allowed = ", ".join(spec.options) or "none"
+        raise PolicyError(
+            f"policy {spec.name!r} does not take option(s) {', '.join(sorted(unknown))}; it takes: {allowed}"
+        )
+    return spec.make(list(block_names), arg, dict(options))
+
+
+def _uniform(names: Sequence[str], decision: Decision, policy: str) -> Plan:
+    return Plan(tuple(names), tuple(decision for _ in names), policy=policy)
+
+
+@register_policy("none", "no checkpointing: keep every activation (fastest, most memory)")
+def _none(names: Sequence[str], arg: str | None, options: dict[str, Any]) -> Plan:
+    return _uniform(names, Decision.SAVE, "none")
+
+
+@register_policy("full", "recompute every block during backward (keeps only block inputs)")
+def _full(names: Sequence[str], arg: str | None, options: dict[str, Any]) -> Plan:
+    return _uniform(names, Decision.RECOMPUTE, "full")
+
+
+def _positive_int(arg: str | None, policy: str) -> int:
+    try:
+        k = int(arg or "")
+    except ValueError:
+        raise PolicyError(f"{policy}: K must be an integer >= 1, got {arg!r}") from None
+    if k < 1:
+        raise PolicyError(f"{policy}: K must be >= 1 (every:1 is full), got {k}")
+    return k
+
+
+@register_policy("every", "recompute one block in every K (every:1 == full)", arg="K")
+def _every(names: Sequence[str], arg: str | None, options: dict[str, Any]) -> Plan:
+    k = _positive_int(arg, f"every:{arg}")
+    decisions = tuple(Decision.RECOMPUTE if i % k == 0 else Decision.SAVE for i in range(len(names)))
+    return Plan(tuple(names), decisions, policy=f"every:{k}")
+
+
+def sqrt_segments(n: int) -> tuple[tuple[int, int], ...]:
+    """Split ``n`` blocks into about sqrt(n) runs of consecutive blocks (Chen et al. 2016).
+
+    Sizes differ by at most one, longer runs first: 8 blocks -> (0, 3), (3, 6), (6, 8).
+    """
+    if n <= 0:
+        return ()
+    k = max(1, round(math.sqrt(n)))
+    base, extra = divmod(n, k)
+    out, start = [], 0
+    for i in range(k):
+        size = base + (1 if i < extra else 0)
+        out.append((start, start + size))
+        start += size
+    return tuple(out)
+
+
+@register_policy(
+    "sqrt",
+    "group blocks into ~sqrt(N) segments, each checkpointed as one unit (Chen et al. 2016)",
+)
+def _sqrt(names: Sequence[str], arg: str | None, options: dict[str, Any]) -> Plan:
+    segs = tuple(s for s in sqrt_segments(len(names)) if s[1] - s[0] >= 2)
+    return Plan(tuple(names), tuple(Decision.RECOMPUTE for _ in names), segments=segs, policy="sqrt")
