@@ -23,7 +23,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def grads_of(model: torch.nn.Module) -> dict[str, torch.Tensor | None]:
-    return {n: (None if p.grad is None else p.grad.detach().clone()) for n, p in model.named_parameters()}
+    return {
+        n: (None if p.grad is None else p.grad.detach().clone())
+        for n, p in model.named_parameters()
+    }
 
 
 def run_step(model: torch.nn.Module, batch: dict, seed: int = 0) -> tuple[torch.Tensor, dict]:

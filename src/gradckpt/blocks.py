@@ -12,7 +12,7 @@ from .errors import BlockError
 __all__ = ["BlockSpec", "find_blocks", "resolve_blocks"]
 
 #: What ``enable(..., blocks=...)`` accepts: qualified names, or a predicate ``(name, module) -> bool``.
-BlockSpec = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
+BlockSpec = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]  # noqa: UP007 (runtime alias, py3.10)
 
 # A second list of blocks (the decoder next to an encoder) is kept when it holds at least this
 # share of the largest list's parameters, or when its blocks are of the same class. BART-base's
@@ -25,13 +25,16 @@ def _numel(module: nn.Module) -> int:
 
 
 def _candidates(model: nn.Module) -> list[tuple[str, nn.Module, int]]:
-    """Every ModuleList/Sequential of >= 2 children of one class that holds parameters."""
-    found = []
+    """Every ModuleList/Sequential whose children are all of one class and hold parameters.
+
+    One child is enough: a 1-layer model still has a block list.
+    """
+    found: list[tuple[str, nn.Module, int]] = []
     for name, mod in model.named_modules():
         if not isinstance(mod, (nn.ModuleList, nn.Sequential)):
             continue
         children = list(mod.children())
-        if len(children) < 2 or len({type(c) for c in children}) != 1:
+        if not children or len({type(c) for c in children}) != 1:
             continue
         n = _numel(mod)
         if n > 0:
@@ -106,11 +109,15 @@ def resolve_blocks(model: nn.Module, blocks: BlockSpec = None) -> list[tuple[str
             if pred(name, mod):
                 out.append((name, mod))
         if not out:
-            raise BlockError("the blocks= predicate matched no module; check it against model.named_modules()")
+            raise BlockError(
+                "the blocks= predicate matched no module; check it against model.named_modules()"
+            )
         return out
     names = [blocks] if isinstance(blocks, str) else list(blocks)
     if not names:
-        raise BlockError("blocks= is empty; name at least one module or leave it out to find blocks")
+        raise BlockError(
+            "blocks= is empty; name at least one module or leave it out to find blocks"
+        )
     out = []
     seen: set[str] = set()
     for name in names:
@@ -118,7 +125,9 @@ def resolve_blocks(model: nn.Module, blocks: BlockSpec = None) -> list[tuple[str
             raise BlockError(f"blocks= must hold module names (str), got {type(name).__name__}")
         if name not in modules or name == "":
             hint = ", ".join(n for n, _ in _suggest(model))
-            raise BlockError(f"no module named {name!r} in {type(model).__name__}; blocks found: {hint}")
+            raise BlockError(
+                f"no module named {name!r} in {type(model).__name__}; blocks found: {hint}"
+            )
         if name in seen:
             raise BlockError(f"block {name!r} is named twice in blocks=")
         seen.add(name)
@@ -126,7 +135,9 @@ def resolve_blocks(model: nn.Module, blocks: BlockSpec = None) -> list[tuple[str
     for a, _ in out:
         for b, _ in out:
             if a != b and _within(b, a):
-                raise BlockError(f"blocks {a!r} and {b!r} are nested; a block cannot contain another")
+                raise BlockError(
+                    f"blocks {a!r} and {b!r} are nested; a block cannot contain another"
+                )
     return out
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.utils.checkpoint as tuc
 from torch import nn
 
-from .errors import GradCkptError
+from .errors import CheckpointMismatchError, GradCkptError
 
 __all__ = ["checkpoint", "is_recomputing"]
 
@@ -75,7 +75,9 @@ def _restore_buffers(stateful: list[nn.Module]) -> Iterator[None]:
                 buf.copy_(value)
 
 
-def _context_fn(extra: ContextFn | None, stateful: list[nn.Module]) -> ContextFn:
+def _context_fn(
+    extra: ContextFn | None, stateful: list[nn.Module], name: str = "checkpointed function"
+) -> ContextFn:
     def make() -> tuple[AbstractContextManager[Any], AbstractContextManager[Any]]:
         fwd: AbstractContextManager[Any]
         rec: AbstractContextManager[Any]
@@ -85,9 +87,71 @@ def _context_fn(extra: ContextFn | None, stateful: list[nn.Module]) -> ContextFn
             fwd, rec = contextlib.nullcontext(), contextlib.nullcontext()
         stack = ExitStack()
         # Entered lazily when the recompute starts, in this order: flag, buffer guard, user context.
-        return fwd, _Chain([_recompute_flag(), _restore_buffers(stateful), rec], stack)
+        recompute = _Chain([_recompute_flag(), _restore_buffers(stateful), rec], stack)
+        return _Chain([_NamedMismatch(name), fwd], ExitStack()), recompute
 
     return make
+
+
+def _mismatch_error(name: str, err: Exception) -> CheckpointMismatchError:
+    detail = str(err).split("Tip:")[0].replace("torch.utils.checkpoint: ", "")
+    detail = " ".join(detail.split()).rstrip(".")
+    return CheckpointMismatchError(
+        f"{name}: the recompute during backward did not reproduce the forward pass ({detail}); "
+        "its gradients would be wrong, so backward stopped. The forward is not deterministic "
+        "(control flow or sizes that depend on Python-side state, a call counter or randomness "
+        "torch does not replay, or in-place changes to its inputs): make it deterministic, or "
+        "keep this block's activations (Decision.SAVE for it in the plan)"
+    )
+
+
+class _NamedMismatch(AbstractContextManager[None]):
+    """Forward context that names the block in torch's recompute-mismatch errors.
+
+    torch checks during backward that the recompute saved as many tensors, of the same shapes,
+    dtypes and devices, as the forward did, and raises a bare ``CheckpointError`` from the
+    saved-tensor unpack hook when not. torch enters the forward context right inside its own
+    saved-tensor hooks, so the hooks on top of the stack here are the region's: they are pushed
+    again with an unpack that turns that error into ``CheckpointMismatchError`` naming the block.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._pushed = False
+
+    def __enter__(self) -> None:
+        top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        if top is None:  # grad disabled: torch pushed no hooks, nothing is saved
+            return
+        pack, unpack = top
+        name = self._name
+
+        def unpack_named(handle: Any) -> Any:
+            try:
+                return unpack(handle)
+            except tuc.CheckpointError as e:
+                raise _mismatch_error(name, e) from e
+
+        torch._C._autograd._push_saved_tensors_default_hooks(pack, unpack_named)
+        self._pushed = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._pushed:
+            self._pushed = False
+            torch._C._autograd._pop_saved_tensors_default_hooks()
+
+
+def describe(fn: Callable[..., Any]) -> str:
+    """How errors name a checkpointed function: ``block 'layers.3'``, ``LlamaMLP``, ``f``."""
+    label = getattr(fn, "_gradckpt_label", None)
+    if isinstance(label, str):
+        return label
+    if isinstance(fn, nn.Module):
+        return type(fn).__name__
+    owner = getattr(fn, "__self__", None)
+    if isinstance(owner, nn.Module):
+        return type(owner).__name__
+    return str(getattr(fn, "__qualname__", None) or type(fn).__name__)
 
 
 class _Chain(AbstractContextManager[Any]):
@@ -141,9 +205,15 @@ def checkpoint(
             ``torch.utils.checkpoint.create_selective_checkpoint_contexts``.
         stateful: modules whose running statistics must not be updated by the recompute
             (default: the BatchNorm-like sub-modules of ``fn`` when it is a module).
+        debug: torch's debug mode (operator traces in mismatch errors); it runs torch's
+            checkpoint unchanged, so without the BatchNorm fix or ``CheckpointMismatchError``.
 
     Returns:
         Whatever ``fn`` returns.
+
+    Raises:
+        CheckpointMismatchError: during backward, when the recompute saved tensors of another
+            count, shape or dtype than the forward (the forward is not deterministic).
 
     Example:
         >>> y = gradckpt.checkpoint(block, x, attention_mask=mask)
@@ -154,12 +224,53 @@ def checkpoint(
             "gradients to adapters when the input does not require grad, breaks DDP and "
             "ignores keyword arguments; drop use_reentrant=True"
         )
+    if torch.compiler.is_compiling():
+        # Under torch.compile, dynamo turns this call into a higher-order op whose context_fn
+        # must be a plain function or partial returning TorchDispatchModes (torch/utils/
+        # checkpoint.py, _is_compiling); gradckpt's own contexts are neither, so only the
+        # caller's context_fn (e.g. selective-checkpoint modes) is passed on. Nothing is lost:
+        # the compiled graph applies buffer mutations once, in forward (BatchNorm statistics
+        # match an uncheckpointed run; tested in tests/test_compile.py), and measure() does not
+        # trace compiled code op by op, so the recompute flag has no reader there.
+        # (Dynamo sees any context_fn keyword as a custom one, even torch's noop: leave it out.)
+        extra = {} if context_fn is None else {"context_fn": context_fn}
+        return tuc.checkpoint(
+            fn,
+            *args,
+            use_reentrant=False,
+            preserve_rng_state=preserve_rng_state,
+            determinism_check=determinism_check,
+            debug=debug,
+            early_stop=early_stop,
+            **extra,
+            **kwargs,
+        )
+    forced = getattr(tuc, "_checkpoint_debug_enabled", None)  # set_checkpoint_debug_enabled
+    if debug if forced is None else forced:
+        # torch's debug mode installs its own logging contexts and refuses any other context_fn
+        # (ValueError "debug=True is incompatible with non-default context_fn"), so it runs as
+        # plain torch: the op traces are what matters then, not the BatchNorm fix.
+        if context_fn is not None:
+            raise GradCkptError(
+                "debug=True cannot be combined with context_fn: torch's debug mode installs its "
+                "own contexts; drop one of them"
+            )
+        return tuc.checkpoint(
+            fn,
+            *args,
+            use_reentrant=False,
+            preserve_rng_state=preserve_rng_state,
+            determinism_check=determinism_check,
+            debug=True,
+            early_stop=early_stop,
+            **kwargs,
+        )
     mods = list(stateful) if stateful is not None else _modules_of(fn)
     return tuc.checkpoint(
         fn,
         *args,
         use_reentrant=False,
-        context_fn=_context_fn(context_fn, stateful_modules(mods)),
+        context_fn=_context_fn(context_fn, stateful_modules(mods), describe(fn)),
         preserve_rng_state=preserve_rng_state,
         determinism_check=determinism_check,
         debug=debug,
@@ -180,6 +291,7 @@ def open_region(
     *,
     stateful: list[nn.Module],
     context_fn: ContextFn | None = None,
+    name: str = "checkpointed region",
 ) -> Generator[None, None, None]:
     """Start a checkpointed region whose forward runs outside this call (across several blocks).
 
@@ -190,7 +302,7 @@ def open_region(
     """
     known: dict[str, Any] = {
         "preserve_rng_state": True,
-        "context_fn": _context_fn(context_fn, stateful),
+        "context_fn": _context_fn(context_fn, stateful, name),
         "determinism_check": "default",
         "debug": False,
         "early_stop": True,

@@ -85,7 +85,9 @@ class MemoryStats:
 # -- FLOPs ---------------------------------------------------------------------------------
 
 
-def _cpu_sdpa_flop(query: Any, key: Any, value: Any, *args: Any, out_val: Any = None, **kw: Any) -> int:
+def _cpu_sdpa_flop(
+    query: Any, key: Any, value: Any, *args: Any, out_val: Any = None, **kw: Any
+) -> int:
     return int(sdpa_flop_count(query.shape, key.shape, value.shape))
 
 
@@ -166,6 +168,12 @@ class StepTracker(TorchDispatchMode):
             n, dev = info
             self.current[dev] = self.current.get(dev, 0) - n
 
+    def _finalizer(self, key: int) -> Callable[[Any], None]:
+        def free(_ref: Any) -> None:
+            self._free(key)
+
+        return free
+
     def track(self, t: torch.Tensor) -> None:
         for st in _storages(t):
             key = id(st)
@@ -174,7 +182,7 @@ class StepTracker(TorchDispatchMode):
             n = int(st.nbytes())
             dev = t.device.type
             try:
-                self._refs[key] = weakref.ref(st, lambda _r, k=key: self._free(k))
+                self._refs[key] = weakref.ref(st, self._finalizer(key))
             except TypeError:
                 continue
             self._live[key] = (n, dev)
@@ -267,7 +275,9 @@ def measure(
         >>> stats.activation_bytes
     """
     if not callable(step_fn):
-        raise GradCkptError(f"measure needs a function running one step, got {type(step_fn).__name__}")
+        raise GradCkptError(
+            f"measure needs a function running one step, got {type(step_fn).__name__}"
+        )
     dev = _resolve_device(device, model)
     # Fake tensors report the device they pretend to be on; the allocator knows nothing of them.
     use_allocator = dev.type == "cuda" and torch.cuda.is_available() and not _fake_model(model)

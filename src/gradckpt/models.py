@@ -213,7 +213,9 @@ def _from_config_file(path: Path, layers: int | None, attn: str) -> nn.Module:
             return auto.from_config(cfg, attn_implementation=attn)
         except ValueError:
             continue
-    raise ConfigError(f"{path}: model_type {data['model_type']!r} is neither a causal nor a masked LM")
+    raise ConfigError(
+        f"{path}: model_type {data['model_type']!r} is neither a causal nor a masked LM"
+    )
 
 
 def build_bench_model(
@@ -255,11 +257,13 @@ def build_bench_model(
         raise ConfigError(
             f"unknown model {name!r}{hint}; presets: {', '.join(BENCH_PRESETS)}, or a config.json path"
         )
-    cfg = getattr(model, "config", None)
     if isinstance(model, MLPStack):
         return BenchModel(name, model, model.vocab, "plain", 1 << 20)
+    cfg: Any = getattr(model, "config", None)
     kind = "masked" if cfg.model_type in ("bert", "roberta", "distilbert", "electra") else "causal"
-    max_seq = int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 1 << 20))
+    max_seq = int(
+        getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 1 << 20)
+    )
     return BenchModel(name, model, int(cfg.vocab_size), kind, max_seq)
 
 

@@ -108,7 +108,9 @@ class Plan:
         return {
             "version": _VERSION,
             "policy": self.policy,
-            "blocks": [{"name": b, "decision": d.value} for b, d in zip(self.blocks, self.decisions)],
+            "blocks": [
+                {"name": b, "decision": d.value} for b, d in zip(self.blocks, self.decisions)
+            ],
             "segments": [list(s) for s in self.segments],
             "options": dict(self.options),
             "notes": dict(self.notes),
@@ -123,7 +125,9 @@ class Plan:
             raise PlanError(f"a plan is a JSON object, got {type(data).__name__}")
         version = data.get("version", _VERSION)
         if version != _VERSION:
-            raise PlanError(f"plan version {version!r} is not supported (this gradckpt reads {_VERSION})")
+            raise PlanError(
+                f"plan version {version!r} is not supported (this gradckpt reads {_VERSION})"
+            )
         entries = data.get("blocks")
         if not isinstance(entries, Sequence) or isinstance(entries, str):
             raise PlanError("a plan needs a 'blocks' list of {'name': ..., 'decision': ...}")
@@ -163,7 +167,9 @@ class Plan:
         rows = [f"{'block':<{w}}  decision   segment", f"{'-' * w}  ---------  -------"]
         for i, (b, d) in enumerate(zip(self.blocks, self.decisions)):
             seg = self.segment_of(i)
-            rows.append(f"{b:<{w}}  {d.value:<9}  {'' if seg is None else f'{seg[0]}-{seg[1] - 1}'}")
+            rows.append(
+                f"{b:<{w}}  {d.value:<9}  {'' if seg is None else f'{seg[0]}-{seg[1] - 1}'}"
+            )
         rows.append(self.summary())
         return "\n".join(rows)
 

@@ -122,7 +122,9 @@ def _positive_int(arg: str | None, policy: str) -> int:
 @register_policy("every", "recompute one block in every K (every:1 == full)", arg="K")
 def _every(names: Sequence[str], arg: str | None, options: dict[str, Any]) -> Plan:
     k = _positive_int(arg, f"every:{arg}")
-    decisions = tuple(Decision.RECOMPUTE if i % k == 0 else Decision.SAVE for i in range(len(names)))
+    decisions = tuple(
+        Decision.RECOMPUTE if i % k == 0 else Decision.SAVE for i in range(len(names))
+    )
     return Plan(tuple(names), decisions, policy=f"every:{k}")
 
 
@@ -149,4 +151,6 @@ def sqrt_segments(n: int) -> tuple[tuple[int, int], ...]:
 )
 def _sqrt(names: Sequence[str], arg: str | None, options: dict[str, Any]) -> Plan:
     segs = tuple(s for s in sqrt_segments(len(names)) if s[1] - s[0] >= 2)
-    return Plan(tuple(names), tuple(Decision.RECOMPUTE for _ in names), segments=segs, policy="sqrt")
+    return Plan(
+        tuple(names), tuple(Decision.RECOMPUTE for _ in names), segments=segs, policy="sqrt"
+    )

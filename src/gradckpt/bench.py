@@ -1,0 +1,261 @@
+"""Measure every policy on one model side by side: memory exactly, time as interleaved paired ratios."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .apply import disable, enable
+from .errors import ConfigError, GradCkptError
+from .measure import MemoryStats, measure
+from .models import BenchModel, build_bench_model, make_batch
+from .plan import Plan
+from .policies import make_plan, policy_names
+
+__all__ = ["BenchReport", "PolicyResult", "default_policies", "run_bench"]
+
+
+def default_policies() -> list[str]:
+    """Every registered policy that takes no argument, plus ``every:2``, ``none`` first."""
+    names = [p for p in policy_names() if ":" not in p]
+    names.insert(names.index("full") + 1 if "full" in names else len(names), "every:2")
+    return names
+
+
+@dataclass(slots=True, kw_only=True)
+class PolicyResult:
+    """One policy's measured cost on the bench model.
+
+    Attributes:
+        policy: the policy name (or ``"budget:<bytes>"`` for a planner-made plan).
+        plan: the plan's one-line summary.
+        peak_bytes: device bytes live at the step's peak (weights and gradients included).
+        activation_bytes: device bytes held for backward at the end of forward.
+        host_bytes: host bytes held for backward (offload; 0 on a CPU-only run).
+        saving: activation bytes saved vs ``none``, as a fraction of ``none``'s (0.75 = 75% less).
+        time_s: median step time (s).
+        speed_cost: median over repeats of (time / time of ``none`` in the same repeat) - 1.
+        extra_flops: step FLOPs minus those of ``none`` (recompute).
+        recompute_flops: FLOPs re-run during backward.
+        times_s: every timed step, in repeat order.
+    """
+
+    policy: str
+    plan: str
+    peak_bytes: int
+    activation_bytes: int
+    host_bytes: int
+    saving: float
+    time_s: float
+    speed_cost: float
+    extra_flops: int
+    recompute_flops: int
+    total_flops: int
+    times_s: list[float] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "plan": self.plan,
+            "peak_bytes": self.peak_bytes,
+            "activation_bytes": self.activation_bytes,
+            "host_bytes": self.host_bytes,
+            "saving": self.saving,
+            "time_s": self.time_s,
+            "speed_cost": self.speed_cost,
+            "extra_flops": self.extra_flops,
+            "recompute_flops": self.recompute_flops,
+            "total_flops": self.total_flops,
+            "times_s": list(self.times_s),
+            "stats": dict(self.stats),
+        }
+
+
+@dataclass(slots=True, kw_only=True)
+class BenchReport:
+    """All policies on one model, plus the settings and machine they were measured on."""
+
+    model: str
+    settings: dict[str, Any]
+    machine: dict[str, Any]
+    results: list[PolicyResult]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "settings": dict(self.settings),
+            "machine": dict(self.machine),
+            "results": [r.to_dict() for r in self.results],
+        }
+
+    def result(self, policy: str) -> PolicyResult:
+        for r in self.results:
+            if r.policy == policy:
+                return r
+        raise KeyError(policy)
+
+
+def machine_info() -> dict[str, Any]:
+    """Where a measurement was made: CPU/GPU, thread count, torch version."""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _step(bm: BenchModel, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+    model = bm.model
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        out = model(**batch)
+        out.loss.backward()
+
+    return step
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_bench(
+    model: str | BenchModel = "llama",
+    *,
+    batch: int = 4,
+    seq: int = 512,
+    layers: int | None = None,
+    policies: Sequence[str] | None = None,
+    plans: Sequence[tuple[str, Plan]] = (),
+    repeats: int = 3,
+    warmup: int = 1,
+    device: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> BenchReport:
+    """Measure each policy's peak/activation memory, FLOPs and step time on one model.
+
+    Memory and FLOPs come from one tracked step per policy (exact counts). Time comes from
+    ``warmup + repeats`` rounds in which every policy runs one untracked step, the order rotated
+    each round; the speed cost is the median of per-round ratios to ``none``, which cancels most
+    of the drift of a shared machine.
+
+    Args:
+        model: a bench preset name, a ``config.json`` path, or a built ``BenchModel``.
+        batch, seq, layers: the workload (``layers`` overrides the preset's block count).
+        policies: policy names (default: ``default_policies()``); ``none`` is always measured.
+        plans: extra ``(label, Plan)`` pairs to measure next to the policies (e.g. budget plans).
+        repeats: timed rounds after ``warmup`` untimed ones.
+        device: ``"cpu"`` or ``"cuda"`` (default: CUDA when available).
+        progress: called with a short label before each step (for a progress bar).
+
+    Returns:
+        A ``BenchReport`` with one ``PolicyResult`` per policy, ``none`` first.
+
+    Example:
+        >>> report = run_bench("llama", batch=2, seq=128, policies=["full"], repeats=3)
+        >>> report.result("full").speed_cost
+    """
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ConfigError(f"repeats must be an integer >= 1, got {repeats!r}")
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ConfigError(f"warmup must be an integer >= 0, got {warmup!r}")
+    names = list(policies) if policies is not None else default_policies()
+    if not names and not plans:
+        raise ConfigError("no policies to bench; name at least one, e.g. --policies full")
+    for name in names:
+        make_plan(name, ["probe"])  # fail on a bad name or argument before building anything
+    if "none" not in names:
+        names.insert(0, "none")
+    names = list(dict.fromkeys(names))
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    bm = model if isinstance(model, BenchModel) else build_bench_model(model, layers=layers)
+    bm.model.to(dev).train()
+    data = make_batch(bm, batch, seq)
+    step = _step(bm, data)
+
+    def by_policy(name: str) -> Callable[[], Plan]:
+        return lambda: enable(bm.model, policy=name)
+
+    def by_plan(plan: Plan) -> Callable[[], Plan]:
+        return lambda: enable(bm.model, plan=plan)
+
+    configs = [(n, by_policy(n)) for n in names] + [(lbl, by_plan(p)) for lbl, p in plans]
+
+    mem: dict[str, tuple[Plan, MemoryStats]] = {}
+    try:
+        for label, apply in configs:
+            if progress:
+                progress(f"measure {label}")
+            plan = apply()
+            step()  # first step allocates lazily-created state (e.g. autocast caches) outside the count
+            bm.model.zero_grad(set_to_none=True)
+            mem[label] = (plan, measure(step, model=bm.model, device=dev))
+        times: dict[str, list[float]] = {label: [] for label, _ in configs}
+        for r in range(warmup + repeats):
+            k = r % len(configs)
+            for label, apply in configs[k:] + configs[:k]:
+                if progress:
+                    progress(
+                        f"time {label} ({'warmup' if r < warmup else f'round {r - warmup + 1}'})"
+                    )
+                apply()
+                _sync()
+                t0 = time.perf_counter()
+                step()
+                _sync()
+                if r >= warmup:
+                    times[label].append(time.perf_counter() - t0)
+    except GradCkptError:
+        raise
+    finally:
+        disable(bm.model)
+        bm.model.zero_grad(set_to_none=True)
+
+    _, base = mem["none"]
+    base_times = times["none"]
+    results = []
+    for label, _ in configs:
+        plan, st = mem[label]
+        ratios = [t / b for t, b in zip(times[label], base_times)]
+        results.append(
+            PolicyResult(
+                policy=label,
+                plan=plan.summary(),
+                peak_bytes=st.peak_bytes,
+                activation_bytes=st.activation_bytes,
+                host_bytes=st.host_activation_bytes,
+                saving=1.0 - st.activation_bytes / base.activation_bytes
+                if base.activation_bytes
+                else 0.0,
+                time_s=statistics.median(times[label]),
+                speed_cost=statistics.median(ratios) - 1.0,
+                extra_flops=st.total_flops - base.total_flops,
+                recompute_flops=st.recompute_flops,
+                total_flops=st.total_flops,
+                times_s=times[label],
+                stats=st.to_dict(),
+            )
+        )
+    settings = {
+        "batch": batch,
+        "seq": seq,
+        "layers": len(base.block_bytes) or layers,
+        "repeats": repeats,
+        "warmup": warmup,
+        "device": str(dev),
+        "parameters": sum(p.numel() for p in bm.model.parameters()),
+    }
+    return BenchReport(model=bm.name, settings=settings, machine=machine_info(), results=results)

@@ -1,0 +1,110 @@
+"""gradckpt bench: table, JSON with the promised fields, plot; bad input exits 2 with one line.
+
+Run: .venv/bin/python -m pytest tests/test_cli_bench.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gradckpt.bench import run_bench
+from gradckpt.cli import main
+
+
+def test_bench_writes_table_json_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    code = main(
+        [
+            "bench",
+            "--model",
+            "mlp",
+            "--layers",
+            "3",
+            "--batch",
+            "2",
+            "--seq",
+            "16",
+            "--policies",
+            "full,every:2,sqrt",
+            "--repeats",
+            "2",
+            "--warmup",
+            "0",
+            "--json",
+            str(out),
+            "--plot",
+            str(png),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "speed cost" in text and "every:2" in text
+    data = json.loads(out.read_text())
+    assert data["settings"]["batch"] == 2 and data["settings"]["seq"] == 16
+    assert data["model"] == "mlp"
+    rows = {r["policy"]: r for r in data["results"]}
+    assert list(rows) == ["none", "full", "every:2", "sqrt"]
+    for r in rows.values():
+        for key in ("peak_bytes", "activation_bytes", "time_s", "speed_cost", "extra_flops"):
+            assert key in r
+        assert isinstance(r["peak_bytes"], int) and len(r["times_s"]) == 2
+    assert rows["none"]["extra_flops"] == 0 and rows["none"]["speed_cost"] == 0.0
+    assert (
+        rows["full"]["activation_bytes"]
+        < rows["every:2"]["activation_bytes"]
+        < rows["none"]["activation_bytes"]
+    )
+    assert rows["full"]["extra_flops"] > rows["every:2"]["extra_flops"] > 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_library_on_llama_full_keeps_only_block_outputs() -> None:
+    report = run_bench("llama", layers=4, batch=2, seq=64, policies=["full"], repeats=1, warmup=0)
+    none, full = report.result("none"), report.result("full")
+    hidden_state = 2 * 64 * 512 * 4  # batch * seq * hidden * fp32
+    # With full recompute, a block adds exactly its output (the next block's kept input).
+    assert list(full.stats["block_bytes"].values()) == [hidden_state] * 4
+    assert all(b > 10 * hidden_state for b in none.stats["block_bytes"].values())
+    assert 0 < full.extra_flops <= none.stats["forward_flops"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--policies", "fastest"], "unknown policy 'fastest'"),
+        (["--policies", "full,,none"], "without empty items"),
+        (["--batch", "0"], "integer >= 1"),
+        (["--seq", "x"], "integer >= 1"),
+        (["--model", "lama"], "did you mean 'llama'"),
+        (["--model", "/nonexistent/config.json"], "does not exist"),
+        (["--json", "/nonexistent/dir/out.json"], "does not exist"),
+        (["--policies", "every:0"], ">= 1"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(args: list[str], message: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "gradckpt.cli", "bench", "--layers", "1", "--quiet", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert message in lines[0]
+
+
+def test_malformed_config_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "config.json"
+    bad.write_text("{not json")
+    assert main(["bench", "--model", str(bad), "--quiet"]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    bad.write_text('{"hidden_size": 8}')
+    assert main(["bench", "--model", str(bad), "--quiet"]) == 2
+    assert "no 'model_type'" in capsys.readouterr().err
