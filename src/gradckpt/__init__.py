@@ -27,6 +27,7 @@ from .measure import MemoryStats, measure
 from .plan import Decision, Plan
 from .policies import make_plan, policy_names
 from .units import format_bytes, parse_bytes
+from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
@@ -41,6 +42,7 @@ __all__ = [
     "Plan",
     "PlanError",
     "PolicyError",
+    "VerifyReport",
     "__version__",
     "applied_plan",
     "checkpoint",
@@ -52,4 +54,5 @@ __all__ = [
     "measure",
     "parse_bytes",
     "policy_names",
+    "verify",
 ]

@@ -8,6 +8,7 @@ recomputed region and do not run twice (the same choice transformers makes for i
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from torch import nn
 
 from . import checkpoint as ck
 from .blocks import BlockSpec, resolve_blocks
-from .errors import GradCkptError, PlanError, PolicyError
+from .errors import BlockError, GradCkptError, PlanError, PolicyError
 from .plan import Decision, Plan
 from .policies import make_plan
 
@@ -47,12 +48,14 @@ def run_checkpointed(
     *,
     stateful: list[nn.Module],
     context_fn: ck.ContextFn | None = None,
+    name: str | None = None,
 ) -> Any:
     """Checkpoint ``forward(*args, **kwargs)``, passing keyword tensors positionally.
 
     torch infers the device whose RNG it replays from positional tensors only, and its own
     keyword arguments (``debug``, ``context_fn``...) could collide with a block's; so keyword
-    values travel as positional arguments and are put back by name inside.
+    values travel as positional arguments and are put back by name inside. ``name`` (the
+    block's qualified name) is what errors about this block say.
     """
     names = tuple(kwargs)
     n = len(args)
@@ -60,9 +63,22 @@ def run_checkpointed(
     def call(*flat: Any) -> Any:
         return forward(*flat[:n], **dict(zip(names, flat[n:])))
 
-    return ck.checkpoint(
-        call, *args, *kwargs.values(), stateful=stateful, context_fn=context_fn
-    )
+    label = f"block {name!r}" if name else ck.describe(forward)
+    call._gradckpt_label = label  # type: ignore[attr-defined]
+    out = ck.checkpoint(call, *args, *kwargs.values(), stateful=stateful, context_fn=context_fn)
+    _refuse_lazy_output(label, out)
+    return out
+
+
+def _refuse_lazy_output(label: str, out: Any) -> None:
+    # A generator's body runs when it is iterated, after the checkpointed region has closed: its
+    # tensors would be neither checkpointed nor recomputed, so such blocks are refused.
+    if inspect.isgenerator(out) or inspect.isasyncgen(out) or inspect.iscoroutine(out):
+        raise BlockError(
+            f"{label} returned a {type(out).__name__}: its code would run after the checkpoint "
+            "has closed; gradckpt checkpoints blocks that return tensors (or tuples, lists, "
+            "dicts of them): return a list instead, or leave this block out with blocks="
+        )
 
 
 @register_decision(Decision.RECOMPUTE)
@@ -74,7 +90,7 @@ def _recompute(
     def checkpointed_forward(*args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
-        return run_checkpointed(forward, args, kwargs, stateful=stateful)
+        return run_checkpointed(forward, args, kwargs, stateful=stateful, name=name)
 
     return checkpointed_forward
 
@@ -166,7 +182,8 @@ class _SegmentRun:
                 return out
 
             self.records = records
-            self.gen = ck.open_region(replay, args, kwargs, stateful=self.stateful)
+            label = f"segment of blocks {self.names[0]!r} to {self.names[-1]!r}"
+            self.gen = ck.open_region(replay, args, kwargs, stateful=self.stateful, name=label)
         elif self.gen is None:
             return fwd(*args, **kwargs)
         else:
@@ -191,6 +208,7 @@ class _SegmentRun:
         self.prev = None
         try:
             out = fwd(*args, **kwargs)
+            _refuse_lazy_output(f"block {self.names[j]!r}", out)
         except BaseException:
             self.abort()
             raise
@@ -299,6 +317,15 @@ def enable(
 
     for d in set(plan.decisions) - {Decision.SAVE} - set(_WRAPPERS):
         raise PlanError(f"decision {d.value!r} is not available in this build of gradckpt")
+    for (name, block), decision in zip(found, plan.decisions):
+        fwd = block.forward
+        lazy = inspect.isgeneratorfunction(fwd) or inspect.isasyncgenfunction(fwd)
+        if decision is not Decision.SAVE and (lazy or inspect.iscoroutinefunction(fwd)):
+            raise BlockError(
+                f"block {name!r} ({type(block).__name__}) has a generator or async forward: "
+                "its code runs after the call returns, outside any checkpoint; leave it out "
+                "with blocks= or keep its activations (Decision.SAVE)"
+            )
 
     # Check everything before touching the model, so a refused plan leaves nothing half-applied.
     disable(model)
@@ -323,12 +350,29 @@ def enable(
             state.segments.append(run)
             for j, blk in enumerate(seg_blocks):
                 state.restores.append(_override_forward(blk, _segment_forward(run, j)))
+        if state.segments:
+            # A segment's region stays open from its first block to its last; an exception
+            # raised by the model's own code between two of them would leave the region's
+            # saved-tensor hooks on the stack, catching every tensor saved afterwards (and
+            # holding the region's inputs) until the next forward. Close it when the model's
+            # forward ends, however it ends.
+            handle = model.register_forward_hook(_closer(state.segments), always_call=True)
+            state.restores.append(handle.remove)
     except BaseException:
         for restore in reversed(state.restores):
             restore()
         raise
     _APPLIED[model] = state
     return plan
+
+
+def _closer(runs: list[_SegmentRun]) -> Callable[..., None]:
+    def close_open_segments(_model: nn.Module, _args: Any, _out: Any) -> None:
+        for run in runs:
+            if run.gen is not None:
+                run.abort()
+
+    return close_open_segments
 
 
 def _segment_forward(run: _SegmentRun, j: int) -> Callable[..., Any]:
