@@ -63,6 +63,10 @@ def run_checkpointed(
     def call(*flat: Any) -> Any:
         return forward(*flat[:n], **dict(zip(names, flat[n:])))
 
+    if torch.compiler.is_compiling():
+        # No per-block label here: dynamo would guard on the name it is built from and compile
+        # every block separately, falling back to eager after recompile_limit (8) blocks.
+        return ck.checkpoint(call, *args, *kwargs.values(), context_fn=context_fn)
     label = f"block {name!r}" if name else ck.describe(forward)
     call._gradckpt_label = label  # type: ignore[attr-defined]
     out = ck.checkpoint(call, *args, *kwargs.values(), stateful=stateful, context_fn=context_fn)
@@ -333,7 +337,7 @@ def enable(
     try:
         from .integrations import prepare_model
 
-        state.restores.append(prepare_model(model))
+        state.restores.append(prepare_model(model, found, plan))
         in_segment = {i for a, b in plan.segments for i in range(a, b)}
         for i, ((name, block), decision) in enumerate(zip(found, plan.decisions)):
             if decision is Decision.SAVE or i in in_segment:
@@ -376,7 +380,17 @@ def _closer(runs: list[_SegmentRun]) -> Callable[..., None]:
 
 
 def _segment_forward(run: _SegmentRun, j: int) -> Callable[..., Any]:
+    own_forward = run.forwards[j]  # bound here: indexing by j inside would make dynamo guard on j
+
     def segment_forward(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            # A segment's region stays open across blocks, which compiled frames (one per block)
+            # cannot share: its recompute would replay eager code against a compiled forward's
+            # saved tensors. Under torch.compile each block of a segment is checkpointed alone
+            # (the memory of policy 'full', same gradients).
+            if not torch.is_grad_enabled():
+                return own_forward(*args, **kwargs)
+            return run_checkpointed(own_forward, args, kwargs, stateful=[])
         return run.forward(j, args, kwargs)
 
     return segment_forward

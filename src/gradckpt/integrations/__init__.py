@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from torch import nn
+
+from ..plan import Plan
 
 __all__ = ["prepare_model"]
 
 
-def prepare_model(model: nn.Module) -> Callable[[], None]:
-    """Make ``model`` ready for gradckpt's checkpointing; returns the function that undoes it.
+def prepare_model(
+    model: nn.Module,
+    blocks: Sequence[tuple[str, nn.Module]] = (),
+    plan: Plan | None = None,
+) -> Callable[[], None]:
+    """Make ``model`` ready for ``plan`` on ``blocks``; return the function that undoes it.
 
-    Hugging Face models (recognised by duck typing, so transformers is not imported) get their
-    own gradient checkpointing turned off (no double checkpointing) and ``use_cache`` off (a KV
-    cache written in forward would be written again by the recompute).
+    Called by ``gradckpt.enable`` before any block is touched, so a refusal here leaves the
+    model as it was. Two things happen:
+
+    - the order of wrappers is checked (``distributed.check_wrapping``): a plan whose segments
+      span blocks that FSDP2 already sharded one by one is refused with a ``GradCkptError``;
+    - Hugging Face-style models (any module with a ``gradient_checkpointing`` flag or a
+      ``config.use_cache``, found by duck typing so transformers is not imported) get their own
+      checkpointing turned off and no KV cache while gradients are recorded (``hf.HFGuard``).
     """
-    if hasattr(model, "config") and hasattr(model, "gradient_checkpointing_disable"):
-        from .hf import prepare_hf_model
+    from .distributed import check_wrapping
 
-        return prepare_hf_model(model)
-    return lambda: None
+    check_wrapping(model, blocks, plan)
+    from .hf import HFGuard
+
+    guard = HFGuard.install(model, blocks, plan)
+    return (lambda: None) if guard is None else guard.remove
