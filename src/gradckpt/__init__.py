@@ -11,6 +11,8 @@ Example:
 
 from __future__ import annotations
 
+from . import offload as offload  # registers OFFLOAD, policy 'offload' and offload_saved
+from . import selective as selective  # registers SELECTIVE and policy 'selective'
 from .apply import applied_plan, disable, enable
 from .blocks import find_blocks
 from .checkpoint import checkpoint

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import weakref
 from collections.abc import Callable, Generator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -288,7 +288,10 @@ def enable(
         plan: a ``Plan`` made earlier (e.g. loaded with ``Plan.from_json``).
         blocks: which modules are blocks: names or a predicate ``(name, module) -> bool``
             (default: ``find_blocks(model)``).
-        **options: policy options (e.g. ``save_ops`` for ``selective``).
+        **options: policy options (e.g. ``save_ops`` for ``selective``), and for any policy:
+            ``offload_saved=True`` moves the tensors that non-recomputed (SAVE) blocks keep for
+            backward to host memory; ``offload_min_bytes`` (default 1 MiB) is the smallest
+            tensor moved by it and by OFFLOAD blocks.
 
     Returns:
         The installed ``Plan``. A second ``enable`` replaces the first.
@@ -303,6 +306,9 @@ def enable(
     given = [k for k, v in (("policy", policy), ("budget", budget), ("plan", plan)) if v is not None]
     if len(given) > 1:
         raise PolicyError(f"give one of policy=, budget= or plan=, not {' and '.join(given)}")
+    from .offload import offload_options  # also registers OFFLOAD and offload_saved's wrapper
+
+    offloading = offload_options(options)  # any policy, budget or plan can add these
     if plan is not None:
         if not isinstance(plan, Plan):
             raise PlanError(f"plan= must be a gradckpt.Plan, got {type(plan).__name__}")
@@ -319,6 +325,8 @@ def enable(
         found = resolve_blocks(model, blocks)
         plan = make_plan(policy or "full", [n for n, _ in found], **options)
 
+    if offloading:
+        plan = replace(plan, options={**plan.options, **offloading})
     for d in set(plan.decisions) - {Decision.SAVE} - set(_WRAPPERS):
         raise PlanError(f"decision {d.value!r} is not available in this build of gradckpt")
     for (name, block), decision in zip(found, plan.decisions):
@@ -340,7 +348,9 @@ def enable(
         state.restores.append(prepare_model(model, found, plan))
         in_segment = {i for a, b in plan.segments for i in range(a, b)}
         for i, ((name, block), decision) in enumerate(zip(found, plan.decisions)):
-            if decision is Decision.SAVE or i in in_segment:
+            if i in in_segment or (
+                decision is Decision.SAVE and not plan.options.get("offload_saved")
+            ):
                 continue
             wrapped = _WRAPPERS[decision](name, block, block.forward, plan.options)
             state.restores.append(_override_forward(block, wrapped))

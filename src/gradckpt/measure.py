@@ -9,6 +9,7 @@ views of them (``weight.t()`` in every Linear) are not counted as new memory.
 from __future__ import annotations
 
 import gc
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
@@ -24,7 +25,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sd
 from .checkpoint import is_recomputing
 from .errors import GradCkptError
 
-__all__ = ["MemoryStats", "StepTracker", "count_flops", "measure"]
+__all__ = ["MemoryStats", "StepTracker", "count_flops", "host_empty_strided", "measure"]
 
 aten = torch.ops.aten
 
@@ -40,12 +41,17 @@ class MemoryStats:
             backward starts minus live bytes before the step (weights, buffers, inputs excluded).
         baseline_bytes: device bytes live before the step started.
         host_peak_bytes: most host (CPU) bytes the step added at any moment, when the device is
-            not the CPU (offloaded activations); 0 on a CPU-only run.
+            not the CPU (offloaded activations); on a CPU-only run, only the copies of offload's
+            CPU emulation (``gradckpt.offload.emulate_host_on_cpu``), else 0.
         host_activation_bytes: host bytes held for backward at the end of forward (offload).
         block_bytes: per block name, device bytes it added to live memory during forward.
         forward_flops: FLOPs before backward started.
         backward_flops: FLOPs of backward ops (gradient computation), recompute excluded.
         recompute_flops: FLOPs spent re-running checkpointed forward code during backward.
+        recompute_bytes: bytes read and written by the ops re-run during backward (inputs plus
+            outputs of every op that is not a view; ops whose results a selective checkpoint
+            kept are not re-run and not counted). FLOPs miss the cost of recomputing pointwise
+            ops, which is memory traffic; this counts it.
         time_s: wall time of the step (includes the tracker's overhead on CPU).
         device: the device measured (``"cpu"``, ``"cuda:0"``; under fake tensors, the device they pretend to be on).
     """
@@ -59,6 +65,7 @@ class MemoryStats:
     forward_flops: int = 0
     backward_flops: int = 0
     recompute_flops: int = 0
+    recompute_bytes: int = 0
     time_s: float = 0.0
     device: str = "cpu"
 
@@ -77,6 +84,7 @@ class MemoryStats:
             "forward_flops": self.forward_flops,
             "backward_flops": self.backward_flops,
             "recompute_flops": self.recompute_flops,
+            "recompute_bytes": self.recompute_bytes,
             "time_s": self.time_s,
             "device": self.device,
         }
@@ -137,6 +145,49 @@ def _storages(t: torch.Tensor) -> list[torch.UntypedStorage]:
         return []  # sparse, nested or otherwise storage-less tensors
 
 
+# Host buffers made by offloading code. On a CUDA run every CPU storage is host memory; on a
+# CPU-only run (offload emulated in tests) these are the CPU storages that stand for host memory.
+_host_tls = threading.local()
+_HOST_STORAGES: dict[int, weakref.ref[Any]] = {}
+
+
+def _forget_host(key: int) -> Callable[[Any], None]:
+    def forget(_ref: Any) -> None:
+        _HOST_STORAGES.pop(key, None)
+
+    return forget
+
+
+def host_empty_strided(
+    size: Iterable[int], stride: Iterable[int], *, dtype: torch.dtype, pin_memory: bool = False
+) -> torch.Tensor:
+    """A new CPU tensor that ``measure`` counts as host memory, also when the device is the CPU.
+
+    Offloading allocates its host copies with this, so that in a CPU-only test (CPU memory
+    standing in for the device) ``MemoryStats.host_*`` shows the copies and the device bytes do not.
+
+    Example:
+        >>> buf = host_empty_strided((4, 8), (8, 1), dtype=torch.float32)
+    """
+    _host_tls.active = True
+    try:
+        t = torch.empty_strided(
+            tuple(size), tuple(stride), dtype=dtype, device="cpu", pin_memory=pin_memory
+        )
+    finally:
+        _host_tls.active = False
+    st = t.untyped_storage()
+    _HOST_STORAGES[id(st)] = weakref.ref(st, _forget_host(id(st)))
+    return t
+
+
+def _is_host(st: torch.UntypedStorage) -> bool:
+    if getattr(_host_tls, "active", False):
+        return True
+    ref = _HOST_STORAGES.get(id(st))
+    return ref is not None and ref() is st
+
+
 class StepTracker(TorchDispatchMode):
     """Dispatch mode tracking live storage bytes per device type, FLOPs per phase, backward start.
 
@@ -157,6 +208,7 @@ class StepTracker(TorchDispatchMode):
         self.baseline: dict[str, int] = {}
         self.at_backward: dict[str, int] = {}
         self.flops = {"forward": 0, "backward": 0, "recompute": 0}
+        self.recompute_bytes = 0
         self.in_backward = False
         self.backward_started = False
 
@@ -181,6 +233,8 @@ class StepTracker(TorchDispatchMode):
                 continue
             n = int(st.nbytes())
             dev = t.device.type
+            if dev == "cpu" and self.device_type == "cpu" and _is_host(st):
+                dev = "host"  # offload emulated on a CPU-only run: CPU memory plays the device
             try:
                 self._refs[key] = weakref.ref(st, self._finalizer(key))
             except TypeError:
@@ -219,11 +273,21 @@ class StepTracker(TorchDispatchMode):
         if flops:
             phase = "recompute" if is_recomputing() else ("backward" if in_bwd else "forward")
             self.flops[phase] += flops
+        if is_recomputing() and not getattr(func, "is_view", False):
+            self.recompute_bytes += _io_bytes(args, kwargs, out)
         if not self.use_allocator:
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor):
                     self.track(t)
         return out
+
+
+def _io_bytes(args: Any, kwargs: Any, out: Any) -> int:
+    n = 0
+    for t in tree_flatten((args, kwargs or {}, out))[0]:
+        if isinstance(t, torch.Tensor):
+            n += t.numel() * t.element_size()
+    return n
 
 
 def _live_tensors() -> list[torch.Tensor]:
@@ -332,10 +396,10 @@ def measure(
         peak = tracker.peak.get(key, 0)
         baseline = tracker.baseline.get(key, 0)
     at_bwd = tracker.at_backward.get(key) if tracker.backward_started else tracker.live_bytes(key)
-    host_peak = host_act = 0
-    if key != "cpu":
-        host_peak = tracker.peak.get("cpu", 0) - tracker.baseline.get("cpu", 0)
-        host_act = tracker.at_backward.get("cpu", 0) - tracker.baseline.get("cpu", 0)
+    # Host memory: every CPU storage on a CUDA run; the offload copies on a CPU-only run.
+    host = "host" if key == "cpu" else "cpu"
+    host_peak = tracker.peak.get(host, 0) - tracker.baseline.get(host, 0)
+    host_act = tracker.at_backward.get(host, 0) - tracker.baseline.get(host, 0)
     return MemoryStats(
         peak_bytes=peak,
         activation_bytes=max(0, (at_bwd or 0) - baseline),
@@ -346,6 +410,7 @@ def measure(
         forward_flops=tracker.flops["forward"],
         backward_flops=tracker.flops["backward"],
         recompute_flops=tracker.flops["recompute"],
+        recompute_bytes=tracker.recompute_bytes,
         time_s=elapsed,
         device=str(dev),
     )

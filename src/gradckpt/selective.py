@@ -1,0 +1,605 @@
+"""SELECTIVE decision and ``policy="selective"``: checkpoint a block but keep its expensive ops' outputs.
+
+Layer-level recompute (``RECOMPUTE``) re-runs everything inside a block. Selective checkpointing
+keeps the outputs of the ops that are expensive to redo (matrix multiplies and attention kernels)
+and recomputes only the cheap ones (pointwise ops, norms, activations, softmax), as torchtitan's
+op-level SAC and Megatron-LM's selective recompute do (Korthikanti et al. 2022, "Reducing
+Activation Recomputation in Large Transformer Models"). It is built on torch's own selective
+checkpoint contexts (``torch.utils.checkpoint.create_selective_checkpoint_contexts``), with three
+additions torch leaves to the caller:
+
+- Random ops (dropout masks: ``native_dropout``, ``bernoulli_``...) are re-run with the exact
+  generator state they had in forward (the state is noted before each one and restored before
+  its re-run), so masks match even when ops kept in between consumed random numbers (a CUDA
+  flash-attention kernel with dropout does) and even for in-place random ops, which torch's
+  cache cannot hold (GPT-2 and BERT draw dropout masks with an in-place ``bernoulli_`` on CPU).
+- Data-dependent decisions (``topk``/``sort``/``argmax`` routing in a mixture of experts,
+  ``nonzero``...) are kept: their integer outputs are stored in forward and handed back during
+  recompute, so tokens go to the same experts even if the recompute would round differently.
+- A kept tensor that is modified in place afterwards (which would make the recompute read the
+  modified value) is reported as ``CheckpointMismatchError`` naming the block and the op, at the
+  end of the block's forward when it happens inside the block.
+
+The ``megatron`` preset does the opposite: it keeps everything a block keeps without
+checkpointing and recomputes only the attention core (each ``scaled_dot_product_attention``
+call), which is what Megatron-LM's ``--recompute-granularity selective`` does by default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as tuc
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .apply import register_decision, run_checkpointed
+from .checkpoint import checkpoint, stateful_modules
+from .errors import CheckpointMismatchError, PolicyError
+from .plan import Decision, Plan
+from .policies import register_policy
+
+__all__ = [
+    "DEFAULT_SAVE_OPS",
+    "OP_GROUPS",
+    "PRESETS",
+    "normalize_save_ops",
+    "resolve_save_ops",
+    "selective_context_fn",
+]
+
+aten = torch.ops.aten
+
+#: Named groups of aten ops that ``save_ops`` accepts by name.
+OP_GROUPS: dict[str, tuple[str, ...]] = {
+    # Everything a Linear or a matmul lowers to (linear -> mm/addmm, batched matmul -> bmm),
+    # plus the grouped and scaled variants MoE experts and float8 training use.
+    "mm": (
+        "mm",
+        "addmm",
+        "bmm",
+        "baddbmm",
+        "addbmm",
+        "mv",
+        "addmv",
+        "_grouped_mm",
+        "_scaled_mm",
+        "_scaled_grouped_mm",
+        "_int_mm",
+    ),
+    # The fused attention kernels scaled_dot_product_attention dispatches to on each device.
+    "attention": (
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_fused_attention_overrideable",
+        "_flash_attention_forward",
+        "_efficient_attention_forward",
+        "_cudnn_attention_forward",
+    ),
+}
+_ALIASES = {"matmul": "mm", "linear": "mm", "sdpa": "attention"}
+
+#: What ``policy="selective"`` keeps when ``save_ops`` is not given.
+DEFAULT_SAVE_OPS: tuple[str, ...] = ("mm", "attention")
+
+#: ``default``: keep ``save_ops`` (matmuls and attention), recompute the rest.
+#: ``megatron``: keep everything except the attention core, which is recomputed.
+PRESETS: tuple[str, ...] = ("default", "megatron")
+
+# Ops whose results are decisions made from the data (which expert, which index): their integer
+# outputs are kept and replayed. Ops tagged dynamic_output_shape (nonzero, unique, masked_select)
+# or data_dependent_output (.item()) are added by tag.
+_DATA_DEPENDENT = tuple(
+    getattr(aten, n)
+    for n in (
+        "topk",
+        "sort",
+        "argsort",
+        "argmax",
+        "argmin",
+        "max",
+        "min",
+        "kthvalue",
+        "mode",
+        "median",
+        "nanmedian",
+        "msort",
+        "bincount",
+        "searchsorted",
+        "bucketize",
+    )
+    if hasattr(aten, n)
+)
+
+
+# -- naming the ops to keep (pure; plans store names, not op objects) -----------------------
+
+
+def _op_name(op: Any) -> str:
+    if isinstance(op, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return str(op)  # "aten.mm.default" / "aten.mm"
+    if isinstance(op, str):
+        name = op.strip()
+        name = name.removeprefix("torch.ops.").replace("::", ".")
+        low = name.lower()
+        if low in OP_GROUPS or low in _ALIASES:
+            return _ALIASES.get(low, low)
+        if "." not in name:
+            name = f"aten.{name}"
+        _lookup(name)  # validate now, so a typo fails at enable(), not in the middle of a step
+        return name
+    raise PolicyError(
+        f"save_ops entries are op names ('mm', 'attention', 'aten.gelu') or torch.ops.aten "
+        f"ops, got {type(op).__name__}"
+    )
+
+
+def _lookup(name: str) -> torch._ops.OpOverload | torch._ops.OpOverloadPacket:
+    parts = name.split(".")
+    if len(parts) not in (2, 3):
+        raise PolicyError(
+            f"save_ops: {name!r} is not an op name like 'aten.mm' or 'aten.mm.default'"
+        )
+    ns = getattr(torch.ops, parts[0], None)
+    packet = getattr(ns, parts[1], None) if ns is not None else None
+    if not isinstance(packet, torch._ops.OpOverloadPacket):
+        choices = [
+            *OP_GROUPS,
+            *_ALIASES,
+            *(f"aten.{n}" for n in dir(aten) if not n.startswith("__")),
+        ]
+        close = difflib.get_close_matches(name, choices, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise PolicyError(
+            f"save_ops: no op named {name!r}{hint}; give a group ({', '.join(OP_GROUPS)}) or an "
+            "aten op such as 'aten.gelu'"
+        )
+    if len(parts) == 2:
+        return packet
+    overload = getattr(packet, parts[2], None)
+    if not isinstance(overload, torch._ops.OpOverload):
+        raise PolicyError(
+            f"save_ops: {parts[0]}.{parts[1]} has no overload {parts[2]!r}; "
+            f"overloads: {', '.join(packet.overloads())}"
+        )
+    return overload
+
+
+def normalize_save_ops(save_ops: Any) -> list[str]:
+    """Turn what users write for ``save_ops`` into the names a Plan stores (JSON-friendly).
+
+    Args:
+        save_ops: ``None`` (the default set), a group name (``"mm"``, ``"attention"``), an op
+            name (``"gelu"``, ``"aten.gelu"``, ``"aten::gelu.default"``), a ``torch.ops.aten``
+            op or overload, or a list of these.
+
+    Returns:
+        Canonical names: groups as ``"mm"``, ops as ``"aten.gelu"`` or ``"aten.gelu.default"``.
+
+    Example:
+        >>> normalize_save_ops(["matmul", torch.ops.aten.gelu.default])
+        ['mm', 'aten.gelu.default']
+    """
+    if save_ops is None:
+        return list(DEFAULT_SAVE_OPS)
+    if isinstance(save_ops, (str, torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        save_ops = [save_ops]
+    if not isinstance(save_ops, Iterable) or isinstance(save_ops, Mapping):
+        raise PolicyError(
+            f"save_ops must be a list of op names or ops, got {type(save_ops).__name__}"
+        )
+    return list(dict.fromkeys(_op_name(op) for op in save_ops))
+
+
+def resolve_save_ops(names: Sequence[str]) -> frozenset[Any]:
+    """The op overloads and packets named by ``normalize_save_ops`` output.
+
+    Example:
+        >>> torch.ops.aten.mm in resolve_save_ops(["mm"])
+        True
+    """
+    out: set[Any] = set()
+    for name in names:
+        group = OP_GROUPS.get(_ALIASES.get(name, name))
+        if group is not None:
+            out.update(getattr(aten, n) for n in group if hasattr(aten, n))
+        else:
+            out.add(_lookup(name))
+    return frozenset(out)
+
+
+def _selective_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    preset = options.get("preset") or "default"
+    if preset not in PRESETS:
+        raise PolicyError(f"selective: unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    if preset == "megatron":
+        if options.get("save_ops") is not None:
+            raise PolicyError(
+                "selective: preset='megatron' keeps everything but the attention core; "
+                "it takes no save_ops (drop one of them)"
+            )
+        return {"preset": "megatron"}
+    return {"preset": "default", "save_ops": normalize_save_ops(options.get("save_ops"))}
+
+
+@register_policy(
+    "selective",
+    "checkpoint every block but keep matmul and attention outputs (recompute only pointwise "
+    "ops, norms, softmax); save_ops=[...] or preset='megatron'",
+    options=("save_ops", "preset"),
+)
+def _selective_policy(names: Sequence[str], arg: str | None, options: dict[str, Any]) -> Plan:
+    return Plan(
+        tuple(names),
+        tuple(Decision.SELECTIVE for _ in names),
+        policy="selective",
+        options=_selective_options(options),
+    )
+
+
+# -- what the recompute must reproduce: random draws and data-dependent decisions -------------
+
+
+def _tags(func: Any) -> tuple[Any, ...]:
+    return tuple(getattr(func, "tags", ()))
+
+
+def _is_random(func: Any) -> bool:
+    return torch.Tag.nondeterministic_seeded in _tags(func)
+
+
+def _is_data_dependent(func: Any) -> bool:
+    tags = _tags(func)
+    return (
+        getattr(func, "overloadpacket", None) in _DATA_DEPENDENT
+        or torch.Tag.dynamic_output_shape in tags
+        or torch.Tag.data_dependent_output in tags
+    )
+
+
+_NO_REPLAY = object()  # fake or meta tensors: no real random numbers to reproduce
+
+
+def _op_device(args: Any, kwargs: Mapping[str, Any]) -> torch.device | object:
+    dev = kwargs.get("device")
+    if dev is not None:
+        return torch.device(dev)
+    for x in tree_flatten(args)[0]:
+        if isinstance(x, torch.Tensor):
+            if type(x) is not torch.Tensor and not isinstance(x, nn.Parameter):
+                from torch._subclasses.fake_tensor import is_fake
+
+                if is_fake(x):
+                    return _NO_REPLAY
+            return x.device
+    return torch.device("cpu")
+
+
+def _default_generator(dev: torch.device) -> torch.Generator | None:
+    if dev.type == "cpu":
+        return torch.default_generator
+    mod = getattr(torch, dev.type, None)
+    gens = getattr(mod, "default_generators", None)
+    if not gens or mod is None:
+        return None
+    index = dev.index if dev.index is not None else mod.current_device()
+    return gens[index] if 0 <= index < len(gens) else None
+
+
+def _rng_snapshot(args: Any, kwargs: Mapping[str, Any]) -> Any:
+    """``(generator, state)`` before a random op, ``_NO_REPLAY``, or None when it cannot be taken."""
+    gen = kwargs.get("generator")
+    if not isinstance(gen, torch.Generator):
+        dev = _op_device(args, kwargs)
+        if dev is _NO_REPLAY or (isinstance(dev, torch.device) and dev.type == "meta"):
+            return _NO_REPLAY
+        gen = _default_generator(dev)  # type: ignore[arg-type]
+    if gen is None:
+        return None
+    try:
+        return gen, gen.get_state()
+    except RuntimeError:
+        return None
+
+
+def _is_decision(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and not (x.is_floating_point() or x.is_complex())
+
+
+@dataclass
+class _Kept:
+    """Integer outputs of one data-dependent op (None where the output is recomputed)."""
+
+    leaves: list[Any]
+    spec: Any
+
+    @classmethod
+    def of(cls, out: Any) -> _Kept:
+        leaves, spec = tree_flatten(out)
+        kept: list[Any] = []
+        for x in leaves:
+            if _is_decision(x):
+                kept.append(x.clone())
+            elif isinstance(x, (bool, int, float)):
+                kept.append(x)  # .item() results
+            else:
+                kept.append(None)
+        return cls(kept, spec)
+
+    @property
+    def complete(self) -> bool:
+        return all(x is not None for x in self.leaves)
+
+    def materialize(self) -> Any:
+        return tree_unflatten([_fresh(x) for x in self.leaves], self.spec)
+
+    def substitute(self, out: Any) -> Any:
+        leaves, spec = tree_flatten(out)
+        if len(leaves) != len(self.leaves):
+            return out
+        return tree_unflatten(
+            [o if k is None else _fresh(k) for o, k in zip(leaves, self.leaves)], spec
+        )
+
+
+def _fresh(x: Any) -> Any:
+    # A copy each time: the block may modify what it gets back in place, and a second backward
+    # (retain_graph) must see the forward's values again.
+    return x.clone() if isinstance(x, torch.Tensor) else x
+
+
+class _Policy:
+    """torch's per-op policy: keep ``save`` ops, never keep ops that write into their inputs."""
+
+    def __init__(self, save: frozenset[Any]) -> None:
+        self.save = save
+        self.force_save = False
+
+    def __call__(self, ctx: Any, func: Any, *args: Any, **kwargs: Any) -> tuc.CheckpointPolicy:
+        if self.force_save:  # a random op whose generator state could not be noted
+            self.force_save = False
+            return tuc.CheckpointPolicy.MUST_SAVE
+        schema = getattr(func, "_schema", None)
+        if schema is not None and schema.is_mutable:
+            # An in-place op's cached result would be handed back without writing into the
+            # recomputed input (the `noise.bernoulli_(p)` of CPU dropout): always re-run it.
+            return tuc.CheckpointPolicy.PREFER_RECOMPUTE
+        if func in self.save or getattr(func, "overloadpacket", None) in self.save:
+            return tuc.CheckpointPolicy.PREFER_SAVE
+        return tuc.CheckpointPolicy.PREFER_RECOMPUTE
+
+
+@dataclass
+class _BlockRun:
+    """One forward of one block: what its recompute must reproduce."""
+
+    name: str
+    policy: _Policy
+    rng: list[Any] = field(default_factory=list)
+    kept: list[_Kept] = field(default_factory=list)
+    rng_i: int = 0
+    kept_i: int = 0
+
+    def mutation_error(self, func: Any, where: str) -> CheckpointMismatchError:
+        return CheckpointMismatchError(
+            f"block {self.name!r}: the output of {func} that selective checkpointing kept for "
+            f"backward was modified in place {where}, so the recompute would read the changed "
+            "value; leave that op out of save_ops, do not modify its result in place (e.g. "
+            "nn.ReLU(inplace=True) after a Linear), or give this block Decision.RECOMPUTE"
+        )
+
+    def check_cache(self, caching_mode: Any) -> None:
+        wrapper = getattr(tuc, "_VersionWrapper", None)
+        storage = getattr(caching_mode, "storage", None)
+        if wrapper is None or not isinstance(storage, Mapping):
+            return
+        for func, entries in storage.items():
+            for entry in entries.values():
+                for w in tree_flatten(entry)[0]:
+                    if not isinstance(w, wrapper) or w.version is None:
+                        continue
+                    if w.val._version != w.version:
+                        raise self.mutation_error(func, "later in the block's forward")
+
+    def mismatch(self, what: str) -> CheckpointMismatchError:
+        return CheckpointMismatchError(
+            f"block {self.name!r}: the recompute during backward ran {what} than the forward "
+            "did, so its kept results cannot be matched up; the block's forward is not "
+            "deterministic (Python-side state or sizes that change between calls): make it "
+            "deterministic, or give this block Decision.RECOMPUTE or SAVE"
+        )
+
+
+class _Stacked(TorchDispatchMode):
+    """A mode entered right above torch's selective-checkpoint mode ``inner`` (it sees ops first)."""
+
+    def __init__(self, run: _BlockRun, inner: TorchDispatchMode) -> None:
+        super().__init__()
+        self.run = run
+        self.inner = inner
+
+    def __enter__(self) -> Any:
+        self.inner.__enter__()
+        try:
+            return super().__enter__()
+        except BaseException:
+            self.inner.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            self.inner.__exit__(*exc)
+
+
+class _Record(_Stacked):
+    """Forward: note generator states before random ops and keep data-dependent decisions."""
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        if exc[0] is None:
+            self.run.check_cache(self.inner)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        run = self.run
+        if _is_random(func):
+            snap = _rng_snapshot(args, kwargs)
+            run.rng.append(snap)
+            if snap is None:
+                run.policy.force_save = True
+        out = func(*args, **kwargs)
+        if _is_data_dependent(func):
+            run.kept.append(_Kept.of(out))
+        return out
+
+
+class _Replay(_Stacked):
+    """Recompute: restore generator states, hand back kept decisions, name mutation errors."""
+
+    def __enter__(self) -> Any:
+        self.run.rng_i = self.run.kept_i = 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        run = self.run
+        if _is_random(func):
+            if run.rng_i >= len(run.rng):
+                raise run.mismatch("more random ops")
+            snap = run.rng[run.rng_i]
+            run.rng_i += 1
+            if isinstance(snap, tuple):
+                snap[0].set_state(snap[1])
+        if _is_data_dependent(func):
+            if run.kept_i >= len(run.kept):
+                raise run.mismatch("more data-dependent ops (topk, sort, nonzero...)")
+            kept = run.kept[run.kept_i]
+            run.kept_i += 1
+            if kept.complete:
+                return kept.materialize()
+            return kept.substitute(self._call(func, args, kwargs))
+        return self._call(func, args, kwargs)
+
+    def _call(self, func: Any, args: Any, kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except RuntimeError as e:
+            if isinstance(e, CheckpointMismatchError):
+                raise
+            msg = str(e)
+            if "has been mutated" in msg:
+                raise self.run.mutation_error(func, "after the block's forward") from e
+            if "not found in storage" in msg:
+                raise self.run.mismatch(f"an op ({func}) more often") from e
+            raise
+
+
+def selective_context_fn(
+    name: str, save: frozenset[Any]
+) -> Callable[[], tuple[AbstractContextManager[Any], AbstractContextManager[Any]]]:
+    """The ``context_fn`` that checkpoints block ``name`` keeping the outputs of ops in ``save``.
+
+    Args:
+        name: the block's qualified name (errors say it).
+        save: op overloads and packets to keep (``resolve_save_ops(...)``).
+
+    Returns:
+        A function returning torch's (forward, recompute) context pair, for ``checkpoint``.
+
+    Example:
+        >>> fn = selective_context_fn("layers.0", resolve_save_ops(["mm"]))
+        >>> y = gradckpt.checkpoint(layer, x, context_fn=fn)
+    """
+
+    def make() -> tuple[AbstractContextManager[Any], AbstractContextManager[Any]]:
+        policy = _Policy(save)
+        if torch.compiler.is_compiling():
+            # Under torch.compile the policy only tags graph nodes, and compiled random ops
+            # replay their seeds themselves (functionalized RNG).
+            return tuc.create_selective_checkpoint_contexts(policy)  # type: ignore[no-any-return]
+        caching, cached = tuc.create_selective_checkpoint_contexts(policy)
+        run = _BlockRun(name=name, policy=policy)
+        return _Record(run, caching), _Replay(run, cached)  # type: ignore[arg-type]
+
+    return make
+
+
+# -- the megatron preset: recompute only the attention core --------------------------------------
+
+_SDPA = F.scaled_dot_product_attention
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+class _AttentionCore(TorchFunctionMode):
+    """Checkpoint every ``scaled_dot_product_attention`` call made while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is _SDPA and torch.is_grad_enabled():
+            self.calls += 1
+            # Its inputs (q, k, v, mask) are kept, as without checkpointing; its output and
+            # log-sum-exp (or, on the math path, the seq x seq scores) are recomputed.
+            return checkpoint(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _megatron(name: str, forward: Callable[..., Any]) -> Callable[..., Any]:
+    def attention_recomputed_forward(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        mode = _AttentionCore()
+        with mode:
+            out = forward(*args, **kwargs)
+        if mode.calls == 0:
+            _warn_once(
+                f"megatron:{name}",
+                f"gradckpt: block {name!r} calls no scaled_dot_product_attention, so the "
+                "megatron preset recomputes nothing there (same as Decision.SAVE); use "
+                "attn_implementation='sdpa' or the default selective preset",
+            )
+        return out
+
+    return attention_recomputed_forward
+
+
+@register_decision(Decision.SELECTIVE)
+def _selective_block(
+    name: str, block: nn.Module, forward: Callable[..., Any], options: Mapping[str, Any]
+) -> Callable[..., Any]:
+    opts = _selective_options(options)
+    if opts["preset"] == "megatron":
+        return _megatron(name, forward)
+    context_fn = selective_context_fn(name, resolve_save_ops(opts["save_ops"]))
+    stateful = stateful_modules([block])
+
+    def selective_forward(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return run_checkpointed(
+            forward, args, kwargs, stateful=stateful, context_fn=context_fn, name=name
+        )
+
+    return selective_forward
