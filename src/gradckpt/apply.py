@@ -252,7 +252,7 @@ def _override_forward(block: nn.Module, new_forward: Callable[..., Any]) -> Call
 
     def restore() -> None:
         if had:
-            block.forward = old  # type: ignore[method-assign]
+            block.forward = old  # type: ignore[method-assign,assignment]
         else:
             block.__dict__.pop("forward", None)
 
@@ -265,7 +265,7 @@ def _check_plan(plan: Plan, names: list[str]) -> None:
         raise PlanError(
             "plan does not match the model's blocks"
             + (f": no block named {missing[0]!r}" if missing else "")
-            + f" (model has {len(names)} blocks, plan has {len(plan.blocks)}); make the plan for this model"
+            + f" (plan has {len(plan.blocks)} blocks); make the plan for this model"
         )
 
 
@@ -303,24 +303,31 @@ def enable(
     """
     if not isinstance(model, nn.Module):
         raise GradCkptError(f"enable needs an nn.Module, got {type(model).__name__}")
-    given = [k for k, v in (("policy", policy), ("budget", budget), ("plan", plan)) if v is not None]
+    given = [
+        k for k, v in (("policy", policy), ("budget", budget), ("plan", plan)) if v is not None
+    ]
     if len(given) > 1:
         raise PolicyError(f"give one of policy=, budget= or plan=, not {' and '.join(given)}")
     from .offload import offload_options  # also registers OFFLOAD and offload_saved's wrapper
 
     offloading = offload_options(options)  # any policy, budget or plan can add these
+    lazy_budget = None
     if plan is not None:
         if not isinstance(plan, Plan):
             raise PlanError(f"plan= must be a gradckpt.Plan, got {type(plan).__name__}")
         if options:
             raise PolicyError("options are part of the plan; do not pass them with plan=")
-        found = resolve_blocks(model, list(plan.blocks) if blocks is None else blocks)
+        if blocks is None:
+            modules = dict(model.named_modules())
+            _check_plan(plan, [b for b in plan.blocks if b in modules])
+            blocks = list(plan.blocks)
+        found = resolve_blocks(model, blocks)
         _check_plan(plan, [n for n, _ in found])
     elif budget is not None:
-        from .planner import plan_for_budget  # the planner needs profiling machinery
+        from .planner.api import plan_for_budget  # the planner needs profiling machinery
 
         found = resolve_blocks(model, blocks)
-        plan = plan_for_budget(model, budget, blocks=found, **options)
+        plan, lazy_budget = plan_for_budget(model, budget, blocks=found, **options)
     else:
         found = resolve_blocks(model, blocks)
         plan = make_plan(policy or "full", [n for n, _ in found], **options)
@@ -372,6 +379,8 @@ def enable(
             # forward ends, however it ends.
             handle = model.register_forward_hook(_closer(state.segments), always_call=True)
             state.restores.append(handle.remove)
+        if lazy_budget is not None:  # no example: profile the first step, then re-plan
+            state.restores.append(lazy_budget.install(model))
     except BaseException:
         for restore in reversed(state.restores):
             restore()

@@ -1,0 +1,431 @@
+"""Profile a training step for the planner: per block, what each decision keeps, peaks at and costs.
+
+One real step runs under the leanest standard plan (``full``: every block recomputed), so the
+profile itself stays within a budget that the leanest plan fits, with a tracker recording the live
+bytes at each block's forward and backward boundaries. Each other decision is then measured on one
+block of each kind in isolation (its captured inputs, one forward and backward), and the difference
+to the isolated ``full`` run is added to that block's in-model numbers. RNG state, gradients and
+buffers (BatchNorm statistics) are restored afterwards: profiling does not change training.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from ..checkpoint import is_recomputing
+from ..errors import GradCkptError
+from ..measure import StepTracker, _live_tensors
+from ..plan import Decision, Plan
+from .model import BlockOption, StepProfile
+
+__all__ = ["ProfileRecorder", "available_decisions", "device_model", "profile_step"]
+
+
+def available_decisions(device: torch.device) -> list[Decision]:
+    """Decisions the planner may choose on ``device`` (OFFLOAD only where there is a host to park in)."""
+    from ..apply import _WRAPPERS
+
+    out = [Decision.SAVE, Decision.RECOMPUTE]
+    if Decision.SELECTIVE in _WRAPPERS:
+        out.append(Decision.SELECTIVE)
+    if Decision.OFFLOAD in _WRAPPERS and device.type == "cuda":
+        out.append(Decision.OFFLOAD)
+    return out
+
+
+def device_model(device: torch.device) -> tuple[float, float]:
+    """Measured (FLOP/s, bytes/s) of ``device``: a 512^3 matmul and a 16 MiB copy, ~50 ms in all."""
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    a = torch.randn(512, 512, device=device)
+    b = torch.randn(512, 512, device=device)
+    src = torch.empty(4 << 20, device=device)
+    dst = torch.empty_like(src)
+    rates = []
+    for fn, work in (
+        (lambda: a @ b, 2 * 512**3),
+        (lambda: dst.copy_(src), 2 * src.numel() * src.element_size()),
+    ):
+        fn()
+        sync()
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 0.02:
+            fn()
+            n += 1
+        sync()
+        rates.append(work * n / (time.perf_counter() - t0))
+    return rates[0], rates[1]
+
+
+class _Tracker(StepTracker):
+    """StepTracker that also keeps a resettable window peak and counts bytes moved by recompute."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.window_peak = 0
+        self.recompute_bytes = 0
+
+    def live(self) -> int:
+        return self.live_bytes()
+
+    def reset_window(self) -> int:
+        """Return the peak since the last reset, and start a new window at the current level."""
+        peak = max(self.window_peak, self.live())
+        self.window_peak = self.live()
+        return peak
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        rec = is_recomputing()
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        self.window_peak = max(self.window_peak, self.live())
+        if rec:
+            for t in tree_flatten((args, kwargs, out))[0]:
+                if isinstance(t, torch.Tensor):
+                    self.recompute_bytes += t.numel() * t.element_size()
+        return out
+
+
+def _first_grad_tensor(obj: Any) -> torch.Tensor | None:
+    for t in tree_flatten(obj)[0]:
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            return t
+    return None
+
+
+@dataclass
+class ProfileRecorder:
+    """Hooks and tracker recording block boundaries during one step (used eagerly or lazily)."""
+
+    names: list[str]
+    modules: list[nn.Module]
+    tracker: _Tracker
+    pre: dict[int, int] = field(default_factory=dict)
+    post: dict[int, int] = field(default_factory=dict)
+    fwd_peak: dict[int, int] = field(default_factory=dict)
+    event: dict[int, int] = field(
+        default_factory=dict
+    )  # block -> live when its output grad is ready
+    # window peaks keyed by window: ("fwd", i) from block i's start to the next block's,
+    # ("head",) from the last block's end to its backward, ("bwd", i) block i's backward,
+    # ("tail",) after block 0's backward, ("end",) after the step
+    win_peak: dict[tuple[Any, ...], int] = field(default_factory=dict)
+    # inputs of the first block of each kind (class and input shapes), for the isolated runs
+    captured: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict)
+    groups: dict[tuple[Any, ...], int] = field(default_factory=dict)
+    rep: dict[int, int] = field(default_factory=dict)
+    pre_peak: int = 0
+    _window: tuple[Any, ...] = ("pre",)
+    _handles: list[Any] = field(default_factory=list)
+
+    def _close(self, nxt: tuple[Any, ...]) -> None:
+        self.win_peak[self._window] = self.tracker.reset_window()
+        self._window = nxt
+
+    def install(self) -> None:
+        n = len(self.modules)
+        for i, mod in enumerate(self.modules):
+
+            def pre(_m: nn.Module, args: Any, kwargs: Any, i: int = i) -> None:
+                if self.tracker.backward_started or is_recomputing():
+                    return
+                if i == 0:
+                    self.pre_peak = self.tracker.reset_window()
+                    self._window = ("fwd", 0)
+                else:
+                    self._close(("fwd", i))
+                self.pre[i] = self.tracker.live()
+                key = _group_key(_m, args, kwargs)
+                if key not in self.groups:
+                    self.groups[key] = i
+                    self.captured[i] = (args, kwargs)
+                self.rep[i] = self.groups[key]
+                x = _first_grad_tensor(args) if i == 0 else None
+                if x is not None:
+                    x.register_hook(self._grad_hook(-1))
+
+            def post(_m: nn.Module, args: Any, kwargs: Any, out: Any, i: int = i) -> None:
+                if self.tracker.backward_started or is_recomputing():
+                    return
+                self.post[i] = self.tracker.live()
+                y = _first_grad_tensor(out)
+                if y is not None:
+                    y.register_hook(self._grad_hook(i))
+                if i == n - 1:
+                    self._close(("head",))
+
+            self._handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
+            self._handles.append(mod.register_forward_hook(post, with_kwargs=True))
+
+    def _grad_hook(self, i: int) -> Callable[[torch.Tensor], None]:
+        def hook(_g: torch.Tensor) -> None:
+            if i in self.event:
+                return
+            self._close(("bwd", i) if i >= 0 else ("tail",))
+            self.event[i] = self.tracker.live()
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def finish(self) -> None:
+        self._close(("end",))
+
+
+def _snapshot(model: nn.Module) -> Callable[[], None]:
+    """Remember gradients, buffers and RNG; return the function that puts them back."""
+    grads = {p: p.grad for p in model.parameters()}
+    bufs = [(b, b.detach().clone()) for b in model.buffers()]
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+    def restore() -> None:
+        for p, g in grads.items():
+            p.grad = g
+        with torch.no_grad():
+            for b, v in bufs:
+                b.copy_(v)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+    return restore
+
+
+def _isolated(
+    name: str,
+    block: nn.Module,
+    decision: Decision,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    options: Mapping[str, Any],
+    device: torch.device,
+) -> dict[str, int]:
+    """Forward and backward of one block under ``decision``; bytes relative to its start level."""
+    from ..apply import _WRAPPERS
+
+    base_forward = block.forward
+    fwd = (
+        base_forward
+        if decision is Decision.SAVE
+        else _WRAPPERS[decision](name, block, base_forward, options)
+    )
+
+    def detach(t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            return t.detach().requires_grad_(True)
+        return t
+
+    a = tuple(detach(t) for t in args)
+    kw = {k: detach(v) for k, v in kwargs.items()}
+    leaves = [
+        t for t in tree_flatten((a, kw))[0] if isinstance(t, torch.Tensor) and t.requires_grad
+    ]
+    params = [p for p in block.parameters() if p.requires_grad]
+    tracker = _Tracker(device_type=device.type, use_allocator=device.type == "cuda")
+    gc.collect()
+    tracker.seed(_live_tensors())
+    with tracker:
+        l0 = tracker.reset_window()
+        out = fwd(*a, **kw)
+        l1 = tracker.live()
+        pf = tracker.reset_window()
+        y = _first_grad_tensor(out)
+        if y is None:
+            raise GradCkptError(
+                f"block {name!r} returns no tensor that requires grad; it cannot be profiled"
+            )
+        g = torch.ones_like(y)
+        lb = tracker.reset_window()
+        grads = torch.autograd.grad([y], [*params, *leaves], [g], allow_unused=True)
+        pb = tracker.reset_window()
+    del out, y, g, grads
+    return {
+        "kept": l1 - l0,
+        "fwd_extra": pf - l0,
+        "bwd_extra": pb - lb,
+        "recompute_flops": tracker.flops["recompute"],
+        "recompute_bytes": tracker.recompute_bytes,
+    }
+
+
+def _group_key(block: nn.Module, args: Any, kwargs: Any) -> tuple[Any, ...]:
+    shapes = tuple(
+        (tuple(t.shape), t.dtype)
+        for t in tree_flatten((args, kwargs))[0]
+        if isinstance(t, torch.Tensor)
+    )
+    return (type(block), shapes)
+
+
+def profile_step(
+    model: nn.Module,
+    step_fn: Callable[[], Any],
+    blocks: Sequence[tuple[str, nn.Module]],
+    *,
+    decisions: Sequence[Decision] | None = None,
+    options: Mapping[str, Any] | None = None,
+    batch: int = 0,
+    device: torch.device | None = None,
+) -> StepProfile:
+    """Run ``step_fn`` once under ``full`` and profile every block for every decision.
+
+    Args:
+        model: the model (its gradients, buffers and the RNG are restored afterwards).
+        step_fn: one forward and backward (no optimizer step).
+        blocks: ``[(name, module)]``, in execution order.
+        decisions: the decisions to offer (default: ``available_decisions(device)``).
+        options: plan options passed to decision wrappers (e.g. ``save_ops``).
+        batch: the micro-batch size of the step (for scaling hints).
+        device: the device (default: the model's).
+
+    Returns:
+        A ``StepProfile``.
+    """
+    from ..apply import applied_plan, disable, enable
+
+    dev = device or next((p.device for p in model.parameters()), torch.device("cpu"))
+    decs = list(decisions or available_decisions(dev))
+    if Decision.RECOMPUTE not in decs:
+        decs.append(Decision.RECOMPUTE)
+    opts = dict(options or {})
+    names = [n for n, _ in blocks]
+    mods = [m for _, m in blocks]
+    previous = applied_plan(model)
+    restore = _snapshot(model)
+    tracker = _Tracker(device_type=dev.type, use_allocator=dev.type == "cuda")
+    rec = ProfileRecorder(names, mods, tracker)
+    try:
+        enable(
+            model,
+            plan=Plan(
+                tuple(names), (Decision.RECOMPUTE,) * len(names), policy="full", options=opts
+            ),
+        )
+        rec.install()
+        for p in model.parameters():
+            p.grad = None
+        gc.collect()
+        tracker.seed(_live_tensors())
+        tracker.window_peak = tracker.live()
+        with tracker:
+            step_fn()
+        rec.finish()
+        rec.remove()
+        result = _assemble(rec, model, decs, opts, dev, batch)
+    finally:
+        rec.remove()
+        disable(model)
+        restore()
+        if previous is not None:
+            enable(model, plan=previous)
+    return result
+
+
+def _assemble(
+    rec: ProfileRecorder,
+    model: nn.Module,
+    decs: list[Decision],
+    opts: dict[str, Any],
+    dev: torch.device,
+    batch: int,
+) -> StepProfile:
+    n = len(rec.modules)
+    missing = [rec.names[i] for i in range(n) if i not in rec.pre or i not in rec.post]
+    if missing:
+        raise GradCkptError(
+            f"block {missing[0]!r} did not run in the profiled step; pass blocks= that the step uses"
+        )
+    kept_r = [rec.post[i] - rec.pre[i] for i in range(n)]
+    prefix = [0]
+    for k in kept_r:
+        prefix.append(prefix[-1] + k)
+    fwd_base = [rec.pre[i] - prefix[i] for i in range(n)]
+    fwd_extra_r = [rec.win_peak.get(("fwd", i), rec.pre[i]) - rec.pre[i] for i in range(n)]
+    # backward events: block i's backward starts when its output's gradient is ready
+    bwd_base: list[int] = []
+    bwd_extra_r: list[int] = []
+    for i in range(n):
+        if i not in rec.event:
+            raise GradCkptError(
+                f"block {rec.names[i]!r}'s output got no gradient in the profiled step; the planner "
+                "needs every block on the path to the loss"
+            )
+        bwd_base.append(rec.event[i] - prefix[i + 1])
+        bwd_extra_r.append(rec.win_peak.get(("bwd", i), rec.event[i]) - rec.event[i])
+    head_base = rec.win_peak.get(("head",), 0) - prefix[n]
+    tail = max(rec.win_peak.get(("tail",), 0), rec.win_peak.get(("end",), 0))
+
+    # isolated runs: one block per kind, every decision; deltas applied to the in-model numbers
+    flops_s, bytes_s = device_model(dev)
+    rep = rec.rep
+    iso: dict[tuple[int, Decision], dict[str, int]] = {}
+    from ..apply import applied_plan, disable, enable
+
+    previous = applied_plan(model)
+    disable(model)  # the isolated runs wrap each block's own forward
+    try:
+        for i in sorted(set(rep.values())):
+            args, kwargs = rec.captured[i]
+            for d in decs:
+                iso[(i, d)] = _isolated(rec.names[i], rec.modules[i], d, args, kwargs, opts, dev)
+    finally:
+        rec.captured.clear()
+        if previous is not None:
+            enable(model, plan=previous)
+
+    def cost(flops: int, moved: int) -> int:
+        return int(1e9 * (flops / flops_s + moved / bytes_s))
+
+    options: list[dict[Decision, BlockOption]] = []
+    for i in range(n):
+        r = iso[(rep[i], Decision.RECOMPUTE)]
+        per: dict[Decision, BlockOption] = {}
+        for d in decs:
+            x = iso[(rep[i], d)]
+            kept = max(0, kept_r[i] + x["kept"] - r["kept"])
+            per[d] = BlockOption(
+                kept=kept,
+                fwd_extra=max(kept, fwd_extra_r[i] + x["fwd_extra"] - r["fwd_extra"]),
+                bwd_extra=max(0, bwd_extra_r[i] + x["bwd_extra"] - r["bwd_extra"]),
+                cost=cost(x["recompute_flops"], x["recompute_bytes"]),
+                recompute_flops=x["recompute_flops"],
+                recompute_bytes=x["recompute_bytes"],
+            )
+        options.append(per)
+
+    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    fixed = rec.tracker.baseline.get(dev.type, 0) + grads
+    prof = StepProfile(
+        blocks=tuple(rec.names),
+        options=tuple(options),
+        fwd_base=tuple(fwd_base),
+        bwd_base=tuple(bwd_base),
+        pre_peak=rec.pre_peak,
+        head_base=head_base,
+        tail_peak=tail,
+        batch=batch,
+        fixed_bytes=fixed,
+        flops_per_s=flops_s,
+        bytes_per_s=bytes_s,
+        device=str(dev),
+    )
+    if batch:
+        from .solve import min_peak
+
+        lean = min_peak(prof).peak
+        object.__setattr__(prof, "per_sample_bytes", max(1, (lean - fixed) // batch))
+    return prof
