@@ -121,17 +121,19 @@ def _plan_everywhere(
     blocks: Any,
     options: dict[str, Any],
 ) -> Plan:
-    """``enable`` on every rank with one plan: a budget is planned on rank 0 and broadcast.
+    """``enable`` on every rank with one plan: a budget with an example is planned on rank 0.
 
     A plan from a budget depends on profiling, which could differ by a few bytes between
-    ranks; one plan for all keeps every rank's memory and recompute the same.
+    ranks; one plan for all keeps every rank's memory and recompute the same. A budget without
+    ``example=`` is planned from each rank's own first training step (the planner's lazy mode),
+    which cannot be shared before training starts.
     """
     import torch.distributed as dist
 
     from .. import apply
 
     multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if budget is None or not multi:
+    if budget is None or not multi or options.get("example") is None:
         return apply.enable(model, policy, budget=budget, plan=plan, blocks=blocks, **options)
     payload: list[Any] = [None]
     if dist.get_rank() == 0:
