@@ -150,29 +150,44 @@ def _dense_strides(t: torch.Tensor) -> tuple[int, ...]:
 class HostCopy:
     """One tensor parked in host memory, and the state of fetching it back."""
 
-    __slots__ = ("__weakref__", "_live", "copier", "host", "pending", "ready")
+    __slots__ = ("__weakref__", "_held", "_live", "copier", "host", "pending", "ready", "waiting")
 
     def __init__(self, copier: Copier, host: torch.Tensor, ready: Any) -> None:
         self.copier = copier
         self.host = host
         self.ready = ready  # CUDA event recorded after the device-to-host copy, or None
         self.pending: tuple[torch.Tensor, Any] | None = None
-        self._live: weakref.ref[torch.Tensor] | None = None
+        # The device copy's storage while any tensor still uses it: tensors rebuilt from it are
+        # dropped by autograd after each unpack, the storage is not, so later unpacks share it.
+        self._live: weakref.ref[torch.UntypedStorage] | None = None
+        # Saved tensors packed into this copy and not yet unpacked. The device copy is held
+        # from the first unpack to the last (no longer than the tensor lived without offload),
+        # so a tensor saved by several ops (an input both pow and mul keep) is fetched once.
+        self.waiting = 0
+        self._held: torch.Tensor | None = None
+
+    def _alive(self) -> torch.UntypedStorage | None:
+        return self._live() if self._live is not None else None
 
     def prefetch(self) -> None:
         """Start copying back to the device, unless already started or still there."""
-        if self.pending is None and (self._live is None or self._live() is None):
+        if self.pending is None and self._alive() is None:
             self.pending = self.copier.start_fetch(self)
 
     def fetched(self) -> torch.Tensor:
         """The tensor back on the device (waits for the copy; several unpacks share one copy)."""
-        t = self._live() if self._live is not None else None
-        if t is not None:
-            return t
-        pending = self.pending if self.pending is not None else self.copier.start_fetch(self)
-        self.pending = None
-        t = self.copier.finish_fetch(pending)
-        self._live = weakref.ref(t)
+        st = self._alive()
+        if st is not None:
+            host = self.host
+            t = torch.empty(0, dtype=host.dtype, device=self.copier.device)
+            t = t.set_(st, 0, host.size(), host.stride())
+        else:
+            pending = self.pending if self.pending is not None else self.copier.start_fetch(self)
+            self.pending = None
+            t = self.copier.finish_fetch(pending)
+            self._live = weakref.ref(t.untyped_storage())
+        self.waiting -= 1
+        self._held = t if self.waiting > 0 else None
         return t
 
 
@@ -261,6 +276,7 @@ class Copier:
             else:
                 copy = self._copy(t, tuple(t.size()), _dense_strides(t))
             self._parked[key] = (t._version, weakref.ref(copy))
+        copy.waiting += 1
         if whole:
             return HostView(
                 copy, t.dtype, tuple(t.size()), tuple(t.stride()), int(t.storage_offset())
