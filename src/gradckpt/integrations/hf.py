@@ -268,9 +268,11 @@ def _make_callback() -> type:
                 leaving it exactly as it was.
             **options: policy options passed to ``gradckpt.enable``.
 
-        The plan summary goes into the first log entry as ``gradckpt/plan`` and every log
-        entry gets peak memory (see ``peak_memory_logs``), in ``trainer.state.log_history``
-        and in the ``logs`` reporters after this callback receive.
+        The plan summary goes into the first log entry as ``gradckpt/plan``, and again
+        whenever the installed plan changes (a budget without ``example=`` is planned from
+        the first training step); every log entry gets peak memory (``peak_memory_logs``).
+        Both land in ``trainer.state.log_history`` and in the ``logs`` that reporters
+        called after this callback receive. ``self.plan`` is the plan installed last.
 
         Example:
             >>> from gradckpt.integrations.hf import GradCkptCallback
@@ -305,7 +307,7 @@ def _make_callback() -> type:
             self.plan: Plan | None = plan
             self._given_plan = plan
             self._model: nn.Module | None = None
-            self._plan_logged = False
+            self._logged_plan: str | None = None
 
         def on_train_begin(
             self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kw: Any
@@ -324,7 +326,7 @@ def _make_callback() -> type:
                 **self.options,
             )
             self._model = model
-            self._plan_logged = False
+            self._logged_plan = None
             device = next((p.device for p in model.parameters()), torch.device("cpu"))
             if device.type == "cuda" and torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats(device)
@@ -341,9 +343,10 @@ def _make_callback() -> type:
             if self._model is None or self.plan is None:
                 return
             extra: dict[str, Any] = {}
-            if not self._plan_logged:
-                extra["gradckpt/plan"] = self.plan.summary()
-                self._plan_logged = True
+            self.plan = apply.applied_plan(self._model) or self.plan
+            summary = self.plan.summary()
+            if summary != self._logged_plan:
+                extra["gradckpt/plan"] = self._logged_plan = summary
             extra.update(peak_memory_logs(self._model))
             if logs is not None:
                 logs.update(extra)
