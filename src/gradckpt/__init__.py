@@ -25,6 +25,7 @@ from .errors import (
     PlanError,
     PolicyError,
 )
+from .estimate import EstimateReport, estimate
 from .measure import MemoryStats, measure
 from .plan import Decision, Plan
 from .policies import make_plan, policy_names
@@ -39,6 +40,7 @@ __all__ = [
     "CheckpointMismatchError",
     "ConfigError",
     "Decision",
+    "EstimateReport",
     "GradCkptError",
     "MemoryStats",
     "Plan",
@@ -50,6 +52,7 @@ __all__ = [
     "checkpoint",
     "disable",
     "enable",
+    "estimate",
     "find_blocks",
     "format_bytes",
     "make_plan",

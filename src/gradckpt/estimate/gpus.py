@@ -1,0 +1,135 @@
+"""GPU presets (memory, bf16 dense throughput, memory bandwidth) and the roofline time model.
+
+Throughputs are NVIDIA's datasheet figures for dense bf16 tensor-core math with fp32 accumulate
+(what training uses; the sparse figures are twice these). Memory is the capacity the driver
+reports (``nvidia-smi``'s total), since that is what a process can at most allocate.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from ..units import parse_bytes
+
+__all__ = ["GPU", "GPU_PRESETS", "MATH_EFFICIENCY", "MEMORY_EFFICIENCY", "get_gpu"]
+
+MiB = 1024**2
+GiB = 1024**3
+
+#: Fraction of datasheet bf16 throughput that large training matmuls sustain. 0.6 is a typical
+#: model-FLOPs utilisation ceiling for a single-GPU fine-tune (PaLM reports 46-57% on TPUs,
+#: torchtitan 40-60% on H100); it sets absolute times only: speed costs are ratios.
+MATH_EFFICIENCY = 0.6
+#: Fraction of datasheet memory bandwidth that pointwise kernels sustain (STREAM-like kernels
+#: reach 80-90% on A100/H100).
+MEMORY_EFFICIENCY = 0.8
+
+
+@dataclass(frozen=True)
+class GPU:
+    """One accelerator, as the estimator sees it.
+
+    Attributes:
+        name: preset name (``"rtx-4090"``) or the size typed (``"24GB"``).
+        memory_bytes: device memory a process can use, in bytes.
+        bf16_tflops: dense bf16 tensor throughput (fp32 accumulate), 1e12 FLOP/s; None when unknown.
+        bandwidth_gbs: memory bandwidth, 1e9 bytes/s; None when unknown.
+        source: where the figures come from.
+    """
+
+    name: str
+    memory_bytes: int
+    bf16_tflops: float | None = None
+    bandwidth_gbs: float | None = None
+    source: str = ""
+
+    @property
+    def has_speed(self) -> bool:
+        return bool(self.bf16_tflops) and bool(self.bandwidth_gbs)
+
+    def op_seconds(self, flops: int, nbytes: int) -> float:
+        """Roofline time of one kernel: ``max(flops / sustained math, bytes / sustained bandwidth)``.
+
+        Example:
+            >>> round(GPU_PRESETS["a100-80gb"].op_seconds(2 * 4096**3, 3 * 2 * 4096**2) * 1e3, 3)
+            0.734
+        """
+        if not self.has_speed:
+            raise ConfigError(
+                f"GPU {self.name!r} has no throughput figures; use a preset such as 'a100-80gb'"
+            )
+        assert self.bf16_tflops is not None and self.bandwidth_gbs is not None  # for mypy
+        return max(
+            flops / (self.bf16_tflops * 1e12 * MATH_EFFICIENCY),
+            nbytes / (self.bandwidth_gbs * 1e9 * MEMORY_EFFICIENCY),
+        )
+
+
+# fmt: off
+GPU_PRESETS: dict[str, GPU] = {
+    g.name: g
+    for g in (
+        GPU("rtx-3090", 24576 * MiB, 71.0, 936.0,
+            "GeForce RTX 3090: Ampere GA102 whitepaper (bf16 tensor, fp32 accumulate, dense 71 TFLOPS), GDDR6X 936 GB/s"),
+        GPU("rtx-4090", 24564 * MiB, 165.2, 1008.0,
+            "GeForce RTX 4090: Ada whitepaper (fp16/bf16 tensor, fp32 accumulate, dense 165.2 TFLOPS), 1008 GB/s"),
+        GPU("l4", 23034 * MiB, 121.0, 300.0,
+            "NVIDIA L4 datasheet: bf16 tensor 242 TFLOPS with sparsity (121 dense), 300 GB/s"),
+        GPU("a10g", 23028 * MiB, 70.0, 600.0,
+            "AWS A10G (g5 instances): bf16 tensor 70 TFLOPS dense, GDDR6 600 GB/s"),
+        GPU("a100-40gb", 40960 * MiB, 312.0, 1555.0,
+            "NVIDIA A100 datasheet: bf16 tensor 312 TFLOPS dense, HBM2 1555 GB/s (40GB SXM)"),
+        GPU("a100-80gb", 81920 * MiB, 312.0, 2039.0,
+            "NVIDIA A100 datasheet: bf16 tensor 312 TFLOPS dense, HBM2e 2039 GB/s (80GB SXM)"),
+        GPU("h100", 81559 * MiB, 989.0, 3350.0,
+            "NVIDIA H100 SXM datasheet: bf16 tensor 1979 TFLOPS with sparsity (989 dense), HBM3 3.35 TB/s"),
+    )
+}
+# fmt: on
+_ALIASES = {
+    "h100-80gb": "h100",
+    "h100-sxm": "h100",
+    "a100": "a100-80gb",
+    "4090": "rtx-4090",
+    "3090": "rtx-3090",
+}
+_SIZE = re.compile(r"^\s*[0-9.]+\s*[a-zA-Z]*\s*$")
+
+
+def get_gpu(gpu: str | GPU) -> GPU:
+    """A GPU by preset name, or a bare memory size (``"24GB"``, ``"24GiB"``: no speed figures).
+
+    Raises:
+        ConfigError: unknown name (with the closest preset) or a malformed size.
+
+    Example:
+        >>> get_gpu("24GiB").memory_bytes
+        25769803776
+    """
+    if isinstance(gpu, GPU):
+        return gpu
+    if not isinstance(gpu, str) or not gpu.strip():
+        raise ConfigError(
+            f"GPU must be a preset name ({', '.join(GPU_PRESETS)}) or a size like '24GB', got {gpu!r}"
+        )
+    key = gpu.strip().lower()
+    key = _ALIASES.get(key, key)
+    if key in GPU_PRESETS:
+        return GPU_PRESETS[key]
+    if _SIZE.match(key) and (key[0].isdigit() or key.startswith(".")):
+        try:
+            return GPU(
+                gpu.strip(),
+                parse_bytes(gpu, what="GPU memory"),
+                source="memory size given by the user",
+            )
+        except Exception as e:  # BudgetError: re-raise as a config mistake with the same message
+            raise ConfigError(str(e)) from None
+    close = difflib.get_close_matches(key, list(GPU_PRESETS) + list(_ALIASES), n=1, cutoff=0.5)
+    hint = f"did you mean {_ALIASES.get(close[0], close[0])!r}? " if close else ""
+    raise ConfigError(
+        f"unknown GPU {gpu!r}: {hint}presets: {', '.join(GPU_PRESETS)}, or a size like '24GB'"
+    )
