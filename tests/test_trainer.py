@@ -25,24 +25,8 @@ transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 peft = pytest.importorskip("peft")
 
-WORDS = [
-    "the",
-    "a",
-    "cat",
-    "dog",
-    "sat",
-    "ran",
-    "on",
-    "under",
-    "mat",
-    "log",
-    "big",
-    "small",
-    "red",
-    "blue",
-    "and",
-    "then",
-]
+SENTENCE_WORDS = "the a cat dog sat ran on under mat log big small red blue and then"
+WORDS = SENTENCE_WORDS.split()
 VOCAB = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>", *WORDS])}
 STEPS = 4
 
