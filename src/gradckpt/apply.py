@@ -330,7 +330,7 @@ def enable(
         plan, lazy_budget = plan_for_budget(model, budget, blocks=found, **options)
     else:
         found = resolve_blocks(model, blocks)
-        plan = make_plan(policy or "full", [n for n, _ in found], **options)
+        plan = make_plan("full" if policy is None else policy, [n for n, _ in found], **options)
 
     if offloading:
         plan = replace(plan, options={**plan.options, **offloading})

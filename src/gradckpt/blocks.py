@@ -113,6 +113,10 @@ def resolve_blocks(model: nn.Module, blocks: BlockSpec = None) -> list[tuple[str
                 "the blocks= predicate matched no module; check it against model.named_modules()"
             )
         return out
+    if not isinstance(blocks, (str, Iterable)):
+        raise BlockError(
+            f"blocks= must be module names or a predicate (name, module) -> bool, got {type(blocks).__name__}"
+        )
     names = [blocks] if isinstance(blocks, str) else list(blocks)
     if not names:
         raise BlockError(

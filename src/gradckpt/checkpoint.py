@@ -218,6 +218,10 @@ def checkpoint(
     Example:
         >>> y = gradckpt.checkpoint(block, x, attention_mask=mask)
     """
+    if not callable(fn):
+        raise GradCkptError(
+            f"checkpoint needs a function or module to run, got {type(fn).__name__}"
+        )
     if use_reentrant:
         raise GradCkptError(
             "gradckpt.checkpoint does not run the reentrant variant: it silently gives no "

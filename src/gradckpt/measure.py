@@ -306,7 +306,12 @@ def _fake_model(model: nn.Module | None) -> bool:
 
 def _resolve_device(device: str | torch.device | None, model: nn.Module | None) -> torch.device:
     if device is not None:
-        return torch.device(device)
+        try:
+            return torch.device(device)
+        except (RuntimeError, TypeError):
+            raise GradCkptError(
+                f"device {device!r} is not a torch device: use 'cpu', 'cuda' or 'cuda:N'"
+            ) from None
     if model is not None:
         for p in model.parameters():
             return p.device
@@ -342,6 +347,14 @@ def measure(
         raise GradCkptError(
             f"measure needs a function running one step, got {type(step_fn).__name__}"
         )
+    if model is not None and not isinstance(model, nn.Module):
+        raise GradCkptError(f"model= must be an nn.Module, got {type(model).__name__}")
+    if blocks is not None:
+        blocks = list(blocks) if isinstance(blocks, Iterable) else [blocks]  # type: ignore[list-item]
+        if not all(
+            isinstance(b, tuple) and len(b) == 2 and isinstance(b[1], nn.Module) for b in blocks
+        ):
+            raise GradCkptError("blocks= must be [(name, module), ...] as find_blocks returns")
     dev = _resolve_device(device, model)
     # Fake tensors report the device they pretend to be on; the allocator knows nothing of them.
     use_allocator = dev.type == "cuda" and torch.cuda.is_available() and not _fake_model(model)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,6 +204,10 @@ def _from_config_file(path: Path, layers: int | None, attn: str) -> nn.Module:
         for key in ("num_hidden_layers", "n_layer", "num_layers"):
             if key in data:
                 data[key] = layers
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        n = data.get(key)
+        if isinstance(n, int) and not isinstance(n, bool) and not 1 <= n <= MAX_LAYERS:
+            raise ConfigError(f"{path}: {key} = {n} is not in 1..{MAX_LAYERS}")
     try:
         cfg = t.AutoConfig.for_model(**data)
     except (ValueError, KeyError, TypeError) as e:
@@ -216,6 +221,40 @@ def _from_config_file(path: Path, layers: int | None, attn: str) -> nn.Module:
     raise ConfigError(
         f"{path}: model_type {data['model_type']!r} is neither a causal nor a masked LM"
     )
+
+
+#: More blocks than any real model has (Llama-3 405B: 126); a typo like --layers 1000000000
+#: would otherwise try to allocate the model and take the machine down.
+MAX_LAYERS = 1024
+
+
+def _host_memory() -> int | None:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):  # not POSIX
+        return None
+
+
+def _check_fits(build: Callable[[], nn.Module], name: str) -> None:
+    """Refuse a model whose weights and gradients alone exceed this machine's memory.
+
+    The model is built on the meta device first (no memory; a 7B config takes well under a
+    second), so a config.json with a huge hidden size fails with a message, not an OOM kill.
+    """
+    try:
+        with torch.device("meta"):
+            meta = build()
+    except ConfigError:
+        raise
+    except Exception:  # a model that cannot be built on meta: the real build reports its error
+        return
+    n = sum(p.numel() * p.element_size() for p in meta.parameters())
+    total = _host_memory()
+    if total is not None and 2 * n > total:
+        raise ConfigError(
+            f"{name}: weights and gradients alone need {2 * n / 2**30:.1f} GiB, more than this "
+            f"machine's {total / 2**30:.1f} GiB; use fewer --layers or a smaller config"
+        )
 
 
 def build_bench_model(
@@ -237,26 +276,39 @@ def build_bench_model(
     """
     if not isinstance(name, str) or not name:
         raise ConfigError("model must be a preset name or a path to config.json")
-    if layers is not None and (not isinstance(layers, int) or layers < 1):
-        raise ConfigError(f"layers must be an integer >= 1, got {layers!r}")
-    if dropout is not None and not (0.0 <= dropout < 1.0):
-        raise ConfigError(f"dropout must be in [0, 1), got {dropout!r}")
+    if layers is not None and (
+        isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= MAX_LAYERS
+    ):
+        raise ConfigError(f"layers must be an integer in 1..{MAX_LAYERS}, got {layers!r}")
+    if dropout is not None and (
+        isinstance(dropout, bool)
+        or not isinstance(dropout, (int, float))
+        or not (0.0 <= dropout < 1.0)
+    ):
+        raise ConfigError(f"dropout must be a number in [0, 1), got {dropout!r}")
     if attn not in ("sdpa", "eager"):
         raise ConfigError(f"attention implementation must be 'sdpa' or 'eager', got {attn!r}")
-    torch.manual_seed(seed)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed must be an integer, got {seed!r}")
     path = Path(name)
+    build: Callable[[], nn.Module]
     if name in BENCH_PRESETS:
-        model = BENCH_PRESETS[name][1](layers, dropout, attn)
+        builder = BENCH_PRESETS[name][1]
+        build = lambda: builder(layers, dropout, attn)  # noqa: E731
     elif name.endswith(".json") or path.exists():
         if not path.is_file():
             raise ConfigError(f"config file {name} does not exist")
-        model = _from_config_file(path, layers, attn)
+        build = lambda: _from_config_file(path, layers, attn)  # noqa: E731
     else:
         close = difflib.get_close_matches(name, list(BENCH_PRESETS), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(
             f"unknown model {name!r}{hint}; presets: {', '.join(BENCH_PRESETS)}, or a config.json path"
         )
+    if name != "minilm":  # fixed size; from_pretrained does not build on the meta device
+        _check_fits(build, name)
+    torch.manual_seed(seed)
+    model = build()
     if isinstance(model, MLPStack):
         return BenchModel(name, model, model.vocab, "plain", 1 << 20)
     cfg: Any = getattr(model, "config", None)
@@ -269,15 +321,18 @@ def build_bench_model(
 
 def make_batch(bm: BenchModel, batch: int, seq: int, *, seed: int = 0) -> dict[str, torch.Tensor]:
     """A deterministic training batch for ``bm``: token ids and labels (masked LM: 15% masked)."""
-    if not isinstance(batch, int) or batch < 1:
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ConfigError(f"batch must be an integer >= 1, got {batch!r}")
-    if not isinstance(seq, int) or seq < 1:
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
         raise ConfigError(f"sequence length must be an integer >= 1, got {seq!r}")
     if seq > bm.max_seq:
         raise ConfigError(f"sequence length {seq} exceeds {bm.name}'s maximum of {bm.max_seq}")
     g = torch.Generator().manual_seed(seed)
     device = next(bm.model.parameters()).device
-    ids = torch.randint(0, bm.vocab_size, (batch, seq), generator=g)
+    try:
+        ids = torch.randint(0, bm.vocab_size, (batch, seq), generator=g)
+    except RuntimeError as e:  # DefaultCPUAllocator: can't allocate memory
+        raise ConfigError(f"batch {batch} x seq {seq} does not fit in memory: {e}") from None
     if bm.kind == "masked":
         labels = torch.full_like(ids, -100)
         mask = torch.rand(batch, seq, generator=g) < 0.15

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,13 @@ class Decision(str, enum.Enum):
     """Checkpoint, but keep the outputs of expensive ops (matmuls, attention); recompute the cheap ones."""
     OFFLOAD = "offload"
     """Checkpoint, and keep the block's input in host memory (same as RECOMPUTE on a CPU-only run)."""
+
+
+def _index(x: Any) -> int:
+    # int("3") or int(2.7) would quietly accept a malformed plan.
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"not an integer: {x!r}")
+    return x
 
 
 @dataclass(frozen=True)
@@ -51,19 +58,37 @@ class Plan:
     notes: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if isinstance(self.blocks, str) or not isinstance(self.blocks, Iterable):
+            raise PlanError(f"blocks must be a sequence of block names, got {self.blocks!r}")
         blocks = tuple(self.blocks)
+        if not all(isinstance(b, str) and b for b in blocks):
+            raise PlanError("every block name must be a non-empty str")
+        if isinstance(self.decisions, str) or not isinstance(self.decisions, Iterable):
+            raise PlanError(f"decisions must be a sequence of Decision, got {self.decisions!r}")
         try:
             decisions = tuple(Decision(d) for d in self.decisions)
         except ValueError as e:
             valid = ", ".join(d.value for d in Decision)
             raise PlanError(f"{e}; a decision is one of: {valid}") from None
+        for what in ("options", "notes"):
+            if not isinstance(getattr(self, what), Mapping):
+                raise PlanError(
+                    f"{what} must be a mapping (a JSON object), got {getattr(self, what)!r}"
+                )
+        if not isinstance(self.policy, str):
+            raise PlanError(f"policy must be a str, got {type(self.policy).__name__}")
         object.__setattr__(self, "blocks", blocks)
         object.__setattr__(self, "decisions", decisions)
         if len(blocks) != len(decisions):
             raise PlanError(f"plan has {len(blocks)} blocks but {len(decisions)} decisions")
         if len(set(blocks)) != len(blocks):
             raise PlanError("plan names a block twice")
-        segs = tuple((int(a), int(b)) for a, b in self.segments)
+        try:
+            segs = tuple((_index(a), _index(b)) for a, b in self.segments)
+        except (TypeError, ValueError):
+            raise PlanError(
+                f"segments must be (start, stop) pairs of block indices, got {self.segments!r}"
+            ) from None
         object.__setattr__(self, "segments", segs)
         last = 0
         for a, b in sorted(segs):
@@ -142,8 +167,8 @@ class Plan:
             decisions=tuple(decisions),
             segments=segments,
             policy=str(data.get("policy", "custom")),
-            options=dict(data.get("options", {})),
-            notes=dict(data.get("notes", {})),
+            options=data.get("options", {}),
+            notes=data.get("notes", {}),
         )
 
     @classmethod
@@ -152,6 +177,8 @@ class Plan:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise PlanError(f"plan is not valid JSON: {e}") from None
+        except (TypeError, UnicodeDecodeError) as e:
+            raise PlanError(f"plan JSON must be text: {e}") from None
         return cls.from_dict(data)
 
     # -- printing ------------------------------------------------------------------------
