@@ -28,6 +28,7 @@ from .errors import (
 from .estimate import EstimateReport, estimate
 from .measure import MemoryStats, measure
 from .plan import Decision, Plan
+from .planner.api import plan  # noqa: E402  (shadows the module name on purpose: the verb)
 from .policies import make_plan, policy_names
 from .units import format_bytes, parse_bytes
 from .verify import VerifyReport, verify
@@ -58,6 +59,7 @@ __all__ = [
     "make_plan",
     "measure",
     "parse_bytes",
+    "plan",
     "policy_names",
     "verify",
 ]

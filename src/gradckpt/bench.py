@@ -86,6 +86,7 @@ class BenchReport:
     settings: dict[str, Any]
     machine: dict[str, Any]
     results: list[PolicyResult]
+    skipped: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -93,6 +94,7 @@ class BenchReport:
             "settings": dict(self.settings),
             "machine": dict(self.machine),
             "results": [r.to_dict() for r in self.results],
+            "skipped": list(self.skipped),
         }
 
     def result(self, policy: str) -> PolicyResult:
@@ -120,8 +122,9 @@ def _step(bm: BenchModel, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        out = model(**batch)
-        out.loss.backward()
+        # The output (with its logits) is dropped before backward, as Trainer does; holding it
+        # would keep batch*seq*vocab logits alive through backward (98 MiB on the gpt2 preset).
+        model(**batch).loss.backward()
 
     return step
 
@@ -139,6 +142,7 @@ def run_bench(
     layers: int | None = None,
     policies: Sequence[str] | None = None,
     plans: Sequence[tuple[str, Plan]] = (),
+    budgets: Sequence[str | int] = (),
     repeats: int = 3,
     warmup: int = 1,
     device: str | None = None,
@@ -155,7 +159,11 @@ def run_bench(
         model: a bench preset name, a ``config.json`` path, or a built ``BenchModel``.
         batch, seq, layers: the workload (``layers`` overrides the preset's block count).
         policies: policy names (default: ``default_policies()``); ``none`` is always measured.
-        plans: extra ``(label, Plan)`` pairs to measure next to the policies (e.g. budget plans).
+        plans: extra ``(label, Plan)`` pairs to measure next to the policies.
+        budgets: memory budgets for the planner's ``auto`` plan, as sizes (``"1GiB"``, bytes) or
+            percentages of ``none``'s measured peak (``"60%"``); each is profiled, solved and
+            measured like a policy (label ``auto@60%``). A budget nothing fits is reported as
+            skipped in ``BenchReport.skipped`` rather than failing the run.
         repeats: timed rounds after ``warmup`` untimed ones.
         device: ``"cpu"`` or ``"cuda"`` (default: CUDA when available).
         progress: called with a short label before each step (for a progress bar).
@@ -172,14 +180,19 @@ def run_bench(
     if not isinstance(warmup, int) or warmup < 0:
         raise ConfigError(f"warmup must be an integer >= 0, got {warmup!r}")
     names = list(policies) if policies is not None else default_policies()
-    if not names and not plans:
+    if not names and not plans and not budgets:
         raise ConfigError("no policies to bench; name at least one, e.g. --policies full")
     for name in names:
         make_plan(name, ["probe"])  # fail on a bad name or argument before building anything
     if "none" not in names:
         names.insert(0, "none")
     names = list(dict.fromkeys(names))
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {device!r} is not a torch device: use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda: no CUDA device is available here; use cpu")
 
     bm = model if isinstance(model, BenchModel) else build_bench_model(model, layers=layers)
     bm.model.to(dev).train()
@@ -195,6 +208,7 @@ def run_bench(
     configs = [(n, by_policy(n)) for n in names] + [(lbl, by_plan(p)) for lbl, p in plans]
 
     mem: dict[str, tuple[Plan, MemoryStats]] = {}
+    skipped: list[dict[str, Any]] = []
     try:
         for label, apply in configs:
             if progress:
@@ -203,6 +217,7 @@ def run_bench(
             step()  # first step allocates lazily-created state (e.g. autocast caches) outside the count
             bm.model.zero_grad(set_to_none=True)
             mem[label] = (plan, measure(step, model=bm.model, device=dev))
+        skipped.extend(_budget_configs(bm, data, budgets, mem, configs, progress, dev))
         times: dict[str, list[float]] = {label: [] for label, _ in configs}
         for r in range(warmup + repeats):
             k = r % len(configs)
@@ -246,7 +261,7 @@ def run_bench(
                 recompute_flops=st.recompute_flops,
                 total_flops=st.total_flops,
                 times_s=times[label],
-                stats=st.to_dict(),
+                stats={**st.to_dict(), **{k: v for k, v in plan.notes.items() if k != "pending"}},
             )
         )
     settings = {
@@ -258,4 +273,51 @@ def run_bench(
         "device": str(dev),
         "parameters": sum(p.numel() for p in bm.model.parameters()),
     }
-    return BenchReport(model=bm.name, settings=settings, machine=machine_info(), results=results)
+    return BenchReport(
+        model=bm.name, settings=settings, machine=machine_info(), results=results, skipped=skipped
+    )
+
+
+def _budget_configs(
+    bm: BenchModel,
+    data: dict[str, torch.Tensor],
+    budgets: Sequence[str | int],
+    mem: dict[str, tuple[Plan, MemoryStats]],
+    configs: list[tuple[str, Callable[[], Plan]]],
+    progress: Callable[[str], None] | None,
+    dev: torch.device,
+) -> list[dict[str, Any]]:
+    """Profile once, solve each budget, measure its plan; returns the budgets nothing fits."""
+    if not budgets:
+        return []
+    from .blocks import find_blocks
+    from .errors import BudgetError
+    from .planner.api import auto_plan, profile_model, resolve_budget
+
+    reference = mem["none"][1].peak_bytes
+    sizes = [(str(b), resolve_budget(b, reference=reference)) for b in budgets]
+    if progress:
+        progress("profile for budgets")
+    disable(bm.model)
+    prof = profile_model(bm.model, data, blocks=find_blocks(bm.model))
+    step = _step(bm, data)
+    skipped = []
+    for text, size in sizes:
+        label = f"auto@{text}"
+        try:
+            plan = auto_plan(prof, size)
+        except BudgetError as e:
+            skipped.append({"policy": label, "budget_bytes": size, "reason": str(e)})
+            continue
+        if progress:
+            progress(f"measure {label}")
+        enable(bm.model, plan=plan)
+        step()
+        bm.model.zero_grad(set_to_none=True)
+        mem[label] = (plan, measure(step, model=bm.model, device=dev))
+
+        def apply(plan: Plan = plan) -> Plan:
+            return enable(bm.model, plan=plan)
+
+        configs.append((label, apply))
+    return skipped

@@ -124,12 +124,6 @@ def render(report: Any) -> Any:
     return t
 
 
-def _budget_plans(text: str, args: argparse.Namespace) -> list[Any]:
-    from ..planner import budget_plans_for_bench
-
-    return list(budget_plans_for_bench(text, args))
-
-
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import Progress
@@ -140,10 +134,15 @@ def run(args: argparse.Namespace) -> int:
     policies = split_list(args.policies, "--policies")
     if args.warmup < 0:
         raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
-    plans = _budget_plans(args.budgets, args) if args.budgets else []
+    budgets = split_list(args.budgets, "--budgets") if args.budgets else []
+    if budgets:
+        from ..planner.api import resolve_budget
+
+        for b in budgets:  # fail on a malformed budget before any work
+            resolve_budget(b, reference=1 << 30)
     console = Console(stderr=True)
     with Progress(console=console, transient=True, disable=args.quiet) as bar:
-        n_cfg = len(set(policies) | {"none"}) + len(plans)
+        n_cfg = len(set(policies) | {"none"}) + len(budgets)
         task = bar.add_task("bench", total=n_cfg * (1 + args.warmup + args.repeats))
 
         def progress(label: str) -> None:
@@ -155,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
             seq=args.seq,
             layers=args.layers,
             policies=policies,
-            plans=plans,
+            budgets=budgets,
             repeats=args.repeats,
             warmup=args.warmup,
             device=args.device,
@@ -165,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
     if not out.is_terminal:
         out = Console(width=140)  # a pipe or file: do not squeeze the table into 80 columns
     out.print(render(report))
+    for skip in report.skipped:
+        print(f"skipped {skip['policy']}: {skip['reason']}")
     m = report.machine
     print(
         f"machine: {m['processor']}, {m['threads']} threads, GPU: {m['gpu'] or 'none'}, torch {m['torch']}"

@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_flatten
 from ..checkpoint import is_recomputing
 from ..errors import GradCkptError
 from ..measure import StepTracker, _live_tensors
+from ..measure import _storages as _storage_list
 from ..plan import Decision, Plan
 from .model import BlockOption, StepProfile
 
@@ -78,6 +79,17 @@ class _Tracker(StepTracker):
 
     def live(self) -> int:
         return self.live_bytes()
+
+    def forget(self, tensors: list[torch.Tensor]) -> None:
+        """Stop counting ``tensors`` (already seeded): memory the profiled step would not have."""
+        for t in tensors:
+            for st in _storage_list(t):
+                info = self._live.get(id(st))
+                if info is not None and info[0]:
+                    self._live[id(st)] = (0, info[1])
+                    self.current[info[1]] -= info[0]
+                    self.baseline[info[1]] = self.current[info[1]]
+        self.peak = dict(self.current)
 
     def reset_window(self) -> int:
         """Return the peak since the last reset, and start a new window at the current level."""
@@ -316,10 +328,15 @@ def profile_step(
             ),
         )
         rec.install()
+        stale = [p.grad for p in model.parameters() if p.grad is not None]
         for p in model.parameters():
             p.grad = None
         gc.collect()
         tracker.seed(_live_tensors())
+        # Gradients left from an earlier step are held only to be restored afterwards; a training
+        # step starting from zero_grad(set_to_none=True) would not have them.
+        tracker.forget(stale)
+        del stale
         tracker.window_peak = tracker.live()
         with tracker:
             step_fn()

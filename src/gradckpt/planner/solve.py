@@ -162,11 +162,12 @@ def _infeasible_message(profile: StepProfile, budget: int) -> str:
         need = max(profile.pre_peak, profile.tail_peak)
         smallest = f"the step needs at least {format_bytes(need)} outside the blocks"
     hint = ""
-    if profile.batch and profile.per_sample_bytes > 0:
-        fits = (budget - profile.fixed_bytes) // profile.per_sample_bytes
-        if fits >= 1 and fits < profile.batch:
+    if profile.batch and need > profile.fixed_bytes:
+        # activations scale with the batch, weights/gradients/states do not
+        fits = profile.batch * (budget - profile.fixed_bytes) // (need - profile.fixed_bytes)
+        if 1 <= fits < profile.batch:
             hint = f"; about batch {fits} would fit (profiled at batch {profile.batch})"
-        elif fits < 1:
+        elif fits < 1 <= profile.batch:
             hint = (
                 f"; even batch 1 would not fit: weights, gradients and states alone take "
                 f"{format_bytes(profile.fixed_bytes)}"
