@@ -275,8 +275,8 @@ def _estimate(
         raise GradCkptError("no policy could be estimated")
     if replayed:
         notes.append(
-            "blocks are identical, so each policy ran on a few blocks (first, one period of the "
-            "middle, last) and the middle intervals were replayed to full depth ("
+            "blocks are identical, so each policy ran on a few blocks (the first period of its "
+            "plan, one more period, the last block) and the middle ones were replayed to full depth ("
             + "; ".join(sorted(replayed))
             + "); full_depth=True runs every block, same numbers"
         )

@@ -9,10 +9,10 @@ for each interval its peak, the composition of live bytes at that peak (activati
 forward, logits/loss, gradients, backward temporaries) and the FLOPs and bytes of every op.
 
 Blocks of a decoder are identical, so the timeline of an L-block model is the timeline of a
-few-block model with its middle blocks repeated. ``estimate`` therefore runs the first block,
-one period of middle blocks (one block for ``none``/``full``, K for ``every:K``) and the last
-block, and replays the middle intervals to reach L blocks; the result equals a full-depth run
-byte for byte (checked in tests). Plans that are not periodic (``sqrt`` segments, planner plans)
+few-block model with its middle blocks repeated. ``estimate`` therefore runs the first period of
+blocks, one more period (one block each for ``none``/``full``, K for ``every:K``) and the last
+block, and replays the second period to reach L blocks; the result equals a full-depth run byte
+for byte (checked in tests). Plans that are not periodic (``sqrt`` segments, planner plans)
 run at full depth.
 """
 
@@ -39,7 +39,21 @@ from ..measure import count_flops
 from ..plan import Decision, Plan
 from .setup import TrainingSetup, apply_method, optimizer_state_bytes
 
-__all__ = ["FakeSession", "StepProfile", "Timeline", "get_session"]
+__all__ = [
+    "FakeSession",
+    "StepProfile",
+    "Timeline",
+    "block_names_at_depth",
+    "clear_cache",
+    "get_session",
+    "layer_types",
+    "model_totals",
+    "num_layers",
+    "period_of",
+    "reduced_layout",
+    "replay",
+    "tensor_totals",
+]
 
 # Live-bytes categories of the step. Storages alive before the step (weights, inputs) are the
 # baseline and carry no tag.
@@ -760,7 +774,7 @@ def block_names_at_depth(small_names: Sequence[str], depth: int) -> list[str] | 
 
 
 def period_of(plan: Plan, types: list[Any] | None) -> int | None:
-    """Smallest P such that blocks 1..L-2 repeat with period P (decisions and layer types).
+    """Smallest P such that blocks P..L-2 repeat with period P (decisions and layer types).
 
     None when the plan has segments or no period up to ``MAX_PERIOD`` (run at full depth).
     """
@@ -769,7 +783,7 @@ def period_of(plan: Plan, types: list[Any] | None) -> int | None:
     L = len(plan)
     keys = [(d, None if types is None else types[i]) for i, d in enumerate(plan.decisions)]
     for p in range(1, MAX_PERIOD + 1):
-        if all(keys[i] == keys[1 + (i - 1) % p] for i in range(1, L - 1)):
+        if all(keys[i] == keys[p + (i - p) % p] for i in range(p, L - 1)):
             return p
     return None
 
@@ -779,14 +793,18 @@ def reduced_layout(
 ) -> tuple[list[int], list[Decision], list[Any] | None] | None:
     """How to run ``plan`` on a small model: ``(order, small decisions, small layer types)``.
 
-    ``order[i]`` is the small-model block standing in for block i. None: run at full depth.
+    The small model has ``2P + 1`` blocks: the first period as is, one period of middle blocks
+    (replayed), and the last block. The first period stays un-replayed because tensors shared
+    by all blocks of a kind (the rotary tables, each layer type's mask) are freed in the
+    backward of the first block that uses them. ``order[i]`` is the small-model block standing
+    in for block i. None: run at full depth.
     """
     L = len(plan)
     p = period_of(plan, types)
-    if p is None or p + 2 >= L:
+    if p is None or 2 * p + 1 >= L:
         return None
-    idx = [0, *range(1, p + 1), L - 1]
-    order = [0] + [1 + (i - 1) % p for i in range(1, L - 1)] + [p + 1]
+    idx = [*range(2 * p), L - 1]
+    order = [*range(p)] + [p + (i - p) % p for i in range(p, L - 1)] + [2 * p]
     decisions = [plan.decisions[i] for i in idx]
     small_types = None if types is None else [types[i] for i in idx]
     return order, decisions, small_types
@@ -801,7 +819,8 @@ _CACHE_SIZE = 4
 def _cache_key(cfg: Any, setup: TrainingSetup, n: int, types: list[Any] | None) -> Any:
     import json
 
-    setup_key = setup.with_(batch=1, seq=1, grad_accum=1).to_dict()
+    # batch, sequence, accumulation and optimizer do not change the model: one build serves all
+    setup_key = setup.with_(batch=1, seq=1, grad_accum=1, optimizer="sgd").to_dict()
     return (
         type(cfg).__name__,
         cfg.to_json_string(use_diff=False) if hasattr(cfg, "to_json_string") else repr(cfg),
@@ -823,22 +842,25 @@ def get_session(cfg: Any, setup: TrainingSetup, n: int, types: list[Any] | None)
     return sess
 
 
+def model_totals(cfg: Any, setup: TrainingSetup) -> TensorTotals:
+    """Weights, parameter counts, gradient and optimizer bytes of the full-depth model, without a step.
+
+    Builds the first block, one middle block and the last block (or every block when the layer
+    types do not repeat) and counts the middle one ``L - 2`` times.
+    """
+    L = num_layers(cfg)
+    types = layer_types(cfg)
+    if L >= 3 and (types is None or len({str(t) for t in types[1:-1]}) == 1):
+        idx = [0, 1, L - 1]
+        order = [0] + [1] * (L - 2) + [2]
+    else:
+        idx, order = list(range(L)), list(range(L))
+    sess = get_session(cfg, setup, len(idx), None if types is None else [types[i] for i in idx])
+    whole, per_block = sess.totals(setup.optimizer)
+    outside = whole - sum(per_block[1:], per_block[0])
+    return sum((per_block[k] for k in order[1:]), outside + per_block[order[0]])
+
+
 def clear_cache() -> None:
     """Forget the fake models kept between calls."""
     _CACHE.clear()
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-__all__ += [
-    "block_names_at_depth",
-    "clear_cache",
-    "layer_types",
-    "num_layers",
-    "period_of",
-    "reduced_layout",
-    "replay",
-    "tensor_totals",
-]

@@ -199,12 +199,18 @@ class NF4Linear(nn.Linear):
     the matmul on the dequantized weight and casts back, as ``Linear4bit.forward`` does.
     """
 
-    def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype) -> None:
+    def __init__(self, linear: nn.Module, compute_dtype: torch.dtype) -> None:
         nn.Module.__init__(self)
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
+        weight = linear.weight
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"{type(linear).__name__} has no weight tensor to quantize")
+        if isinstance(linear, nn.Linear):
+            self.in_features, self.out_features = linear.in_features, linear.out_features
+        else:  # transformers' Conv1D (GPT-2): weight is (in, out); bitsandbytes transposes it
+            self.in_features, self.out_features = int(weight.shape[0]), int(weight.shape[1])
+            weight = weight.t()
         self.compute_dtype = compute_dtype
-        packed, absmax_q, absmax_scale, absmax_offset = quantize_nf4(linear.weight)
+        packed, absmax_q, absmax_scale, absmax_offset = quantize_nf4(weight)
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.register_buffer("absmax_q", absmax_q)
         self.register_buffer("absmax_scale", absmax_scale)
@@ -233,18 +239,24 @@ class NF4Linear(nn.Linear):
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4, compute={self.compute_dtype}"
 
 
+def _quantizable(mod: nn.Module) -> bool:
+    return type(mod) is nn.Linear or type(mod).__name__ == "Conv1D"
+
+
 def quantize_linears(
     model: nn.Module, compute_dtype: torch.dtype, skip: tuple[str, ...] = ()
 ) -> int:
-    """Replace every ``nn.Linear`` of ``model`` (except modules named in ``skip``) by an ``NF4Linear``.
+    """Replace every linear layer of ``model`` (except modules named in ``skip``) by an ``NF4Linear``.
 
-    transformers' bitsandbytes integration keeps the output embedding (``lm_head``) unquantized;
-    pass its name in ``skip`` to do the same. Returns the number of layers replaced.
+    Linear layers are ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2): the two kinds
+    transformers' bitsandbytes integration quantizes. It keeps the output embedding
+    (``lm_head``) unquantized: pass its name in ``skip`` to do the same. Returns the number of
+    layers replaced.
     """
     targets = [
         (name, mod)
         for name, mod in model.named_modules()
-        if type(mod) is nn.Linear and name not in skip and name.rpartition(".")[2] not in skip
+        if _quantizable(mod) and name not in skip and name.rpartition(".")[2] not in skip
     ]
     for name, mod in targets:
         parent_name, _, child = name.rpartition(".")

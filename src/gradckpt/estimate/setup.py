@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -228,11 +229,11 @@ def apply_method(model: nn.Module, setup: TrainingSetup) -> tuple[nn.Module, lis
         get_out = getattr(model, "get_output_embeddings", None)
         out = get_out() if callable(get_out) else None
         skip = tuple(n for n, m in model.named_modules() if out is not None and m is out)
-        n = quantize_linears(model, setup.compute_dtype, skip=skip)
+        quantize_linears(model, setup.compute_dtype, skip=skip)
         notes.append(
-            f"QLoRA: {n} linear layers stored as NF4 with double quantization (bitsandbytes "
-            "layout, modelled in plain PyTorch: bitsandbytes needs CUDA); embeddings, norms and "
-            f"the output layer stay in {str(setup.weight_dtype).removeprefix('torch.')}"
+            "QLoRA: the blocks' linear layers stored as NF4 with double quantization "
+            "(bitsandbytes layout, modelled in plain PyTorch: bitsandbytes needs CUDA); "
+            f"embeddings, norms and the output layer stay in {str(setup.weight_dtype).removeprefix('torch.')}"
         )
     targets: Any = setup.lora_targets
     cfg = peft.LoraConfig(
@@ -243,7 +244,10 @@ def apply_method(model: nn.Module, setup: TrainingSetup) -> tuple[nn.Module, lis
         bias="none",
     )
     try:
-        model = peft.get_peft_model(model, cfg)
+        with warnings.catch_warnings():
+            # GPT-2's Conv1D layers: peft switches fan_in_fan_out on by itself, and says so
+            warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+            model = peft.get_peft_model(model, cfg)
     except ValueError as e:
         raise ConfigError(
             f"LoRA targets {targets!r} do not match this model's modules: {e}"
