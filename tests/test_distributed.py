@@ -6,7 +6,7 @@ wrapped by ``gradckpt.integrations.distributed.parallelize`` (checkpointing, the
 ``fully_shard``). The reference runs in this process without checkpointing: each rank's half
 batch separately, gradients averaged as (g0 + g1) / 2 (exact in fp32 for two ranks, the same
 arithmetic as DDP's and FSDP2's all-reduce), so losses and gradients must match with torch.equal.
-Also checked: DDP with find_unused_parameters (the "mark a variable ready only once" failure of
+Also checked: the whole recipe with torch.compile per block, DDP with find_unused_parameters (the "mark a variable ready only once" failure of
 reentrant checkpointing), enable() after DDP, and the refusal of a segment plan on blocks FSDP2
 already sharded one by one. Run: .venv/bin/python -m pytest tests/test_distributed.py -q
 """
@@ -84,7 +84,13 @@ def configs() -> list[str]:
         # FSDP2 only: profiling for a budget takes seconds (it scans every live object), and
         # sharding is the case where a plan's segments and the shard units must agree.
         out.append("fsdp2/budget")
-    return [*out, "ddp-unused/full", "ddp-then-enable/full", "fsdp2-per-block-then-enable/sqrt"]
+    return [
+        *out,
+        "fsdp2+compile/sqrt",  # the whole recipe: checkpoint, compile per block, fully_shard
+        "ddp-unused/full",
+        "ddp-then-enable/full",
+        "fsdp2-per-block-then-enable/sqrt",
+    ]
 
 
 def _has_planner() -> bool:
@@ -129,6 +135,12 @@ def _run(config: str, rank: int) -> dict[str, Any]:
             trained, plan = parallelize(model, budget=int(t), example=batch(0, 0), data_parallel=dp)
         else:
             trained, plan = parallelize(model, policy, data_parallel=dp)
+    elif wrap == "fsdp2+compile":
+        # aot_eager: the compiler's graph capture and recompute without inductor's codegen,
+        # which takes long on CPU (tests/test_compile.py runs inductor).
+        trained, plan = parallelize(
+            model, policy, compile={"backend": "aot_eager"}, data_parallel="fsdp2"
+        )
     elif wrap == "ddp-unused":
         trained, plan = parallelize(
             model, policy, data_parallel="ddp", ddp_kwargs={"find_unused_parameters": True}
@@ -202,9 +214,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    out = tmp_path_factory.mktemp("dist")
+def _launch(out: Path) -> None:
+    """Run the two workers; their results (or the failure log) end up in ``out``."""
     env = {
         **os.environ,
         "MASTER_ADDR": "127.0.0.1",
@@ -224,16 +235,35 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
         )
         for r in range(WORLD)
     ]
-    logs = []
-    for p in procs:
+    failures = []
+    for rank, p in enumerate(procs):
         try:
-            logs.append(p.communicate(timeout=600)[0])
+            log = p.communicate(timeout=600)[0]
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            raise
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-4000:]
+            log = "timed out after 600 s"
+        if p.returncode != 0:
+            failures.append(f"rank {rank} exited with {p.returncode}:\n{log[-4000:]}")
+    (out / "failures.txt").write_text("\n".join(failures))
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    # Under pytest-xdist every worker that runs a test of this module builds this fixture; the
+    # first runs the two processes and the others wait for its results (a lock in the directory
+    # that all workers of this session share) instead of running them again.
+    from filelock import FileLock  # a dependency of torch
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    out = shared / "gradckpt-distributed"
+    with FileLock(str(shared / "gradckpt-distributed.lock")):
+        if not (out / "failures.txt").exists():
+            out.mkdir(exist_ok=True)
+            _launch(out)
+    failures = (out / "failures.txt").read_text()
+    assert not failures, failures
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -266,9 +296,7 @@ def ref() -> tuple[list[list[torch.Tensor]], list[dict[str, torch.Tensor]]]:
     return reference()
 
 
-TRAINED = [
-    c for c in configs() if c.split("/")[0] in ("ddp", "fsdp2", "ddp-unused", "ddp-then-enable")
-]
+TRAINED = [c for c in configs() if c.split("/")[0] != "fsdp2-per-block-then-enable"]
 
 
 @pytest.mark.slow
