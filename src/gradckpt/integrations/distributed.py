@@ -49,9 +49,21 @@ def check_wrapping(
 ) -> None:
     """Refuse a plan that cannot work with how ``model`` is already wrapped.
 
+    ``gradckpt.enable`` calls this before touching the model.
+
+    Args:
+        model: the model being enabled.
+        blocks: its blocks, ``[(name, module)]``, in plan order.
+        plan: the plan about to be installed.
+
     Raises:
         GradCkptError: when a segment of ``plan`` spans blocks that FSDP2 sharded as separate
             units (its hooks between the blocks would be skipped by the segment's recompute).
+
+    Example:
+        >>> for layer in model.layers:
+        ...     fully_shard(layer)
+        >>> gradckpt.enable(model, policy="sqrt")  # GradCkptError: ... one by one ...
     """
     if plan is None or not plan.segments:
         return

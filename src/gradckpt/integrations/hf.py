@@ -230,7 +230,17 @@ def peak_memory_logs(model: nn.Module) -> dict[str, int]:
     ``gradckpt/host_max_rss_bytes``, the process's peak resident set size since it started
     (``getrusage``): an upper bound that includes Python, libraries and data, not a per-step
     activation figure (per-step tracking as in ``gradckpt.measure`` would slow every step down
-    several-fold on CPU). Returns ``{}`` where neither is available.
+    several-fold on CPU).
+
+    Args:
+        model: the model being trained (its first parameter says which device to read).
+
+    Returns:
+        ``{name: bytes}`` with one of the two keys above, or ``{}`` where neither is available.
+
+    Example:
+        >>> peak_memory_logs(model)
+        {'gradckpt/host_max_rss_bytes': 621527040}
     """
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     if device.type == "cuda" and torch.cuda.is_available():
