@@ -42,11 +42,18 @@ def _policies() -> list[str]:
     return [p for p in gradckpt.policy_names() if ":" not in p] + ["every:2"]
 
 
-def _real_step(model: torch.nn.Module, batch: dict, policy: str) -> gradckpt.MemoryStats:
+def _real_step(
+    model: torch.nn.Module, batch: dict, policy: str, autocast: bool = False
+) -> gradckpt.MemoryStats:
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(**batch).loss
+        loss.backward()
+
     gradckpt.enable(model, policy=policy)
     try:
         torch.manual_seed(0)
-        return gradckpt.measure(lambda: model(**batch).loss.backward(), model=model)
+        return gradckpt.measure(step, model=model)
     finally:
         gradckpt.disable(model)
         model.zero_grad(set_to_none=True)
@@ -91,27 +98,29 @@ def test_prediction_matches_real_cpu_run_for_every_policy(name: str) -> None:
         assert r.peak_bytes - r.step_peak_bytes >= weights
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_adapter_prediction_matches_real_cpu_run(method: str) -> None:
-    """LoRA via real peft, QLoRA via the NF4 layer: the same code runs fake and real."""
+@pytest.mark.parametrize(
+    ("method", "precision"), [("lora", "fp32"), ("qlora", "fp32"), ("lora", "bf16")]
+)
+def test_adapter_prediction_matches_real_cpu_run(method: str, precision: str) -> None:
+    """LoRA via real peft, QLoRA via the NF4 layer, bf16 under autocast: same code, fake and real."""
     bm = build_bench_model("llama", layers=4)
+    setup = TrainingSetup(method=method, precision=precision)
     report = estimate(
         bm.model.config,
-        method=method,
-        precision="fp32",
+        setup=setup,
         batch=BATCH,
         seq=SEQ,
         policies=["none", "full"],
         overhead=0,
         alternatives=False,
     )
-    model, _ = apply_method(bm.model, TrainingSetup(method=method, precision="fp32"))
+    model, _ = apply_method(bm.model.to(setup.weight_dtype), setup)
     model.train()
     batch = make_batch(bm, BATCH, SEQ)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert report.trainable_params == trainable
     for r in report.results:
-        stats = _real_step(model, batch, r.policy)
+        stats = _real_step(model, batch, r.policy, autocast=setup.autocast)
         assert _close(r.step_peak_bytes, stats.peak_bytes - stats.baseline_bytes), r.policy
         assert _close(r.activation_bytes, stats.activation_bytes), r.policy
 
@@ -121,16 +130,20 @@ def _same(a: EstimateReport, b: EstimateReport) -> None:
         assert x.to_dict() == y.to_dict(), x.policy
 
 
-@pytest.mark.parametrize(
-    ("method", "policies"), [("full", ["none", "full", "every:2"]), ("lora", ["none", "full"])]
-)
-def test_replay_of_few_blocks_equals_full_depth_run(method: str, policies: list[str]) -> None:
-    """Running 3 (or 2K+1) blocks and replaying the middle ones gives the full-depth numbers exactly."""
+@pytest.mark.parametrize(("method", "precision"), [("full", "mixed"), ("lora", "bf16")])
+def test_replay_of_few_blocks_equals_full_depth_run(method: str, precision: str) -> None:
+    """Running 3 (or 2K+1) blocks and replaying the middle ones gives the full-depth numbers exactly.
+
+    Under autocast this includes its weight-cast cache, which every block fills and leaving
+    autocast empties at once.
+    """
     cfg = build_bench_model("llama", layers=6).model.config
-    kw = dict(method=method, batch=BATCH, seq=SEQ, alternatives=False, gpu="a100-80gb")
-    fast = estimate(cfg, policies=policies, **kw)  # type: ignore[arg-type]
+    kw = dict(method=method, precision=precision, batch=BATCH, seq=SEQ, alternatives=False)
+    kw.update(gpu="a100-80gb", policies=["none", "full", "every:2"])
+    fast = estimate(cfg, **kw)  # type: ignore[arg-type]
     assert any("ran 3 of 6 blocks" in n for n in fast.notes)
-    _same(fast, estimate(cfg, policies=policies, full_depth=True, **kw))  # type: ignore[arg-type]
+    assert any("every:2: ran 5 of 6 blocks" in n for n in fast.notes)
+    _same(fast, estimate(cfg, full_depth=True, **kw))  # type: ignore[arg-type]
 
 
 def test_replay_handles_alternating_layer_types() -> None:

@@ -129,7 +129,8 @@ def estimate(
         gpu: a preset (``GPU_PRESETS``: ``"rtx-4090"``, ``"a100-80gb"``...) or a size
             (``"24GB"``); sets ``fits`` and the speed figures (without throughput figures,
             speed uses ``REFERENCE_GPU``).
-        precision: ``"bf16"`` (default), ``"mixed"`` (fp32 master weights + bf16 autocast) or ``"fp32"``.
+        precision: ``"bf16"`` (default: bf16 weights, gradients, states, bf16 autocast),
+            ``"mixed"`` (fp32 master weights + bf16 autocast) or ``"fp32"`` (no autocast).
         optimizer: ``"adamw"`` (default), ``"adamw-8bit"``, ``"sgd"``, ``"sgd-momentum"``.
         grad_accum: micro-batches per optimizer step (default 1).
         attention: ``"sdpa"`` (default), ``"flash"`` or ``"eager"``.
@@ -405,9 +406,10 @@ def _static_notes(
         "sgd-momentum": "SGD with momentum: 1 state per trainable parameter",
     }[st.optimizer]
     notes.append(f"optimizer: {opt}")
-    if st.precision == "mixed":
+    if st.autocast:
         notes.append(
-            "mixed precision ran under CPU bf16 autocast; CUDA autocast's op lists differ slightly"
+            "forward ran under bf16 autocast (as Trainer(bf16=True)), CPU autocast's op lists; "
+            "CUDA's differ slightly (e.g. which ops it keeps in fp32)"
         )
     src = the_gpu if the_gpu is not None and the_gpu.has_speed else None
     notes.append(

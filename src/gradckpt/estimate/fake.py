@@ -86,11 +86,16 @@ class Interval:
     at_max: tuple[int, int, int, int] = _ZERO
     at_end: tuple[int, int, int, int] = _ZERO
     costs: Counter[tuple[str, int, int]] = field(default_factory=Counter)
+    #: bytes freed in this interval (by tag) of storages created in an earlier interval, by
+    #: that interval's label: up to the peak moment, and in all. The replay needs them for the
+    #: ``exit`` interval, which frees what every block made: autocast's weight-cast cache.
+    freed_at_max: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
+    freed_at_end: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
 
 
 @dataclass
 class Timeline:
-    """The step as intervals: ``pre``, ``f0..f{n-1}``, ``head``, ``bhead``, ``b{n-1}..b0``, ``post``."""
+    """The step as intervals: ``pre``, ``f0..f{n-1}``, ``head``, ``exit``, ``bhead``, ``b{n-1}..b0``, ``post``."""
 
     intervals: list[Interval]
     n_blocks: int
@@ -129,23 +134,40 @@ def replay(timeline: Timeline, order: Sequence[int]) -> StepProfile:
     Example: a 3-block run replayed as a 32-block model is ``order = [0] + [1] * 30 + [2]``.
     """
     ivs = timeline.by_label()
-    seq: list[Interval] = [ivs["pre"], *(ivs[f"f{k}"] for k in order), ivs["head"], ivs["bhead"]]
+    seq: list[Interval] = [ivs["pre"], *(ivs[f"f{k}"] for k in order), ivs["head"], ivs["exit"]]
+    seq.append(ivs["bhead"])
     seq += [ivs[f"b{k}"] for k in reversed(order)]
     if "post" in ivs:
         seq.append(ivs["post"])
+    copies = Counter(iv.label for iv in seq)
+
+    def extra(freed: dict[str, tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
+        # Leaving autocast frees the cast cache: the casts of every copy of a replayed block.
+        out: tuple[int, int, int, int] = _ZERO
+        for origin, vec in freed.items():
+            k = copies.get(origin, 1) - 1
+            if k > 0:
+                out = _add(out, [k * x for x in vec])
+        return out
+
     v: tuple[int, int, int, int] = _ZERO
     best, best_label = _ZERO, "pre"
     act = _ZERO
     costs: Counter[tuple[str, int, int]] = Counter()
     for iv in seq:
-        cand = _add(v, iv.at_max)
+        at_max, at_end = iv.at_max, iv.at_end
+        if iv.label == "exit":
+            at_max = _sub(at_max, extra(iv.freed_at_max))
+            at_end = _sub(at_end, extra(iv.freed_at_end))
+        cand = _add(v, at_max)
         if sum(cand) > sum(best):
             best, best_label = cand, iv.label
-        v = _add(v, iv.at_end)
-        if iv.label == "head":
+        v = _add(v, at_end)
+        if iv.label == "exit":
             act = v
         costs.update(iv.costs)
-    phase = "forward" if best_label in ("pre", "head") or best_label.startswith("f") else "backward"
+    forward = ("pre", "head", "exit")
+    phase = "forward" if best_label in forward or best_label.startswith("f") else "backward"
     return StepProfile(
         peak=sum(best),
         peak_parts=best,
@@ -201,7 +223,8 @@ class TimelineTracker(TorchDispatchMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self._live: dict[int, tuple[int, int]] = {}  # key -> (bytes, tag); tag -1 = baseline
+        # storage key -> (bytes, tag, interval it was created in); tag -1 = baseline
+        self._live: dict[int, tuple[int, int, int]] = {}
         self._refs: dict[int, weakref.ref[Any]] = {}
         self.vec = [0, 0, 0, 0]
         self.tag = ACT
@@ -209,6 +232,8 @@ class TimelineTracker(TorchDispatchMode):
         self._max: tuple[int, int, int, int] = _ZERO
         self._max_total = 0
         self._costs: Counter[tuple[str, int, int]] = Counter()
+        self._freed: dict[int, list[int]] = {}  # origin interval -> bytes freed, by tag
+        self._freed_max: dict[int, tuple[int, int, int, int]] = {}
         self.intervals: list[Interval] = []
 
     # storages -------------------------------------------------------------------------------
@@ -216,7 +241,10 @@ class TimelineTracker(TorchDispatchMode):
         info = self._live.pop(key, None)
         self._refs.pop(key, None)
         if info is not None and info[1] >= 0:
-            self.vec[info[1]] -= info[0]
+            n, tag, origin = info
+            self.vec[tag] -= n
+            if origin != len(self.intervals):
+                self._freed.setdefault(origin, [0, 0, 0, 0])[tag] += n
 
     def _track(self, t: torch.Tensor, tag: int) -> None:
         st = _storage(t)
@@ -234,13 +262,15 @@ class TimelineTracker(TorchDispatchMode):
         except TypeError:
             return
         n = int(st.nbytes())
-        self._live[key] = (n, tag)
+        self._live[key] = (n, tag, len(self.intervals))
         if tag >= 0:
             self.vec[tag] += n
             total = self.vec[0] + self.vec[1] + self.vec[2] + self.vec[3]
             if total > self._max_total:
                 self._max_total = total
                 self._max = (self.vec[0], self.vec[1], self.vec[2], self.vec[3])
+                if self._freed:
+                    self._freed_max = {o: (v[0], v[1], v[2], v[3]) for o, v in self._freed.items()}
 
     def seed(self, tensors: Sequence[torch.Tensor]) -> None:
         for t in tensors:
@@ -254,8 +284,8 @@ class TimelineTracker(TorchDispatchMode):
         info = self._live.get(id(st))
         if info is None or info[1] < 0 or info[1] == tag:
             return
-        n, old = info
-        self._live[id(st)] = (n, tag)
+        n, old, origin = info
+        self._live[id(st)] = (n, tag, origin)
         self.vec[old] -= n
         self.vec[tag] += n
 
@@ -266,14 +296,23 @@ class TimelineTracker(TorchDispatchMode):
     def mark(self, label: str) -> None:
         """Close the current interval, naming it ``label``, and open the next one."""
         now = self._vec()
-        peak = self._max if self._max_total >= sum(now) else now
-        self.intervals.append(
-            Interval(label, _sub(peak, self._start), _sub(now, self._start), self._costs)
-        )
+        peak_inside = self._max_total >= sum(now)
+        peak = self._max if peak_inside else now
+        names = [iv.label for iv in self.intervals]
+
+        def by_label(freed: Any) -> dict[str, tuple[int, int, int, int]]:
+            return {names[o]: (v[0], v[1], v[2], v[3]) for o, v in freed.items() if o < len(names)}
+
+        iv = Interval(label, _sub(peak, self._start), _sub(now, self._start), self._costs)
+        iv.freed_at_end = by_label(self._freed)
+        iv.freed_at_max = by_label(self._freed_max if peak_inside else self._freed)
+        self.intervals.append(iv)
         self._start = now
         self._max = now
         self._max_total = sum(now)
         self._costs = Counter()
+        self._freed = {}
+        self._freed_max = {}
 
     # dispatch -------------------------------------------------------------------------------
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -650,7 +689,8 @@ class FakeSession:
                     stack.enter_context(tracker)
                     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=setup.autocast):
                         loss = model(input_ids=ids, labels=ids).loss
-                    tracker.mark("head")
+                        tracker.mark("head")
+                    tracker.mark("exit")  # leaving autocast frees its weight-cast cache
                     state["fwd"] = False
                     loss.backward()
                     del loss

@@ -15,8 +15,9 @@ from ..errors import ConfigError
 __all__ = ["METHODS", "OPTIMIZERS", "PRECISIONS", "TrainingSetup", "optimizer_state_bytes"]
 
 METHODS = ("full", "lora", "qlora")
-#: ``bf16``: weights, gradients and (torch AdamW's) optimizer states in bf16.
-#: ``mixed``: fp32 master weights, gradients and states, forward/backward under bf16 autocast
+#: ``bf16``: weights, gradients and (torch AdamW's) optimizer states in bf16; forward under bf16
+#: autocast, as ``Trainer(bf16=True)`` runs a bf16 model (LoRA adapters, fp32, then compute in bf16).
+#: ``mixed``: fp32 master weights, gradients and states, forward under bf16 autocast
 #: (what ``Trainer(bf16=True)`` does with an fp32 model).
 #: ``fp32``: everything in fp32, no autocast.
 PRECISIONS = ("bf16", "mixed", "fp32")
@@ -119,12 +120,13 @@ class TrainingSetup:
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        """dtype matmuls run in (autocast under ``mixed``)."""
+        """dtype matmuls run in (bf16 under autocast, fp32 for ``fp32``)."""
         return torch.float32 if self.precision == "fp32" else torch.bfloat16
 
     @property
     def autocast(self) -> bool:
-        return self.precision == "mixed"
+        """Whether the forward runs under bf16 autocast (all but ``fp32``)."""
+        return self.precision != "fp32"
 
     @property
     def tokens_per_step(self) -> int:
