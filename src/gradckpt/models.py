@@ -229,6 +229,14 @@ MAX_LAYERS = 1024
 
 
 def _host_memory() -> int | None:
+    """Bytes of host memory available now (Linux MemAvailable), else the total; None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
     except (AttributeError, ValueError, OSError):  # not POSIX
@@ -236,7 +244,9 @@ def _host_memory() -> int | None:
 
 
 def _check_fits(build: Callable[[], nn.Module], name: str) -> None:
-    """Refuse a model whose weights and gradients alone exceed this machine's memory.
+    """Refuse a model that cannot train in this machine's memory: about 4x its weights.
+
+    Weights, gradients and two AdamW states (verify holds two gradient copies instead).
 
     The model is built on the meta device first (no memory; a 7B config takes well under a
     second), so a config.json with a huge hidden size fails with a message, not an OOM kill.
@@ -250,10 +260,11 @@ def _check_fits(build: Callable[[], nn.Module], name: str) -> None:
         return
     n = sum(p.numel() * p.element_size() for p in meta.parameters())
     total = _host_memory()
-    if total is not None and 2 * n > total:
+    if total is not None and 4 * n > total:
         raise ConfigError(
-            f"{name}: weights and gradients alone need {2 * n / 2**30:.1f} GiB, more than this "
-            f"machine's {total / 2**30:.1f} GiB; use fewer --layers or a smaller config"
+            f"{name}: training it needs about {4 * n / 2**30:.1f} GiB (weights, gradients, "
+            f"optimizer states), more than the {total / 2**30:.1f} GiB available here; use "
+            "fewer --layers or a smaller config"
         )
 
 
