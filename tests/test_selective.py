@@ -76,7 +76,8 @@ def test_gradients_identical_to_no_checkpointing(hf_models, name, options):
 # -- exact costs on a plain PyTorch model ---------------------------------------------------
 
 
-def mlp_stats(policy, layers=3, batch=2, seq=8, **options):
+def mlp_stats(policy, layers=3, batch=2, seq=8, steps=2, **options):
+    """MemoryStats of ``steps`` consecutive training steps of the plain-PyTorch MLP stack."""
     bm = build_bench_model("mlp", layers=layers, dropout=0.0)
     model, data = bm.model.train(), make_batch(bm, batch, seq)
 
@@ -84,29 +85,33 @@ def mlp_stats(policy, layers=3, batch=2, seq=8, **options):
         model(**data).loss.backward()
 
     gradckpt.enable(model, policy, **options)
-    step()
-    model.zero_grad(set_to_none=True)
-    stats = gradckpt.measure(step, model=model)
+    out = []
+    for _ in range(steps):
+        out.append(gradckpt.measure(step, model=model))
+        model.zero_grad(set_to_none=True)
     gradckpt.disable(model)
-    return stats
+    return out
 
 
 def test_exact_kept_bytes_flops_and_recompute_bytes():
     layers, n, d = 3, 2 * 8, 512
-    full = mlp_stats("full", layers)
-    sel = mlp_stats("selective", layers)
-    # Kept per block beyond full's block input: the two Linear outputs (n x 4d and n x d, fp32).
-    assert sel.activation_bytes - full.activation_bytes == layers * n * (4 * d + d) * 4
-    assert all(b == n * (4 * d + d) * 4 + n * d * 4 for b in sel.block_bytes.values())
-    # Full re-runs the up projection (the down projection's output is not needed by backward,
-    # so torch stops before it); selective re-runs no matmul.
+    full = mlp_stats("full", layers)[-1]
+    first, sel = mlp_stats("selective", layers)
+    # First step: kept beyond full's block input are both Linear outputs (n x 4d, n x d; fp32).
+    assert first.activation_bytes - full.activation_bytes == layers * n * (4 * d + d) * 4
+    # The recompute stops once the down projection's input exists again (its output is not
+    # needed by backward), so from the second step on that output is not kept either.
+    assert sel.activation_bytes - full.activation_bytes == layers * n * 4 * d * 4
+    assert all(b == n * 4 * d * 4 + n * d * 4 for b in sel.block_bytes.values())
+    # Full re-runs the up projection (not the down one, for the same reason); selective no
+    # matmul in either step.
     assert full.recompute_flops == layers * 2 * n * d * 4 * d
-    assert sel.recompute_flops == 0
+    assert first.recompute_flops == sel.recompute_flops == 0
     assert sel.forward_flops == full.forward_flops
     # Selective re-runs LayerNorm (reads x, weight, bias; writes out, mean, rstd) and GELU.
     ln = n * d * 4 + 2 * d * 4 + n * d * 4 + 2 * n * 4
     gelu = 2 * n * 4 * d * 4
-    assert sel.recompute_bytes == layers * (ln + gelu)
+    assert first.recompute_bytes == sel.recompute_bytes == layers * (ln + gelu)
     assert full.recompute_bytes > sel.recompute_bytes
 
 
@@ -137,6 +142,46 @@ def test_recompute_bytes_count_only_ops_re_run():
     assert out["selective"].recompute_bytes == 2 * (2 * n * h * 4)
     # full: the first matmul too (reads x and w1, writes n x h).
     assert out["full"].recompute_bytes == 2 * ((n * d + d * h + n * h) * 4 + 2 * n * h * 4)
+
+
+class MaybeTanh(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(d, d))
+        self.w2 = nn.Parameter(torch.randn(d, d))
+        self.tanh = False
+
+    def forward(self, x):
+        z = (x @ self.w1).sin() @ self.w2
+        return z.tanh() if self.tanh else z
+
+
+def test_unreached_outputs_are_dropped_then_kept_again_when_reached():
+    torch.manual_seed(0)
+    model = nn.Sequential(MaybeTanh(), MaybeTanh())
+    x = torch.randn(4, 8, requires_grad=True)
+
+    def grads(tanh):
+        for blk in model:
+            blk.tanh = tanh
+        model.zero_grad(set_to_none=True)
+        stats = gradckpt.measure(lambda: model(x).sum().backward())
+        return stats.recompute_flops, [p.grad.clone() for p in model.parameters()]
+
+    ref = {t: grads(t)[1] for t in (False, True)}
+    gradckpt.enable(model, "selective")
+    try:
+        runs = []
+        for tanh in (False, True, True):
+            flops, got = grads(tanh)
+            assert all(torch.equal(g, r) for g, r in zip(got, ref[tanh]))
+            runs.append(flops)
+    finally:
+        gradckpt.disable(model)
+    # Without tanh the recompute stops before the second matmul, so step 2 does not keep it;
+    # with tanh (which keeps its output) the recompute needs it: step 2 re-runs it, 2 blocks x
+    # 2*4*8*8 FLOPs, and step 3 keeps it again.
+    assert runs == [0, 2 * 2 * 4 * 8 * 8, 0]
 
 
 # -- random and data-dependent ops ------------------------------------------------------------

@@ -478,8 +478,11 @@ def _offload_block(
     def offloaded_forward(*args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
-        copier = copier_for(_device_of(args, kwargs, block))
+        device = _device_of(args, kwargs, block)
+        copier = copier_for(device)
         if copier is None:
+            if device.type != "cpu":  # fake or meta tensors (estimates): nothing to move
+                return run_checkpointed(forward, args, kwargs, stateful=stateful, name=name)
             _note_once(
                 "offload",
                 "gradckpt: OFFLOAD on a CPU-only run: block inputs already live in host memory, "
@@ -509,8 +512,11 @@ def _save_block(
     def saved_offloaded_forward(*args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
-        copier = copier_for(_device_of(args, kwargs, block))
+        device = _device_of(args, kwargs, block)
+        copier = copier_for(device)
         if copier is None:
+            if device.type != "cpu":  # fake or meta tensors (estimates): nothing to move
+                return forward(*args, **kwargs)
             _note_once(
                 "offload_saved",
                 "gradckpt: offload_saved on a CPU-only run: saved tensors already live in host "
