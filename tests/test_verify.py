@@ -429,3 +429,19 @@ def test_mlp_preset_small() -> None:
     model = MLPStack(layers=3, dim=16, vocab=32, dropout=0.2).train()
     ids = torch.randint(0, 32, (2, 6))
     assert gradckpt.verify(model, {"input_ids": ids, "labels": ids}, "sqrt").passed
+
+
+def test_pending_budget_plan_still_replans_after_verify() -> None:
+    """enable(budget=) without an example profiles the first step; verify must not cancel that."""
+    torch.manual_seed(0)
+    model = MLPStack(layers=4, dim=16, vocab=32).train()
+    ids = torch.randint(0, 32, (2, 8))
+    pending = gradckpt.enable(model, budget="1MiB")
+    if not pending.notes.get("pending"):
+        pytest.skip("this planner plans without a first step")
+    assert gradckpt.verify(model, {"input_ids": ids, "labels": ids}, "sqrt").passed
+    assert gradckpt.applied_plan(model).notes.get("pending")
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+    plan = gradckpt.applied_plan(model)
+    assert plan.policy == "auto" and not plan.notes.get("pending")

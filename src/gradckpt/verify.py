@@ -397,6 +397,15 @@ def _tolerance(x: Any, what: str) -> float:
     return float(x)
 
 
+def _reinstall(model: nn.Module, previous: Plan) -> None:
+    """Put the caller's plan back; a budget plan still waiting for its first step starts over."""
+    budget = previous.notes.get("budget_bytes")
+    if previous.notes.get("pending") and budget is not None:
+        enable(model, budget=budget, blocks=list(previous.blocks), **previous.options)
+    else:
+        enable(model, plan=previous)
+
+
 def verify(
     model: nn.Module,
     example: Any,
@@ -510,7 +519,7 @@ def verify(
             for n, p in model.named_parameters():
                 p.grad = saved_grads.get(n)
             if previous is not None:
-                enable(model, plan=previous)
+                _reinstall(model, previous)
 
     groups = _compare(ref, got, installed.blocks, atol, rtol)
     return VerifyReport(
