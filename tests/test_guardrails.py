@@ -919,3 +919,21 @@ def test_bad_input_counts() -> None:
     n_api = len(API_BAD) + len(_estimate_cases())
     print(f"\nbad inputs: {n_api} API calls, {len(CLI_BAD) + 4} CLI invocations")
     assert n_api >= 100 and len(CLI_BAD) >= 70
+
+
+def test_failing_forward_context_leaves_no_hooks() -> None:
+    """A caller's context_fn whose forward context fails to enter: nothing stays pushed."""
+
+    class Broken(contextlib.AbstractContextManager[None]):
+        def __enter__(self) -> None:
+            raise Boom("context failed to enter")
+
+        def __exit__(self, *exc: Any) -> None:
+            return None
+
+    x = torch.randn(3, requires_grad=True)
+    with pytest.raises(Boom):
+        gradckpt.checkpoint(torch.sin, x, context_fn=lambda: (Broken(), contextlib.nullcontext()))
+    clean_state()
+    gradckpt.checkpoint(torch.sin, x).sum().backward()
+    assert torch.equal(x.grad, torch.cos(x.detach()))

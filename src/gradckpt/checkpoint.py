@@ -162,8 +162,12 @@ class _Chain(AbstractContextManager[Any]):
         self._stack = stack
 
     def __enter__(self) -> None:
-        for cm in self._cms:
-            self._stack.enter_context(cm)
+        try:
+            for cm in self._cms:
+                self._stack.enter_context(cm)
+        except BaseException:
+            self._stack.close()  # a failed __enter__ gets no __exit__: undo the ones entered
+            raise
 
     def __exit__(self, *exc: Any) -> bool | None:
         return self._stack.__exit__(*exc)
