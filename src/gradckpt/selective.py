@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import difflib
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -554,7 +555,7 @@ class _Replay(_Stacked):
 
 
 def selective_context_fn(
-    name: str, save: frozenset[Any]
+    name: str, save: frozenset[Any], learned: _Unreached | None = None
 ) -> Callable[[], tuple[AbstractContextManager[Any], AbstractContextManager[Any]]]:
     """The ``context_fn`` that checkpoints block ``name`` keeping the outputs of ops in ``save``.
 
@@ -570,7 +571,7 @@ def selective_context_fn(
         >>> y = gradckpt.checkpoint(layer, x, context_fn=fn)
     """
 
-    unreached = _Unreached()
+    unreached = learned if learned is not None else _Unreached()
 
     def make() -> tuple[AbstractContextManager[Any], AbstractContextManager[Any]]:
         if torch.compiler.is_compiling():
@@ -634,6 +635,11 @@ def _megatron(name: str, forward: Callable[..., Any]) -> Callable[..., Any]:
     return attention_recomputed_forward
 
 
+_LEARNED: weakref.WeakKeyDictionary[nn.Module, dict[frozenset[Any], _Unreached]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 @register_decision(Decision.SELECTIVE)
 def _selective_block(
     name: str, block: nn.Module, forward: Callable[..., Any], options: Mapping[str, Any]
@@ -641,7 +647,12 @@ def _selective_block(
     opts = _selective_options(options)
     if opts["preset"] == "megatron":
         return _megatron(name, forward)
-    context_fn = selective_context_fn(name, resolve_save_ops(opts["save_ops"]))
+    save = resolve_save_ops(opts["save_ops"])
+    # What the recompute never reaches is a property of the block's code, so it is remembered per
+    # block across enable() calls: the planner's profiling run teaches it, and the first training
+    # step under a new plan then keeps exactly what later steps keep (the peak it predicted).
+    learned = _LEARNED.setdefault(block, {}).setdefault(save, _Unreached())
+    context_fn = selective_context_fn(name, save, learned)
     stateful = stateful_modules([block])
 
     def selective_forward(*args: Any, **kwargs: Any) -> Any:

@@ -255,6 +255,12 @@ def _isolated(
     # every live tensor: a gc scan costs ~0.5 s per run with transformers loaded.
     inputs = [t for t in tree_flatten((args, kwargs, a, kw))[0] if isinstance(t, torch.Tensor)]
     tracker.seed([*block.parameters(), *block.buffers(), *inputs])
+    # One untracked run first: decisions may learn from a backward (selective stops keeping
+    # outputs its recompute never reaches), and the plan will run in that learned state.
+    warm = _first_grad_tensor(fwd(*a, **kw))
+    if warm is not None:
+        torch.autograd.grad([warm], [*params, *leaves], [torch.ones_like(warm)], allow_unused=True)
+    del warm
     with tracker:
         l0 = tracker.reset_window()
         out = fwd(*a, **kw)
