@@ -471,3 +471,4 @@ def test_verify_passes_on_random_models_and_plans() -> None:
     CASES["verify"] = 0
     _verify_passes()
     assert CASES["verify"] >= 50
+    print(f"\nverify cases: {CASES['verify']}")
