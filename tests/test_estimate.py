@@ -20,6 +20,7 @@ import gradckpt
 from gradckpt.errors import ConfigError, PolicyError
 from gradckpt.estimate import (
     BREAKDOWN_KEYS,
+    GPU,
     GPU_PRESETS,
     MODEL_PRESETS,
     EstimateReport,
@@ -206,7 +207,7 @@ def test_optimizer_state_bytes_per_optimizer() -> None:
 
 
 def test_breakdown_adds_up_and_checkpointing_trades_memory_for_time() -> None:
-    r = estimate("gpt2", batch=4, seq=512, gpu="rtx-4090", alternatives=False)
+    r = estimate("gpt2", batch=4, seq=512, gpu="rtx-4090", policies="none,full", alternatives=False)
     none, full = r.result("none"), r.result("full")
     for x in (none, full):
         assert sum(x.breakdown.values()) == x.peak_bytes
@@ -303,7 +304,7 @@ def test_gradient_accumulation_keeps_all_gradients_at_the_peak() -> None:
 
 def test_no_fit_reports_what_would() -> None:
     """A 1B full fine-tune with bf16 AdamW cannot fit 8 GB: say so, and what fits instead."""
-    r = estimate("llama-3.2-1b", seq=256, gpu="8GB")
+    r = estimate("llama-3.2-1b", seq=256, gpu="8GB", policies="none,full")
     assert r.fits_any is False
     assert all(x.fits is False and x.headroom_bytes < 0 for x in r.results)
     assert any("no checkpointing policy can make this fit" in n for n in r.notes)
@@ -314,7 +315,7 @@ def test_no_fit_reports_what_would() -> None:
 
 
 def test_report_to_dict_is_json() -> None:
-    r = estimate("gpt2", batch=1, seq=128, gpu="24GB", alternatives=False)
+    r = estimate("gpt2", batch=1, seq=128, gpu="24GB", policies="none,full", alternatives=False)
     d = json.loads(json.dumps(r.to_dict()))
     assert (
         d["setup"]["batch"] == 1
@@ -331,6 +332,22 @@ def test_auto_policy_needs_a_gpu() -> None:
     r = estimate("gpt2", batch=1, seq=64, policies=["none", "auto"], alternatives=False)
     assert [x.policy for x in r.results] == ["none"]
     assert any("'auto' needs a GPU" in n for n in r.notes)
+
+
+def test_auto_is_the_planners_plan_for_the_gpu() -> None:
+    """With a GPU, the default policies add the planner's plan, estimated like any other."""
+    pytest.importorskip("gradckpt.planner.api")
+    cfg = build_bench_model("llama", layers=6).model.config
+    kw = dict(batch=4, seq=256, alternatives=False)
+    base = estimate(cfg, policies="none,full", **kw)  # type: ignore[arg-type]
+    none, full = base.result("none").peak_bytes, base.result("full").peak_bytes
+    gpu = GPU("between", (none + full) // 2, 100.0, 1000.0)  # none does not fit, full does
+    r = estimate(cfg, gpu=gpu, **kw)  # type: ignore[arg-type]
+    assert [x.policy for x in r.results] == ["none", "full", "auto"], r.notes
+    auto = r.result("auto")
+    assert auto.plan.startswith("auto:") and auto.fits is True
+    assert auto.peak_bytes < none and auto.speed_cost <= r.result("full").speed_cost
+    assert r.summary()["with_policy"] in ("auto", "full")
 
 
 def test_gpu_presets_and_sizes() -> None:

@@ -49,7 +49,8 @@ def add_parser(subparsers: Any) -> None:
         "--precision",
         default="bf16",
         choices=PRECISIONS,
-        help="bf16 weights/grads/states, mixed (fp32 master weights + bf16 autocast), or fp32 (default: bf16)",
+        help="bf16 weights/grads/states, mixed (fp32 master weights), or fp32; bf16 and mixed run "
+        "under bf16 autocast like Trainer(bf16=True) (default: bf16)",
     )
     p.add_argument(
         "--optimizer", default="adamw", choices=OPTIMIZERS, help="optimizer (default: adamw)"
@@ -67,8 +68,9 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument(
         "--policy",
-        default="none,full",
-        help="comma-separated policies to compare, e.g. none,full,every:2,sqrt (default: none,full)",
+        default=None,
+        help="comma-separated policies to compare, e.g. none,full,every:2,sqrt,auto (default: "
+        "none,full, plus auto, the planner's cheapest plan that fits, when --gpu is given)",
     )
     p.add_argument("--gpu", help="GPU preset (see --list-gpus) or a memory size such as 24GB")
     p.add_argument(

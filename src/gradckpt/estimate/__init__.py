@@ -8,6 +8,7 @@ Example:
 
 from __future__ import annotations
 
+import gc
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -52,6 +53,11 @@ CUDA_CONTEXT_BYTES = 512 * 1024**2
 ALLOCATOR_SLACK = 0.05
 #: Speed figures use this GPU when none with throughput figures is given.
 REFERENCE_GPU = "a100-80gb"
+
+# Step profiles already computed, so that asking again with another GPU (or overhead) is
+# instant: (session, plan, order, batch, seq, accumulation, optimizer) -> (session, profile, totals).
+_PROFILES: dict[Any, Any] = {}
+_PROFILES_SIZE = 64
 
 
 def _policy_list(policies: Sequence[str] | str | None) -> list[str]:
@@ -124,8 +130,10 @@ def estimate(
         method: ``"full"`` (default), ``"lora"`` or ``"qlora"``.
         batch: micro-batch size (default 1).
         seq: sequence length in tokens (default 2048).
-        policies: checkpointing policies to compare (default ``("none", "full")``); any of
-            ``gradckpt.policy_names()`` with its argument (``"every:2"``).
+        policies: checkpointing policies to compare; any of ``gradckpt.policy_names()`` with
+            its argument (``"every:2"``), or ``"auto"``: the memory-budget planner's cheapest
+            plan that fits ``gpu``. Default: ``none`` and ``full``, plus ``auto`` when a GPU is
+            given (and the planner is part of this build).
         gpu: a preset (``GPU_PRESETS``: ``"rtx-4090"``, ``"a100-80gb"``...) or a size
             (``"24GB"``); sets ``fits`` and the speed figures (without throughput figures,
             speed uses ``REFERENCE_GPU``).
@@ -182,6 +190,8 @@ def estimate(
     the_gpu = get_gpu(gpu) if gpu is not None else None
     speed_gpu = the_gpu if the_gpu is not None and the_gpu.has_speed else GPU_PRESETS[REFERENCE_GPU]
     names = _policy_list(policies)
+    if policies is None and the_gpu is not None and _planner_available():
+        names.append("auto")  # the cheapest plan that fits the GPU
     fixed_overhead = (
         None
         if overhead is None
@@ -204,7 +214,7 @@ def _estimate(
     full_depth: bool,
     t0: float,
 ) -> EstimateReport:
-    from ..plan import Plan
+    from ..plan import Decision, Plan
     from ..policies import make_plan
     from . import fake
 
@@ -236,6 +246,7 @@ def _estimate(
     results: list[PolicyEstimate] = []
     totals_full = None
     replayed: set[str] = set()
+    offloaded: list[str] = []
     for policy in names:
         if policy == "auto":
             plan, why = _planner_plan(cfg, st, L, types, the_gpu, fixed_overhead)
@@ -244,6 +255,8 @@ def _estimate(
                 continue
         else:
             plan = make_plan(policy, full_names)
+        if Decision.OFFLOAD in plan.decisions:
+            offloaded.append(policy)
         layout = None if force_full else fake.reduced_layout(plan, types)
         if layout is None:
             sess = fake.get_session(cfg, st, L, types)
@@ -262,11 +275,29 @@ def _estimate(
                 tuple(n for n, _ in sess.blocks), tuple(decisions), (), plan.policy, plan.options
             )
             replayed.add(f"{policy}: ran {len(decisions)} of {L} blocks")
-        timeline = sess.run(run_plan, st.batch, st.seq, grad_accum=st.grad_accum)
-        prof = fake.replay(timeline, order)
-        whole, per_block = sess.totals(st.optimizer)
-        outside = whole - sum(per_block[1:], per_block[0])
-        tot = sum((per_block[k] for k in order[1:]), outside + per_block[order[0]])
+        key = (
+            id(sess),
+            run_plan.decisions,
+            run_plan.segments,
+            repr(run_plan.options),
+            tuple(order),
+            st.batch,
+            st.seq,
+            st.grad_accum,
+            st.optimizer,
+        )
+        cached = _PROFILES.pop(key, None)
+        if cached is None or cached[0] is not sess:
+            timeline = sess.run(run_plan, st.batch, st.seq, grad_accum=st.grad_accum)
+            prof = fake.replay(timeline, order)
+            whole, per_block = sess.totals(st.optimizer)
+            outside = whole - sum(per_block[1:], per_block[0])
+            tot = sum((per_block[k] for k in order[1:]), outside + per_block[order[0]])
+            cached = (sess, prof, tot)
+        _PROFILES[key] = cached  # most recent last
+        while len(_PROFILES) > _PROFILES_SIZE:
+            _PROFILES.pop(next(iter(_PROFILES)))
+        _, prof, tot = cached
         totals_full = tot
         results.append(
             _policy_estimate(policy, plan, prof, tot, st, the_gpu, speed_gpu, fixed_overhead)
@@ -274,6 +305,12 @@ def _estimate(
 
     if totals_full is None:
         raise GradCkptError("no policy could be estimated")
+    if offloaded:
+        notes.append(
+            f"{', '.join(offloaded)}: estimated as on a CPU-only run, where offloaded block inputs "
+            "stay in device memory (like 'full'); on a GPU they move to host memory, so the "
+            "device peak is lower by up to the block inputs' bytes"
+        )
     if replayed:
         notes.append(
             "blocks are identical, so each policy ran on a few blocks (the first period of its "
@@ -516,6 +553,15 @@ def _alternatives(
     return out
 
 
+def _planner_available() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("gradckpt.planner.api") is not None
+    except ImportError:
+        return False
+
+
 def _planner_plan(
     cfg: Any, st: TrainingSetup, L: int, types: Any, gpu: GPU | None, fixed_overhead: int | None
 ) -> tuple[Any, str | None]:
@@ -524,7 +570,10 @@ def _planner_plan(
     Returns ``(plan, None)``, or ``(None, why)`` when there is no GPU, no planner in this build,
     or the planner cannot plan this model. The planner profiles the full-depth fake model; its
     budget is what the GPU leaves for the step: memory minus the CUDA allowance (context and
-    allocator slack) minus the optimizer states, which the fake step does not hold.
+    allocator slack) minus the optimizer states, which the fake step does not hold. The planner
+    counts every live CPU tensor of the process as already in memory (as ``gradckpt.measure``
+    does), so cached fake models are dropped first; large real CPU tensors the caller keeps
+    alive make its plan more conservative. The plan it returns is then estimated like any other.
     """
     if gpu is None:
         return None, "policy 'auto' needs a GPU (--gpu): the memory it plans for"
@@ -540,6 +589,12 @@ def _planner_plan(
     from . import fake
 
     sess = fake.get_session(cfg, st, L, types)
+    # The planner measures like gradckpt.measure: every live tensor of the process is baseline.
+    # Fake models cached from earlier estimates would count as weights: let them go.
+    fake.keep_only(sess)
+    for key in [k for k, v in _PROFILES.items() if v[0] is not sess]:
+        del _PROFILES[key]
+    gc.collect()
     whole, _ = sess.totals(st.optimizer)
     if fixed_overhead is None:
         room = int((gpu.memory_bytes - CUDA_CONTEXT_BYTES) / (1 + ALLOCATOR_SLACK))

@@ -46,6 +46,7 @@ __all__ = [
     "block_names_at_depth",
     "clear_cache",
     "get_session",
+    "keep_only",
     "layer_types",
     "model_totals",
     "num_layers",
@@ -674,33 +675,35 @@ class FakeSession:
             )
 
         with warnings.catch_warnings():
-            # transformers >= 5 warns on its own renamed checkpointing flag when read
+            # transformers >= 5 warns when its renamed checkpointing flag is read (enable, disable)
             warnings.simplefilter("ignore", FutureWarning)
+            # the estimate says itself how it treats offload on this CPU-only run
+            warnings.filterwarnings("ignore", message=".*OFFLOAD on a CPU-only run.*")
             enable(model, plan=plan, blocks=[name for name, _ in self.blocks])
-        try:
-            with mode:
-                if grad_accum > 1:  # gradients of earlier micro-batches are alive all step long
-                    for p in trainable:
-                        p.grad = torch.zeros_like(p)
-                tracker.seed([*_model_tensors(model), ids])
-                tracker.mark("start")  # empty interval: sets the baseline
-                with ExitStack() as stack:
-                    stack.enter_context(_one_sequence_per_row())
-                    stack.enter_context(tracker)
-                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=setup.autocast):
-                        loss = model(input_ids=ids, labels=ids).loss
-                        tracker.mark("head")
-                    tracker.mark("exit")  # leaving autocast frees its weight-cast cache
-                    state["fwd"] = False
-                    loss.backward()
-                    del loss
-                    tracker.mark(self._last_label(tracker))
-        finally:
-            disable(model)
-            for h in hooks:
-                h.remove()
-            for p in trainable:
-                p.grad = None
+            try:
+                with mode:
+                    if grad_accum > 1:  # gradients of earlier micro-batches live all step long
+                        for p in trainable:
+                            p.grad = torch.zeros_like(p)
+                    tracker.seed([*_model_tensors(model), ids])
+                    tracker.mark("start")  # empty interval: sets the baseline
+                    with ExitStack() as stack:
+                        stack.enter_context(_one_sequence_per_row())
+                        stack.enter_context(tracker)
+                        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=setup.autocast):
+                            loss = model(input_ids=ids, labels=ids).loss
+                            tracker.mark("head")
+                        tracker.mark("exit")  # leaving autocast frees its weight-cast cache
+                        state["fwd"] = False
+                        loss.backward()
+                        del loss
+                        tracker.mark(self._last_label(tracker))
+            finally:
+                disable(model)
+                for h in hooks:
+                    h.remove()
+                for p in trainable:
+                    p.grad = None
         ivs = tracker.intervals[1:]  # drop "start"
         return Timeline(ivs, n)
 
@@ -899,6 +902,12 @@ def model_totals(cfg: Any, setup: TrainingSetup) -> TensorTotals:
     whole, per_block = sess.totals(setup.optimizer)
     outside = whole - sum(per_block[1:], per_block[0])
     return sum((per_block[k] for k in order[1:]), outside + per_block[order[0]])
+
+
+def keep_only(session: FakeSession) -> None:
+    """Forget every cached fake model but ``session``."""
+    for key in [k for k, v in _CACHE.items() if v is not session]:
+        del _CACHE[key]
 
 
 def clear_cache() -> None:

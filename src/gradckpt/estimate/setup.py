@@ -249,6 +249,8 @@ def apply_method(model: nn.Module, setup: TrainingSetup) -> tuple[nn.Module, lis
         with warnings.catch_warnings():
             # GPT-2's Conv1D layers: peft switches fan_in_fan_out on by itself, and says so
             warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+            # peft reads transformers' renamed is_gradient_checkpointing flag
+            warnings.simplefilter("ignore", FutureWarning)
             model = peft.get_peft_model(model, cfg)
     except ValueError as e:
         raise ConfigError(
