@@ -1,12 +1,14 @@
 """Run the real model code on fake tensors and record a memory/FLOP timeline of one training step.
 
-The model is a Hugging Face ``transformers`` class built from its config inside
-``FakeTensorMode``: parameters and activations have shapes, dtypes and storages but no data, so
-a 70B model costs no memory. One forward+backward runs under a dispatch mode that tracks live
-storage bytes exactly as ``gradckpt.measure`` does (same storages, same seeding), and also cuts
-the step into intervals at block boundaries (forward of block i, backward of block i), keeping
-for each interval its peak, the composition of live bytes at that peak (activations kept from
-forward, logits/loss, gradients, backward temporaries) and the FLOPs and bytes of every op.
+The model is a Hugging Face ``transformers`` class built from its config on the meta device,
+set up for training (LoRA via peft, NF4 for QLoRA) and moved to ``FakeTensorMode``: parameters
+and activations have shapes, dtypes and storages but no data, so a 70B model costs no memory.
+One forward+backward runs under a dispatch mode that tracks live storage bytes the way
+``gradckpt.measure`` does (every storage from the op that creates it until Python frees it;
+the model's own tensors are the baseline), and also cuts the step into intervals at block
+boundaries (forward of block i, backward of block i), keeping for each interval its peak, the
+composition of live bytes at that peak (activations kept from forward, logits/loss, gradients,
+backward temporaries) and the FLOPs and bytes of every op.
 
 Blocks of a decoder are identical, so the timeline of an L-block model is the timeline of a
 few-block model with its middle blocks repeated. ``estimate`` therefore runs the first period of
