@@ -299,9 +299,7 @@ class Copier:
         else:
             host.copy_(t)
         self.copies += 1
-        copy = HostCopy(self, host, ready)
-        self._parked[t] = (t._version, weakref.ref(copy))
-        return copy
+        return HostCopy(self, host, ready)
 
     def _drain(self, limit: int) -> None:
         q = self._in_flight
@@ -419,6 +417,8 @@ class _Group:
             return
         self.prefetched = True
         prev = self.prev() if self.prev is not None else None
+        while prev is not None and not prev.copies:  # blocks whose inputs were all too small
+            prev = prev.prev() if prev.prev is not None else None
         if prev is not None:
             for copy in prev.copies:
                 copy.prefetch()
