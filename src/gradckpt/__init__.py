@@ -26,6 +26,7 @@ from .errors import (
     PolicyError,
 )
 from .estimate import EstimateReport, estimate
+from .estimate.sweep import SweepReport, sweep
 from .measure import MemoryStats, measure
 from .plan import Decision, Plan
 from .planner.api import plan  # noqa: E402  (shadows the module name on purpose: the verb)
@@ -47,6 +48,7 @@ __all__ = [
     "Plan",
     "PlanError",
     "PolicyError",
+    "SweepReport",
     "VerifyReport",
     "__version__",
     "applied_plan",
@@ -61,5 +63,6 @@ __all__ = [
     "parse_bytes",
     "plan",
     "policy_names",
+    "sweep",
     "verify",
 ]

@@ -8,7 +8,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["plot_memory_vs_cost"]
+__all__ = ["plot_memory_vs_cost", "plot_peak_sweep"]
 
 
 def _pyplot() -> Any:
@@ -71,6 +71,78 @@ def plot_memory_vs_cost(
     ax.set_ylabel("peak memory (GiB)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def plot_peak_sweep(
+    lines: Sequence[dict[str, Any]],
+    path: str | Path,
+    *,
+    capacities: Sequence[tuple[str, int]] = (),
+    xlabel: str = "sequence length (tokens)",
+    title: str = "",
+) -> Path:
+    """Peak memory (GiB) against sequence length or batch, one line per policy, capacities as horizontal lines.
+
+    Args:
+        lines: dicts with ``label`` and ``points``, a list of ``(x, peak_bytes)``.
+        path: the PNG to write.
+        capacities: ``(name, bytes)`` per GPU, drawn as dashed horizontal lines.
+        xlabel: x-axis label; the axis is log2 when x spans more than 4x (powers of two sweep).
+        title: plot title.
+
+    Returns:
+        The path written.
+
+    Example:
+        >>> plot_peak_sweep([{"label": "full", "points": [(512, 2**34), (1024, 2**35)]}],
+        ...                 "peak.png", capacities=[("rtx-4090", 24 * 2**30)])
+    """
+    out = Path(path)
+    if out.suffix.lower() != ".png":
+        raise ConfigError(f"plot file must end in .png, got {str(path)!r}")
+    if not out.parent.exists():
+        raise ConfigError(f"directory {str(out.parent)!r} does not exist")
+    if not lines or not any(line["points"] for line in lines):
+        raise ConfigError("nothing to plot: give at least one line with points")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    xs_all = sorted({x for line in lines for x, _ in line["points"]})
+    for line in lines:
+        pts = sorted(line["points"])
+        ax.plot(
+            [x for x, _ in pts],
+            [y / 2**30 for _, y in pts],
+            marker="o",
+            markersize=4,
+            label=line["label"],
+            zorder=3,
+        )
+    for i, (name, cap) in enumerate(capacities):
+        ax.axhline(cap / 2**30, linestyle="--", linewidth=1, color=f"C{(i + 5) % 10}", zorder=2)
+        ax.annotate(
+            name if name[:1].isdigit() else f"{name} ({cap / 2**30:.1f} GiB)",
+            (0.01, cap / 2**30),
+            xycoords=("axes fraction", "data"),
+            textcoords="offset points",
+            xytext=(0, 3),
+            fontsize=8,
+            color=f"C{(i + 5) % 10}",
+        )
+    if xs_all and xs_all[-1] > 4 * xs_all[0]:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs_all)
+        ax.set_xticklabels([str(x) for x in xs_all])
+        ax.minorticks_off()
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("predicted peak memory (GiB)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8, bbox_to_anchor=(0.0, 0.93))
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)

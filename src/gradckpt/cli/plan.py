@@ -38,9 +38,18 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--method", default="full", choices=METHODS, help="what is trained (default: full)"
     )
-    p.add_argument("--batch", type=int, default=1, help="micro-batch size (default: 1)")
     p.add_argument(
-        "--seq", type=int, default=2048, help="sequence length in tokens (default: 2048)"
+        "--batch",
+        type=_int_list,
+        default=[1],
+        help="micro-batch size, or a comma list to sweep, e.g. 1,2,4,8 (default: 1)",
+    )
+    p.add_argument(
+        "--seq",
+        type=_int_list,
+        default=[2048],
+        help="sequence length in tokens, or a comma list to sweep, e.g. 512,1024,2048 "
+        "(default: 2048)",
     )
     p.add_argument(
         "--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)"
@@ -72,7 +81,11 @@ def add_parser(subparsers: Any) -> None:
         help="comma-separated policies to compare, e.g. none,full,every:2,sqrt,auto (default: "
         "none,full, plus auto, the planner's cheapest plan that fits, when --gpu is given)",
     )
-    p.add_argument("--gpu", help="GPU preset (see --list-gpus) or a memory size such as 24GB")
+    p.add_argument(
+        "--gpu",
+        help="GPU preset (see --list-gpus) or a memory size such as 24GB; a comma list "
+        "(rtx-4090,a100-80gb) or 'all' to compare GPUs",
+    )
     p.add_argument(
         "--overhead", help="CUDA allowance as a size (default: 512MiB + 5%% of the tensors' peak)"
     )
@@ -85,6 +98,45 @@ def add_parser(subparsers: Any) -> None:
         "--full-depth",
         action="store_true",
         help="run every block instead of replaying a few (slower)",
+    )
+    g = p.add_argument_group(
+        "sweeps and searches",
+        "the trade-off in numbers: how the peak scales, the largest setting that fits, which GPU",
+    )
+    g.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="draw peak memory vs sequence length (or batch), one line per policy, with each "
+        "--gpu's capacity as a horizontal line",
+    )
+    g.add_argument(
+        "--max-batch",
+        action="store_true",
+        help="per GPU, sequence length and policy: the largest micro-batch that fits, with "
+        "tokens per step and predicted tokens/s",
+    )
+    g.add_argument(
+        "--max-seq",
+        action="store_true",
+        help="per GPU, batch and policy: the longest sequence (multiple of --seq-step) that fits",
+    )
+    g.add_argument(
+        "--seq-step",
+        type=int,
+        default=128,
+        help="granularity of the --max-seq search in tokens (default: 128)",
+    )
+    g.add_argument(
+        "--which-gpu",
+        action="store_true",
+        help="for the setup, every GPU in --gpu (default: every preset) and policy: fits or not, "
+        "step time, tokens/s",
+    )
+    g.add_argument(
+        "--price",
+        metavar="GPU=PRICE,...",
+        help="hourly prices, e.g. rtx-4090=0.35,a100-80gb=1.6: adds the cost per million tokens "
+        "(no prices are built in); alone, implies --which-gpu",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--list-models", action="store_true", help="list the model presets and exit")
@@ -100,11 +152,13 @@ def run(args: argparse.Namespace) -> int:
     from ..estimate import estimate
 
     alpha = int(args.lora_alpha) if float(args.lora_alpha).is_integer() else args.lora_alpha
+    if _is_sweep(args):
+        return _sweep(args, alpha)
     report = estimate(
         args.model,
         method=args.method,
-        batch=args.batch,
-        seq=args.seq,
+        batch=args.batch[0],
+        seq=args.seq[0],
         grad_accum=args.grad_accum,
         precision=args.precision,
         optimizer=args.optimizer,
@@ -124,6 +178,143 @@ def run(args: argparse.Namespace) -> int:
     else:
         render(report)
     return 0
+
+
+def _int_list(text: str) -> list[int]:
+    """argparse type: ``"512,1024"`` -> ``[512, 1024]`` (values < 1 are left to the library)."""
+    items = [t.strip() for t in text.split(",")]
+    if all(not t for t in items):
+        raise argparse.ArgumentTypeError("empty list: give one or more values, e.g. 512,1024")
+    out = []
+    for t in items:
+        if not t:
+            continue
+        try:
+            out.append(int(t))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {t!r}") from None
+    return out
+
+
+def _gpu_names(args: argparse.Namespace) -> list[str]:
+    return [g.strip() for g in (args.gpu or "").split(",") if g.strip()]
+
+
+def _is_sweep(args: argparse.Namespace) -> bool:
+    """Anything beyond one setting on at most one GPU goes through ``sweep``."""
+    gpus = _gpu_names(args)
+    return bool(
+        len(args.seq) > 1
+        or len(args.batch) > 1
+        or args.plot
+        or args.max_batch
+        or args.max_seq
+        or args.which_gpu
+        or args.price is not None
+        or len(gpus) > 1
+        or (gpus and gpus[0].lower() == "all")
+    )
+
+
+def _sweep(args: argparse.Namespace, alpha: Any) -> int:
+    from pathlib import Path
+
+    from ..estimate.sweep import sweep
+
+    searching = args.max_batch or args.max_seq
+    several_points = len(args.seq) > 1 or len(args.batch) > 1
+    if args.plot:
+        out = Path(args.plot)
+        if out.suffix.lower() != ".png":
+            raise ConfigError(f"--plot file must end in .png, got {args.plot!r}")
+        if not out.parent.exists():
+            raise ConfigError(f"--plot: directory {str(out.parent)!r} does not exist")
+        if not several_points:
+            raise ConfigError(
+                "--plot draws a sweep: give several --seq values (e.g. 512,1024,2048,4096) "
+                "or several --batch values"
+            )
+    if args.gpu is not None and not _gpu_names(args):
+        raise ConfigError("--gpu list is empty: name presets, e.g. rtx-4090,a100-80gb, or 'all'")
+    which = bool(
+        args.which_gpu
+        or (args.price is not None and not searching)
+        or (not several_points and not searching and not args.plot)
+    )
+    report = sweep(
+        args.model,
+        seq=args.seq,
+        batch=args.batch,
+        policies=args.policy,
+        gpu=args.gpu,
+        prices=args.price,
+        max_batch=args.max_batch,
+        max_seq=args.max_seq,
+        which_gpu=which,
+        seq_step=args.seq_step,
+        method=args.method,
+        grad_accum=args.grad_accum,
+        precision=args.precision,
+        optimizer=args.optimizer,
+        attention=args.attention,
+        lora_rank=args.lora_rank,
+        lora_alpha=alpha,
+        lora_dropout=args.lora_dropout,
+        lora_targets=args.lora_targets,
+        overhead=args.overhead,
+        full_depth=args.full_depth,
+    )
+    plot_path = _plot_sweep(report, args.plot) if args.plot else None
+    if args.json:
+        data = report.to_dict()
+        data["plot"] = None if plot_path is None else str(plot_path)
+        print(json.dumps(data, indent=2))
+    else:
+        render_sweep(report, grid=several_points or not (searching or which))
+        if plot_path is not None:
+            print(f"plot: {plot_path}")
+    return 0
+
+
+def _plot_sweep(report: Any, path: str) -> Any:
+    """Peak vs sequence length (one line per policy, per batch when several), or vs batch."""
+    from ..plot import plot_peak_sweep
+
+    seqs, batches = report.seqs, report.batches
+    lines = []
+    if len(seqs) > 1:
+        for b in batches:
+            for p in report.policies:
+                label = p if len(batches) == 1 else f"{p}, batch {b}"
+                lines.append({"label": label, "points": report.series(p, batch=b)})
+        xlabel = "sequence length (tokens)"
+    else:
+        for p in report.policies:
+            lines.append({"label": p, "points": report.series(p, seq=seqs[0])})
+        xlabel = "micro-batch size"
+    fixed = f"batch {batches[0]}" if len(seqs) > 1 and len(batches) == 1 else ""
+    if len(seqs) == 1:
+        fixed = f"seq {seqs[0]}"
+    title = f"{report.model}: {_setup_words(report.setup)}" + (f", {fixed}" if fixed else "")
+    return plot_peak_sweep(
+        lines,
+        path,
+        capacities=[(g["name"], g["memory_bytes"]) for g in report.gpus],
+        xlabel=xlabel,
+        title=title,
+    )
+
+
+def _setup_words(setup: dict[str, Any]) -> str:
+    what = {
+        "full": "full fine-tune",
+        "lora": f"LoRA r={setup['lora_rank']}",
+        "qlora": f"QLoRA r={setup['lora_rank']}",
+    }[setup["method"]]
+    acc = f", x{setup['grad_accum']} accum" if setup["grad_accum"] > 1 else ""
+    return (
+        f"{what}, {setup['precision']}, {setup['optimizer']}, {setup['attention']} attention{acc}"
+    )
 
 
 def _lists(args: argparse.Namespace) -> int:
@@ -255,5 +446,138 @@ def render(report: Any, file: Any = None) -> None:
                 f"+{a.speed_cost:.1%}",
             )
         console.print(at)
+    for n in report.notes:
+        console.print(f"[dim]- {n}[/dim]", highlight=False)
+
+
+def _money(x: float | None) -> str:
+    return "" if x is None else f"{x:.3f}"
+
+
+def _rate(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:,.0f}"
+
+
+def _secs(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3g}"
+
+
+def _g(n: int | None) -> str:
+    return "" if n is None else f"{n / 1024**3:.2f}"
+
+
+def render_sweep(report: Any, file: Any = None, *, grid: bool = True) -> None:
+    """Print a ``SweepReport`` as tables: the grid (peak and speed cost per policy and setting),
+    the largest settings that fit each GPU, and the GPU comparison; sizes in GiB."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=file or sys.stdout)
+    console.print(f"[bold]{report.model}[/bold]: {_setup_words(report.setup)}", highlight=False)
+
+    if grid and report.points:
+        t = Table(
+            title=f"peak GiB per policy, +time = recompute's speed cost on {report.speed_gpu}",
+            show_edge=False,
+            pad_edge=False,
+        )
+        for col in ("batch", "seq"):
+            t.add_column(col, justify="right")
+        for p in report.policies:
+            t.add_column(p, justify="right")
+            t.add_column("+time", justify="right")
+        for g in report.gpus:
+            t.add_column(f"fits {g['name']}")
+        for pt in report.points:
+            cells = [str(pt.batch), str(pt.seq)]
+            for p in report.policies:
+                try:
+                    r = pt.result(p)
+                except KeyError:
+                    cells += ["n/a", ""]
+                    continue
+                cells += [_g(r.peak_bytes), f"{r.speed_cost:.0%}"]
+            for g in report.gpus:
+                ok = [p for p in report.policies if pt.fits.get(p, {}).get(g["name"])]
+                cells.append(",".join(ok) if ok else "[red]-[/red]")
+            t.add_row(*cells)
+        console.print(t)
+
+    for vary in ("batch", "seq"):
+        rows = [f for f in report.largest if f.vary == vary]
+        if not rows:
+            continue
+        other = "seq" if vary == "batch" else "batch"
+        title = (
+            "largest micro-batch that fits (peak GiB; one more = batch + 1)"
+            if vary == "batch"
+            else "longest sequence that fits (peak GiB; one more = + search step)"
+        )
+        t = Table(title=title, show_edge=False, pad_edge=False)
+        for col in ("gpu", other, "policy", f"max {vary}", "tok/step", "peak", "one more"):
+            t.add_column(col, justify="left" if col in ("gpu", "policy") else "right")
+        t.add_column("tok/s", justify="right")
+        priced = any(f.price_per_hour is not None for f in rows)
+        if priced:
+            t.add_column("$/M tok", justify="right")
+        for f in rows:
+            value = f.batch if vary == "batch" else f.seq
+            found = f.found
+            best = str(value) if found else "[red]-[/red]"
+            if found and f.limited_by:
+                best += "+" if f.limited_by == "search limit" else " (max)"
+            cells = [
+                f.gpu,
+                str(f.seq if vary == "batch" else f.batch),
+                f.policy,
+                best,
+                f"{f.tokens_per_step:,}" if found else "",
+                _g(f.peak_bytes) if found else f"[red]{_g(f.peak_bytes)}[/red]",
+                _g(f.next_peak_bytes),
+                _rate(f.tokens_per_s) if found else "",
+            ]
+            if priced:
+                cells.append(_money(f.cost_per_mtok))
+            t.add_row(*cells)
+        console.print(t)
+        notes = ["-: does not fit even at the smallest (its peak shown in red)"]
+        if any(f.limited_by == "max_position_embeddings" for f in rows):
+            notes.append("(max): the model's max_position_embeddings")
+        if any(f.limited_by == "search limit" for f in rows):
+            notes.append("+: fits at the search limit")
+        console.print(f"[dim]{'; '.join(notes)}[/dim]", highlight=False)
+
+    if report.gpu_table:
+        several = len({(o.batch, o.seq) for o in report.gpu_table}) > 1
+        priced = any(o.price_per_hour is not None for o in report.gpu_table)
+        t = Table(
+            title="which GPU (peak GiB; spare: GiB left, or short when negative)",
+            show_edge=False,
+            pad_edge=False,
+        )
+        t.add_column("gpu")
+        if several:
+            t.add_column("batch x seq", justify="right")
+        for col in ("policy", "peak", "spare", "step s", "tok/s", "+time"):
+            t.add_column(col, justify="left" if col == "policy" else "right")
+        if priced:
+            t.add_column("$/M tok", justify="right")
+        for o in report.gpu_table:
+            cells = [o.gpu]
+            if several:
+                cells.append(f"{o.batch} x {o.seq}")
+            spare = f"{o.headroom_bytes / 1024**3:+.2f}"
+            cells += [
+                o.policy,
+                _g(o.peak_bytes),
+                f"[green]{spare}[/green]" if o.fits else f"[red]{spare}[/red]",
+                _secs(o.step_time_s) if o.fits else "",
+                _rate(o.tokens_per_s) if o.fits else "",
+                f"{o.speed_cost:.0%}",
+            ]
+            if priced:
+                cells.append(_money(o.cost_per_mtok))
+            t.add_row(*cells)
+        console.print(t)
     for n in report.notes:
         console.print(f"[dim]- {n}[/dim]", highlight=False)

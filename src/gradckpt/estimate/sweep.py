@@ -1,0 +1,879 @@
+"""Sweeps over ``estimate()``: peak vs sequence length and batch, the largest setting that fits, which GPU.
+
+Every number here comes from ``gradckpt.estimate``: a sweep is a loop over it. Fake models are
+cached between calls (batch and sequence length do not change the model), so each new batch or
+sequence length costs one fake step per policy (1-3 s for a 7B on a 2-core CPU) and asking again
+for another GPU costs nothing.
+
+Example:
+    >>> import gradckpt
+    >>> r = gradckpt.sweep("llama-3-8b", method="lora", seq=[512, 1024, 2048], gpu="rtx-4090",
+    ...                    max_batch=True)
+    >>> [(p.seq, p.result("full").peak_bytes) for p in r.points]
+    >>> [(f.policy, f.batch, f.tokens_per_s) for f in r.largest]
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ConfigError
+from .gpus import GPU, GPU_PRESETS, get_gpu
+from .report import PolicyEstimate
+
+__all__ = [
+    "SWEEP_POLICIES",
+    "GpuOption",
+    "LargestFit",
+    "SweepPoint",
+    "SweepReport",
+    "parse_int_list",
+    "parse_prices",
+    "sweep",
+]
+
+#: Policies a sweep compares when none are named. ``auto`` is left out: its plan depends on the
+#: GPU and each one costs a planner profile of the full-depth model (about 10 s for a 7B).
+SWEEP_POLICIES = ("none", "full")
+#: Largest micro-batch the search tries: far beyond any single-GPU fine-tune, so reaching it
+#: means "memory is not the limit".
+BATCH_LIMIT = 4096
+#: Sequence lengths are searched in multiples of this many tokens (kernels and tokenizers pad
+#: to multiples of 64-128 anyway).
+SEQ_STEP = 128
+#: Longest sequence the search tries when the config states no maximum.
+SEQ_LIMIT = 1 << 20
+
+
+# -- input parsing --------------------------------------------------------------------------
+
+
+def parse_int_list(value: int | str | Sequence[int], what: str) -> list[int]:
+    """Whole numbers >= 1 from an int, a list, or a comma-separated string; sorted, without repeats.
+
+    Args:
+        value: ``2048``, ``[512, 1024]`` or ``"512,1024"``.
+        what: the setting's name, for error messages (``"seq"``, ``"batch"``).
+
+    Returns:
+        The values in increasing order.
+
+    Raises:
+        ConfigError: an empty list, something that is not a whole number, or a value < 1.
+
+    Example:
+        >>> parse_int_list("1024,512,1024", "seq")
+        [512, 1024]
+    """
+    if isinstance(value, str):
+        items: list[Any] = [t.strip() for t in value.split(",")]
+        if all(not t for t in items):
+            raise ConfigError(f"{what} list is empty: give at least one value, e.g. 512,1024")
+    elif isinstance(value, bool):
+        raise ConfigError(f"{what} must be a whole number or a list of them, got {value!r}")
+    elif isinstance(value, int):
+        items = [value]
+    elif isinstance(value, Sequence):
+        items = list(value)
+        if not items:
+            raise ConfigError(f"{what} list is empty: give at least one value, e.g. [512, 1024]")
+    else:
+        raise ConfigError(
+            f"{what} must be a whole number or a list of them, got {type(value).__name__}"
+        )
+    out: list[int] = []
+    for item in items:
+        if isinstance(item, str):
+            if not item.strip().lstrip("+-").isdigit():
+                raise ConfigError(
+                    f"{what} value {item!r} is not a whole number; write e.g. 512,1024,2048"
+                )
+            n = int(item)
+        elif isinstance(item, int) and not isinstance(item, bool):
+            n = item
+        else:
+            raise ConfigError(f"{what} value {item!r} is not a whole number")
+        if n < 1:
+            raise ConfigError(f"{what} must be >= 1, got {n}")
+        out.append(n)
+    return sorted(set(out))
+
+
+def parse_prices(
+    prices: Mapping[str, float] | str | None, known: Sequence[GPU] = ()
+) -> dict[str, float]:
+    """Hourly GPU prices by preset name, from a mapping or ``"rtx-4090=0.35,a100-80gb=1.6"``.
+
+    There are no built-in prices: they differ between providers and change every month.
+
+    Args:
+        prices: the prices, or None.
+        known: ``GPU`` objects whose names count too (custom GPUs passed to ``sweep``).
+
+    Returns:
+        ``{preset name: price per hour}`` (aliases such as ``"4090"`` resolved).
+
+    Raises:
+        ConfigError: empty, malformed (no ``=``, not a number), negative or non-finite price,
+            a GPU named twice, an unknown GPU (with the closest preset), or a bare memory size
+            (a price needs a preset's throughput to become a cost per token).
+
+    Example:
+        >>> parse_prices("4090=0.35,a100-80gb=1.6")
+        {'rtx-4090': 0.35, 'a100-80gb': 1.6}
+    """
+    if prices is None:
+        return {}
+    if isinstance(prices, str):
+        pairs: list[tuple[str, Any]] = []
+        for item in prices.split(","):
+            if not item.strip():
+                continue
+            if "=" not in item:
+                raise ConfigError(
+                    f"price {item.strip()!r} is not GPU=PRICE; write e.g. rtx-4090=0.35,a100-80gb=1.6"
+                )
+            name, _, amount = item.partition("=")
+            pairs.append((name.strip(), amount.strip()))
+    elif isinstance(prices, Mapping):
+        pairs = list(prices.items())
+    else:
+        raise ConfigError(
+            f"prices must be a mapping or 'GPU=PRICE,...', got {type(prices).__name__}"
+        )
+    if not pairs:
+        raise ConfigError("price list is empty: write e.g. rtx-4090=0.35,a100-80gb=1.6")
+    out: dict[str, float] = {}
+    for name, amount in pairs:
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"price without a GPU name: write e.g. rtx-4090={amount}")
+        gpu = next((g for g in known if g.name == name.strip()), None) or get_gpu(name)
+        if not gpu.has_speed:
+            raise ConfigError(
+                f"price for {name!r}: a bare memory size has no throughput, so no cost per "
+                f"token; name a preset ({', '.join(GPU_PRESETS)})"
+            )
+        try:
+            value = float(amount) if not isinstance(amount, bool) else math.nan
+        except (TypeError, ValueError):
+            value = math.nan
+        if not math.isfinite(value):
+            raise ConfigError(
+                f"price for {name!r} is {amount!r}, not a number; write an hourly price like {name}=0.35"
+            )
+        if value < 0:
+            raise ConfigError(
+                f"price for {name!r} is negative ({amount}); prices are >= 0 per hour"
+            )
+        if gpu.name in out:
+            raise ConfigError(f"GPU {gpu.name!r} has two prices; give one")
+        out[gpu.name] = value
+    return out
+
+
+def _gpu_list(gpu: str | GPU | Sequence[str | GPU] | None) -> list[GPU]:
+    if gpu is None:
+        return []
+    if isinstance(gpu, str):
+        if gpu.strip().lower() == "all":
+            return list(GPU_PRESETS.values())
+        names: list[str | GPU] = [g.strip() for g in gpu.split(",")]
+        if all(not n for n in names):
+            raise ConfigError("GPU list is empty: name presets, e.g. rtx-4090,a100-80gb, or 'all'")
+    elif isinstance(gpu, GPU):
+        names = [gpu]
+    else:
+        names = list(gpu)
+        if not names:
+            raise ConfigError("GPU list is empty: name presets, e.g. rtx-4090,a100-80gb, or 'all'")
+    out: list[GPU] = []
+    for n in names:
+        if isinstance(n, str) and not n:
+            continue
+        g = get_gpu(n)
+        if all(g.name != o.name for o in out):
+            out.append(g)
+    return out
+
+
+# -- results as data --------------------------------------------------------------------------
+
+
+def _cost_per_mtok(price: float | None, tokens_per_s: float | None) -> float | None:
+    """Dollars (or whatever the price is in) per million tokens: price per hour / tokens per hour."""
+    if price is None or not tokens_per_s:
+        return None
+    return price / 3600.0 / tokens_per_s * 1e6
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepPoint:
+    """Every policy's estimate at one (batch, sequence length).
+
+    Attributes:
+        batch: micro-batch size.
+        seq: sequence length in tokens.
+        tokens_per_step: batch x seq x gradient accumulation.
+        results: one ``PolicyEstimate`` per policy (speed and ``fits`` for
+            ``SweepReport.speed_gpu``, or for the first GPU asked when none has throughput figures).
+        fits: policy -> GPU name -> whether the peak fits that GPU's memory.
+    """
+
+    batch: int
+    seq: int
+    tokens_per_step: int
+    results: list[PolicyEstimate]
+    fits: dict[str, dict[str, bool]] = field(default_factory=dict)
+
+    def result(self, policy: str) -> PolicyEstimate:
+        """The estimate for ``policy`` at this point (KeyError when it was not estimated)."""
+        for r in self.results:
+            if r.policy == policy:
+                return r
+        raise KeyError(f"policy {policy!r} not estimated at batch {self.batch} x seq {self.seq}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "batch": self.batch,
+            "seq": self.seq,
+            "tokens_per_step": self.tokens_per_step,
+            "results": [
+                {**r.to_dict(), "fits_gpus": dict(self.fits.get(r.policy, {}))}
+                for r in self.results
+            ],
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class LargestFit:
+    """The largest micro-batch (or sequence length) one policy fits on one GPU.
+
+    Attributes:
+        policy: the policy.
+        gpu: the GPU's name.
+        vary: ``"batch"`` or ``"seq"``: what was searched (the other stays as given).
+        batch, seq: the setting found (``vary`` at its largest fitting value); when nothing fits,
+            the smallest value tried (batch 1, or ``SEQ_STEP`` tokens).
+        found: whether any value fits.
+        peak_bytes: predicted peak at that setting.
+        headroom_bytes: GPU memory minus that peak.
+        next_peak_bytes: predicted peak one step further (batch + 1, or seq + ``seq_step``),
+            which does not fit; None when the search stopped at ``limited_by``.
+        limited_by: None when memory is the limit; else what stopped the search
+            (``"max_position_embeddings"`` or ``"search limit"``).
+        tokens_per_step: batch x seq x gradient accumulation at that setting.
+        step_time_s: predicted time of one optimizer step on the GPU (None without throughput figures).
+        tokens_per_s: predicted tokens per second (None without throughput figures).
+        speed_cost: the policy's recompute time over the step without it (fraction).
+        price_per_hour: the hourly price given for the GPU, if any.
+        cost_per_mtok: price per million tokens at that throughput, if a price was given.
+        probes: settings estimated by the search.
+    """
+
+    policy: str
+    gpu: str
+    vary: str
+    batch: int
+    seq: int
+    found: bool
+    peak_bytes: int
+    headroom_bytes: int
+    next_peak_bytes: int | None
+    limited_by: str | None
+    tokens_per_step: int
+    step_time_s: float | None
+    tokens_per_s: float | None
+    speed_cost: float
+    price_per_hour: float | None = None
+    cost_per_mtok: float | None = None
+    probes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "gpu": self.gpu,
+            "vary": self.vary,
+            "batch": self.batch,
+            "seq": self.seq,
+            "found": self.found,
+            "peak_bytes": self.peak_bytes,
+            "headroom_bytes": self.headroom_bytes,
+            "next_peak_bytes": self.next_peak_bytes,
+            "limited_by": self.limited_by,
+            "tokens_per_step": self.tokens_per_step,
+            "step_time_s": self.step_time_s,
+            "tokens_per_s": self.tokens_per_s,
+            "speed_cost": self.speed_cost,
+            "price_per_hour": self.price_per_hour,
+            "cost_per_mtok": self.cost_per_mtok,
+            "probes": self.probes,
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class GpuOption:
+    """One policy on one GPU at a fixed setup: does it fit, how fast, at what cost.
+
+    Attributes:
+        gpu: the GPU's name.
+        memory_bytes: its memory.
+        policy: the policy.
+        batch, seq: the setup.
+        fits: whether the peak fits.
+        peak_bytes, headroom_bytes: the peak and the memory left (negative: short).
+        step_time_s, tokens_per_s: predicted on this GPU (None for a bare size without throughput).
+        speed_cost: recompute time over the step without it (fraction).
+        price_per_hour, cost_per_mtok: the price given and the cost per million tokens (only
+            when it fits and a price was given).
+    """
+
+    gpu: str
+    memory_bytes: int
+    policy: str
+    batch: int
+    seq: int
+    fits: bool
+    peak_bytes: int
+    headroom_bytes: int
+    step_time_s: float | None
+    tokens_per_s: float | None
+    speed_cost: float
+    price_per_hour: float | None = None
+    cost_per_mtok: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "gpu": self.gpu,
+            "memory_bytes": self.memory_bytes,
+            "policy": self.policy,
+            "batch": self.batch,
+            "seq": self.seq,
+            "fits": self.fits,
+            "peak_bytes": self.peak_bytes,
+            "headroom_bytes": self.headroom_bytes,
+            "step_time_s": self.step_time_s,
+            "tokens_per_s": self.tokens_per_s,
+            "speed_cost": self.speed_cost,
+            "price_per_hour": self.price_per_hour,
+            "cost_per_mtok": self.cost_per_mtok,
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepReport:
+    """What ``sweep`` found: the grid, the largest settings that fit, the GPU comparison.
+
+    Attributes:
+        model: the model's name.
+        setup: the training settings besides batch and sequence (``TrainingSetup.to_dict()``
+            at the first grid point).
+        policies: the policies compared.
+        gpus: the GPUs asked for (name, memory, throughput, price per hour or None); the
+            GPU table may cover more (every preset when none was asked).
+        speed_gpu: the GPU the grid's speed figures are for (the first GPU asked with throughput
+            figures, else the estimator's reference).
+        points: one ``SweepPoint`` per (batch, seq), batch-major, in increasing order.
+        prices: the hourly prices given, by GPU preset name.
+        largest: ``LargestFit`` per (searched dimension, GPU, grid value, policy), if asked.
+        gpu_table: ``GpuOption`` per (grid point, GPU, policy), if asked.
+        notes: how the numbers were made.
+        elapsed_s: wall time.
+    """
+
+    model: str
+    setup: dict[str, Any]
+    policies: list[str]
+    gpus: list[dict[str, Any]]
+    speed_gpu: str
+    points: list[SweepPoint]
+    prices: dict[str, float] = field(default_factory=dict)
+    largest: list[LargestFit] = field(default_factory=list)
+    gpu_table: list[GpuOption] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    @property
+    def seqs(self) -> list[int]:
+        return sorted({p.seq for p in self.points})
+
+    @property
+    def batches(self) -> list[int]:
+        return sorted({p.batch for p in self.points})
+
+    def series(
+        self, policy: str, *, batch: int | None = None, seq: int | None = None
+    ) -> list[tuple[int, int]]:
+        """``[(x, peak_bytes), ...]`` for one policy along sequence length (``batch`` fixed) or
+        along batch (``seq`` fixed).
+
+        Example:
+            >>> report.series("full", batch=1)   # [(512, ...), (1024, ...), ...]
+        """
+        if (batch is None) == (seq is None):
+            raise ConfigError("series: fix exactly one of batch= or seq=")
+        out = []
+        for p in self.points:
+            if batch is not None and p.batch == batch:
+                out.append((p.seq, p.result(policy).peak_bytes))
+            elif seq is not None and p.seq == seq:
+                out.append((p.batch, p.result(policy).peak_bytes))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "setup": dict(self.setup),
+            "policies": list(self.policies),
+            "gpus": [dict(g) for g in self.gpus],
+            "speed_gpu": self.speed_gpu,
+            "prices": dict(self.prices),
+            "points": [p.to_dict() for p in self.points],
+            "largest": [f.to_dict() for f in self.largest],
+            "gpu_table": [g.to_dict() for g in self.gpu_table],
+            "notes": list(self.notes),
+            "elapsed_s": self.elapsed_s,
+        }
+
+
+# -- the search ---------------------------------------------------------------------------------
+
+
+def largest_fitting(
+    fits: Callable[[int], bool], peak: Callable[[int], float], capacity: float, limit: int
+) -> int:
+    """The largest ``k`` in ``[1, limit]`` with ``fits(k)``, given ``fits(1)`` and peaks that grow with ``k``.
+
+    Exponential search for a bracket, then bisection inside it. Both are steered by the straight
+    line through the last two peaks (peaks are close to linear in batch, and with SDPA in
+    sequence length): the line's largest ``k`` under ``capacity`` is probed together with
+    ``k + 1``, so a good line answers in 2 probes after the first two. A step where the line
+    does not pay off is followed by a plain doubling or bisection step, which keeps the worst
+    case logarithmic. Every answer is checked: ``fits(k)`` and ``k == limit or not fits(k + 1)``.
+    The callables should memoize (``peak(k)`` is read again for probed ``k``).
+
+    Args:
+        fits: whether setting ``k`` fits.
+        peak: the predicted peak at ``k`` (``inf`` when unknown).
+        capacity: the memory ``fits`` compares against (used only to aim).
+        limit: the largest ``k`` to try.
+
+    Returns:
+        The largest fitting ``k``, or ``limit`` when that fits.
+
+    Example:
+        >>> largest_fitting(lambda k: 3 * k + 10 <= 100, lambda k: 3 * k + 10, 100, 1000)
+        30
+    """
+    lo = 1  # fits(lo)
+    hi: int | None = None  # not fits(hi)
+    prev: int | None = None  # an earlier fitting k < lo, for the line before a bracket exists
+    use_line = True
+    while True:
+        if hi is None and lo >= limit:
+            return limit
+        if hi is not None and hi - lo <= 1:
+            return lo
+        top = limit + 1 if hi is None else hi
+        ref: int | None = hi if hi is not None else prev
+        guess = None
+        if use_line and ref is not None:
+            slope = (peak(ref) - peak(lo)) / (ref - lo)
+            if slope > 0 and math.isfinite(slope):
+                guess = lo + math.floor((capacity - peak(lo)) / slope)
+        plain = 2 * lo if hi is None else (lo + hi) // 2
+        cand = plain if guess is None else guess
+        cand = max(lo + 1, min(cand, top - 1))
+        width: int | None = None if hi is None else hi - lo
+        closed = False
+        if fits(cand):
+            prev, lo = lo, cand
+            if guess is not None and cand + 1 < top:
+                # the line says cand is the largest: one more probe settles it
+                if fits(cand + 1):
+                    prev, lo = lo, cand + 1
+                else:
+                    hi, closed = cand + 1, True
+        else:
+            hi = cand
+            if guess is not None and cand - 1 > lo:
+                if fits(cand - 1):
+                    prev, lo = lo, cand - 1
+                    closed = True
+                else:
+                    hi = cand - 1
+        if guess is not None:
+            # the line missed: take a plain step next (doubling, or halving the bracket)
+            use_line = closed or (width is not None and hi is not None and 2 * (hi - lo) <= width)
+        else:
+            use_line = True
+
+
+class _Capacity:
+    """``fits(k)`` for a capacity in bytes and a memoized ``peak(k)``; None peaks never fit."""
+
+    def __init__(self, capacity: int, peak: Callable[[int], int | None]) -> None:
+        self.capacity = capacity
+        self._peak = peak
+
+    def peak(self, k: int) -> float:
+        p = self._peak(k)
+        return math.inf if p is None else float(p)
+
+    def __call__(self, k: int) -> bool:
+        p = self._peak(k)
+        return p is not None and p <= self.capacity
+
+
+# -- the sweep --------------------------------------------------------------------------------
+
+
+class _Estimator:
+    """Memoized ``estimate()`` calls, one policy at a time, for one model and training setup."""
+
+    def __init__(self, model: Any, settings: dict[str, Any]) -> None:
+        self.model = model
+        self.settings = settings
+        self.calls = 0
+        self.model_name = ""
+        self.setup: dict[str, Any] = {}
+        self._peaks: dict[tuple[str, int, int, str], int | None] = {}
+        self._results: dict[tuple[str, int, int, str], PolicyEstimate | None] = {}
+
+    def result(self, policy: str, batch: int, seq: int, gpu: GPU | None) -> PolicyEstimate | None:
+        from . import estimate
+
+        key = (policy, batch, seq, "" if gpu is None else gpu.name)
+        if key not in self._results:
+            self.calls += 1
+            rep = estimate(
+                self.model,
+                batch=batch,
+                seq=seq,
+                policies=[policy],
+                gpu=gpu,
+                alternatives=False,
+                **self.settings,
+            )
+            res = rep.results[0] if rep.results else None  # 'auto' may find no plan
+            if not self.setup:
+                self.model_name, self.setup = rep.model, rep.setup
+            self._results[key] = res
+            self._peaks[self._peak_key(policy, batch, seq, gpu)] = (
+                None if res is None else res.peak_bytes
+            )
+        return self._results[key]
+
+    @staticmethod
+    def _peak_key(policy: str, batch: int, seq: int, gpu: GPU | None) -> tuple[str, int, int, str]:
+        # a fixed policy's peak does not depend on the GPU; 'auto' plans for the GPU
+        return (policy, batch, seq, gpu.name if policy == "auto" and gpu is not None else "")
+
+    def peak(self, policy: str, batch: int, seq: int, gpu: GPU) -> int | None:
+        key = self._peak_key(policy, batch, seq, gpu)
+        if key not in self._peaks:
+            self.result(policy, batch, seq, gpu)
+        return self._peaks[key]
+
+
+def _timing(res: PolicyEstimate, gpu: GPU) -> tuple[float | None, float | None]:
+    return (res.step_time_s, res.tokens_per_s) if gpu.has_speed else (None, None)
+
+
+def _search(
+    est: _Estimator,
+    policy: str,
+    gpu: GPU,
+    vary: str,
+    batch: int,
+    seq: int,
+    seq_step: int,
+    limit: int,
+    limit_name: str,
+    accum: int,
+    price: float | None,
+) -> LargestFit:
+    calls0 = est.calls
+
+    def setting(k: int) -> tuple[int, int]:
+        return (k, seq) if vary == "batch" else (batch, k * seq_step)
+
+    cap = _Capacity(gpu.memory_bytes, lambda k: est.peak(policy, *setting(k), gpu))
+    found = cap(1)
+    k = largest_fitting(cap, cap.peak, gpu.memory_bytes, limit) if found else 1
+    b, s = setting(k)
+    res = est.result(policy, b, s, gpu)
+    if res is None:  # 'auto' found no plan even at the smallest setting
+        raise ConfigError(
+            f"policy {policy!r} has no plan for {gpu.name} at batch {b} x seq {s}; "
+            "name fixed policies for the search"
+        )
+    limited = None
+    nxt: int | None = None
+    if found and k >= limit:
+        limited = limit_name
+    elif found:
+        p = est.peak(policy, *setting(k + 1), gpu)
+        nxt = None if p is None else p
+    step_s, tps = _timing(res, gpu)
+    return LargestFit(
+        policy=policy,
+        gpu=gpu.name,
+        vary=vary,
+        batch=b,
+        seq=s,
+        found=found,
+        peak_bytes=res.peak_bytes,
+        headroom_bytes=gpu.memory_bytes - res.peak_bytes,
+        next_peak_bytes=nxt,
+        limited_by=limited,
+        tokens_per_step=b * s * accum,
+        step_time_s=step_s,
+        tokens_per_s=tps,
+        speed_cost=res.speed_cost,
+        price_per_hour=price,
+        cost_per_mtok=_cost_per_mtok(price, tps) if found else None,
+        probes=est.calls - calls0,
+    )
+
+
+def sweep(
+    model: Any,
+    *,
+    seq: int | str | Sequence[int] | None = None,
+    batch: int | str | Sequence[int] | None = None,
+    policies: Sequence[str] | str | None = None,
+    gpu: str | GPU | Sequence[str | GPU] | None = None,
+    prices: Mapping[str, float] | str | None = None,
+    max_batch: bool = False,
+    max_seq: bool = False,
+    which_gpu: bool = False,
+    seq_step: int = SEQ_STEP,
+    batch_limit: int = BATCH_LIMIT,
+    **settings: Any,
+) -> SweepReport:
+    """Estimate a fine-tune over sequence lengths and batch sizes; find the largest that fits; compare GPUs.
+
+    A loop over ``gradckpt.estimate``: every number is an estimate's, on fake tensors, with the
+    same allowance and roofline speed model.
+
+    Args:
+        model: a preset name, a ``config.json`` path or a ``transformers`` config (as ``estimate``).
+        seq: sequence length(s): an int, a list, or ``"512,1024,2048"`` (default 2048).
+        batch: micro-batch size(s), same forms (default 1).
+        policies: policies to compare (default ``SWEEP_POLICIES``: ``none`` and ``full``);
+            ``"auto"`` is planned for each GPU (for the grid: the first GPU).
+        gpu: GPU preset(s) or sizes: a name, a list, ``"rtx-4090,a100-80gb"``, or ``"all"``.
+            The grid reports whether each policy fits each of them; the searches run per GPU.
+        prices: hourly prices by preset (``{"rtx-4090": 0.35}`` or ``"rtx-4090=0.35,..."``);
+            adds a cost per million tokens. No prices are built in. Every GPU priced must be
+            among ``gpu`` (or, for ``which_gpu`` without ``gpu``, a preset).
+        max_batch: per GPU, sequence length and policy, search the largest micro-batch whose
+            predicted peak fits the GPU (exponential + bisection, each candidate estimated).
+        max_seq: the same for the sequence length (multiples of ``seq_step``), per batch size.
+        which_gpu: per grid point, every GPU in ``gpu`` (default: every preset) and policy:
+            fits or not, step time, tokens/s and, with ``prices``, cost per million tokens.
+        seq_step: granularity of the ``max_seq`` search, in tokens (default 128).
+        batch_limit: largest batch the ``max_batch`` search tries (default 4096).
+        **settings: the rest of the setup, as ``estimate`` takes it: ``method``, ``precision``,
+            ``optimizer``, ``grad_accum``, ``attention``, ``lora_rank``..., ``overhead``.
+
+    Returns:
+        A ``SweepReport``: ``points`` (one per batch x seq, each with every policy's
+        ``PolicyEstimate``), ``largest`` (``LargestFit``), ``gpu_table`` (``GpuOption``);
+        ``to_dict()`` is what ``gradckpt plan ... --json`` prints for a sweep.
+
+    Raises:
+        ConfigError: empty lists, values that are not whole numbers >= 1, unknown GPUs (also in
+            ``prices``), negative prices, a search without a GPU, and everything ``estimate``
+            refuses.
+
+    Example:
+        >>> r = gradckpt.sweep("llama-3-8b", method="lora", seq="512,1024,2048,4096",
+        ...                    gpu="rtx-4090,a100-80gb", max_batch=True, prices="rtx-4090=0.35")
+        >>> {(f.gpu, f.policy): f.batch for f in r.largest}
+    """
+    from . import GPU_PRESETS as presets
+    from . import REFERENCE_GPU, _policy_list, resolve_model
+    from .setup import TrainingSetup
+
+    t0 = time.perf_counter()
+    if "alternatives" in settings:
+        raise ConfigError("sweep does not estimate alternatives; call estimate() for those")
+    seqs = parse_int_list(seq if seq is not None else TrainingSetup().seq, "seq")
+    batches = parse_int_list(batch if batch is not None else TrainingSetup().batch, "batch")
+    names = _policy_list(policies if policies is not None else list(SWEEP_POLICIES))
+    gpus = _gpu_list(gpu)
+    price_of = parse_prices(prices, gpus)
+    for flag, on in (("max_batch", max_batch), ("max_seq", max_seq)):
+        if on and not gpus:
+            raise ConfigError(f"{flag} searches what fits a GPU: name one or more (gpu=...)")
+    if isinstance(seq_step, bool) or not isinstance(seq_step, int) or seq_step < 1:
+        raise ConfigError(f"seq_step must be a whole number of tokens >= 1, got {seq_step!r}")
+    if isinstance(batch_limit, bool) or not isinstance(batch_limit, int) or batch_limit < 1:
+        raise ConfigError(f"batch_limit must be a whole number >= 1, got {batch_limit!r}")
+    table_gpus = gpus if gpus else list(presets.values())
+    if price_of:
+        pool = gpus if gpus or not which_gpu else table_gpus
+        names_in = [g.name for g in pool]
+        for name in price_of:
+            if name not in names_in:
+                raise ConfigError(
+                    f"price given for {name!r}, which is not among the GPUs asked "
+                    f"({', '.join(names_in) or 'none'}); add it to the GPU list"
+                )
+    if "auto" in names and not gpus:
+        raise ConfigError("policy 'auto' plans for a GPU's memory: name one (gpu=...)")
+    spec = resolve_model(model)
+    cfg = spec.config
+    max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if isinstance(max_pos, int) and seqs[-1] > max_pos:
+        raise ConfigError(
+            f"sequence length {seqs[-1]} exceeds {spec.name}'s maximum of {max_pos} positions "
+            "(max_position_embeddings)"
+        )
+    if max_seq and isinstance(max_pos, int) and max_pos < seq_step:
+        raise ConfigError(f"seq_step {seq_step} is longer than {spec.name}'s {max_pos} positions")
+
+    # The model goes to estimate() as given (a preset's name labels the reports); its config
+    # is cached there, so each call rebuilds nothing but the step.
+    est = _Estimator(model, settings)
+    # The grid's estimates (speed figures, 'fits', the plan of 'auto') are for the first GPU
+    # with throughput figures; whether each point fits every GPU is in SweepPoint.fits.
+    first = next((g for g in gpus if g.has_speed), gpus[0] if gpus else None)
+    speed_gpu = first if first is not None and first.has_speed else presets[REFERENCE_GPU]
+    points: list[SweepPoint] = []
+    for b in batches:
+        for s in seqs:
+            results = []
+            for p in names:
+                res = est.result(p, b, s, first)
+                if res is not None:
+                    results.append(res)
+            fits = {
+                r.policy: {g.name: r.peak_bytes <= g.memory_bytes for g in gpus} for r in results
+            }
+            accum = int(est.setup["grad_accum"])
+            points.append(
+                SweepPoint(
+                    batch=b, seq=s, tokens_per_step=b * s * accum, results=results, fits=fits
+                )
+            )
+
+    largest: list[LargestFit] = []
+    if max_batch:
+        for g in gpus:
+            for s in seqs:
+                for p in names:
+                    largest.append(
+                        _search(
+                            est,
+                            p,
+                            g,
+                            "batch",
+                            1,
+                            s,
+                            seq_step,
+                            batch_limit,
+                            "search limit",
+                            accum,
+                            price_of.get(g.name),
+                        )
+                    )
+    if max_seq:
+        seq_limit_k = (max_pos if isinstance(max_pos, int) else SEQ_LIMIT) // seq_step
+        why = "max_position_embeddings" if isinstance(max_pos, int) else "search limit"
+        for g in gpus:
+            for b in batches:
+                for p in names:
+                    largest.append(
+                        _search(
+                            est,
+                            p,
+                            g,
+                            "seq",
+                            b,
+                            0,
+                            seq_step,
+                            seq_limit_k,
+                            why,
+                            accum,
+                            price_of.get(g.name),
+                        )
+                    )
+
+    table: list[GpuOption] = []
+    if which_gpu or (price_of and not (max_batch or max_seq)):
+        for pt in points:
+            for g in table_gpus:
+                for p in names:
+                    res = est.result(p, pt.batch, pt.seq, g)
+                    if res is None:
+                        continue
+                    step_s, tps = _timing(res, g)
+                    price = price_of.get(g.name)
+                    ok = res.peak_bytes <= g.memory_bytes
+                    table.append(
+                        GpuOption(
+                            gpu=g.name,
+                            memory_bytes=g.memory_bytes,
+                            policy=p,
+                            batch=pt.batch,
+                            seq=pt.seq,
+                            fits=ok,
+                            peak_bytes=res.peak_bytes,
+                            headroom_bytes=g.memory_bytes - res.peak_bytes,
+                            step_time_s=step_s,
+                            tokens_per_s=tps,
+                            speed_cost=res.speed_cost,
+                            price_per_hour=price,
+                            cost_per_mtok=_cost_per_mtok(price, tps) if ok else None,
+                        )
+                    )
+
+    notes = [
+        f"every number is gradckpt.estimate's ({est.calls} estimates): peak on fake tensors + "
+        "optimizer states + CUDA allowance; speed from the roofline model on the GPU preset",
+        "tokens/s = tokens per step / predicted step time on that GPU (recompute included); "
+        "larger batches amortize reading the weights, so tokens/s grows with batch until the "
+        "matmuls are compute-bound",
+    ]
+    if max_seq:
+        notes.append(f"sequence lengths searched in multiples of {seq_step} tokens")
+    if price_of:
+        notes.append(
+            "cost per million tokens = hourly price / (3600 x predicted tokens/s); prices are the "
+            "ones given, none are built in"
+        )
+    return SweepReport(
+        model=est.model_name,
+        setup={k: v for k, v in est.setup.items() if k not in ("batch", "seq")},
+        policies=names,
+        gpus=[
+            {
+                "name": g.name,
+                "memory_bytes": g.memory_bytes,
+                "bf16_tflops": g.bf16_tflops,
+                "bandwidth_gbs": g.bandwidth_gbs,
+                "price_per_hour": price_of.get(g.name),
+            }
+            for g in gpus
+        ],
+        prices=dict(price_of),
+        speed_gpu=speed_gpu.name,
+        points=points,
+        largest=largest,
+        gpu_table=table,
+        notes=notes,
+        elapsed_s=time.perf_counter() - t0,
+    )
+
+
+def _with_fit(res: PolicyEstimate, gpu: GPU) -> PolicyEstimate:
+    from dataclasses import replace
+
+    head = gpu.memory_bytes - res.peak_bytes
+    return replace(res, fits=head >= 0, headroom_bytes=head)
