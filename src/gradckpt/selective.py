@@ -5,7 +5,7 @@ keeps the outputs of the ops that are expensive to redo (matrix multiplies and a
 and recomputes only the cheap ones (pointwise ops, norms, activations, softmax), as torchtitan's
 op-level SAC and Megatron-LM's selective recompute do (Korthikanti et al. 2022, "Reducing
 Activation Recomputation in Large Transformer Models"). It is built on torch's own selective
-checkpoint contexts (``torch.utils.checkpoint.create_selective_checkpoint_contexts``), with three
+checkpoint contexts (``torch.utils.checkpoint.create_selective_checkpoint_contexts``), with four
 additions torch leaves to the caller:
 
 - Random ops (dropout masks: ``native_dropout``, ``bernoulli_``...) are re-run with the exact
@@ -17,7 +17,7 @@ additions torch leaves to the caller:
   ``nonzero``...) are kept: their integer outputs are stored in forward and handed back during
   recompute, so tokens go to the same experts even if the recompute would round differently.
 - Outputs the recompute never reaches are not kept from the second step on: torch stops a
-  recompute once the last tensor backward needs exists again, so the ops after that point (a
+  recompute once every tensor the forward saved for backward exists again, so the ops after that point (a
   Llama block's down projection) never run in backward, and keeping their outputs only costs
   memory. This is learned per block from each backward and unlearned if a later one reaches them.
 - A kept tensor that is modified in place afterwards (which would make the recompute read the
@@ -367,7 +367,7 @@ def _fresh(x: Any) -> Any:
 class _Unreached:
     """Per block, the kept op calls its recompute never reaches, learned from past backwards.
 
-    torch stops a recompute as soon as the last tensor backward needs exists again (early stop),
+    torch stops a recompute as soon as every tensor the forward saved exists again (early stop),
     so ops after that point never run during backward and keeping their outputs is pure memory
     cost: in a Llama block that is the down projection's output, 1/12 of what the default save
     set keeps. After each recompute, calls of an op beyond what the recompute reached are noted
