@@ -17,9 +17,10 @@ additions torch leaves to the caller:
   ``nonzero``...) are kept: their integer outputs are stored in forward and handed back during
   recompute, so tokens go to the same experts even if the recompute would round differently.
 - Outputs the recompute never reaches are not kept from the second step on: torch stops a
-  recompute once every tensor the forward saved for backward exists again, so the ops after that point (a
-  Llama block's down projection) never run in backward, and keeping their outputs only costs
-  memory. This is learned per block from each backward and unlearned if a later one reaches them.
+  recompute once every tensor the forward saved for backward exists again, so the ops after
+  that point (a Llama block's down projection) never run in backward, and keeping their
+  outputs only costs memory. This is learned per block from each backward and unlearned if a
+  later one reaches them.
 - A kept tensor that is modified in place afterwards (which would make the recompute read the
   modified value) is reported as ``CheckpointMismatchError`` naming the block and the op, at the
   end of the block's forward when it happens inside the block.
