@@ -107,6 +107,7 @@ def render(report: Any) -> Any:
         "step time",
         "speed cost",
         "extra FLOPs",
+        "recompute bytes",
     ):
         t.add_column(col, justify="left" if col == "policy" else "right")
     none_flops = report.result("none").total_flops or 1
@@ -120,6 +121,7 @@ def render(report: Any) -> Any:
             f"{r.time_s:.3f} s",
             f"{r.speed_cost * 100:+.1f}%",
             f"{r.extra_flops / 1e9:+.2f} G ({r.extra_flops / none_flops * 100:+.1f}%)",
+            format_bytes(r.stats.get("recompute_bytes", 0)),
         )
     return t
 
