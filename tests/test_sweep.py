@@ -206,8 +206,11 @@ def test_max_batch_and_max_seq_throughput_and_cost() -> None:
         assert f.tokens_per_s == pe.tokens_per_s and f.step_time_s == pe.step_time_s
         assert f.tokens_per_step == f.batch * f.seq
         assert f.cost_per_mtok == pytest.approx(0.5 / 3600 / pe.tokens_per_s * 1e6, rel=1e-12)
+        if vary == "batch":
+            one = gradckpt.estimate("gpt2", batch=1, seq=256, policies=policy, gpu=TINY)
+            assert f.batch1_tokens_per_s == one.results[0].tokens_per_s
         if vary == "seq":
-            assert f.batch == 1 and f.seq % 128 == 0
+            assert f.batch == 1 and f.seq % 128 == 0 and f.batch1_tokens_per_s is None
             if f.limited_by is None:
                 nxt = gradckpt.estimate("gpt2", seq=f.seq + 128, policies=policy).results[0]
                 assert nxt.peak_bytes > TINY.memory_bytes
@@ -273,8 +276,14 @@ def test_plot_and_table(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
     )
     assert code == 0, err
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for text in ("peak GiB per policy", "fits 2GiB", "fits rtx-4090", f"plot: {png}"):
+    for text in (
+        "peak GiB per policy (+ recompute's speed cost on rtx-4090), batch 1:",
+        "largest seq of these that fits",
+        f"plot: {png}",
+    ):
         assert text in out
+    # GPT-2 full fine-tune, batch 1: 'none' needs 2.28 GiB at 512 tokens, 'full' 1.62 GiB
+    assert "2GiB " in out and "(2.00 GiB): none 128, full 512" in out
 
 
 @pytest.mark.parametrize(

@@ -122,15 +122,14 @@ def plot_peak_sweep(
             zorder=3,
         )
     for i, (name, cap) in enumerate(capacities):
-        ax.axhline(cap / 2**30, linestyle="--", linewidth=1, color=f"C{(i + 5) % 10}", zorder=2)
-        ax.annotate(
-            name if name[:1].isdigit() else f"{name} ({cap / 2**30:.1f} GiB)",
-            (0.01, cap / 2**30),
-            xycoords=("axes fraction", "data"),
-            textcoords="offset points",
-            xytext=(0, 3),
-            fontsize=8,
+        # in the legend rather than on the plot: labels there cannot collide with the lines
+        ax.axhline(
+            cap / 2**30,
+            linestyle="--",
+            linewidth=1,
             color=f"C{(i + 5) % 10}",
+            zorder=2,
+            label=name if name[:1].isdigit() else f"{name} ({cap / 2**30:.1f} GiB)",
         )
     if xs_all and xs_all[-1] > 4 * xs_all[0]:
         ax.set_xscale("log", base=2)
@@ -142,7 +141,7 @@ def plot_peak_sweep(
     ax.set_ylabel("predicted peak memory (GiB)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8, bbox_to_anchor=(0.0, 0.93))
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)

@@ -476,76 +476,12 @@ def render_sweep(report: Any, file: Any = None, *, grid: bool = True) -> None:
     console.print(f"[bold]{report.model}[/bold]: {_setup_words(report.setup)}", highlight=False)
 
     if grid and report.points:
-        t = Table(
-            title=f"peak GiB per policy, +time = recompute's speed cost on {report.speed_gpu}",
-            show_edge=False,
-            pad_edge=False,
-        )
-        for col in ("batch", "seq"):
-            t.add_column(col, justify="right")
-        for p in report.policies:
-            t.add_column(p, justify="right")
-            t.add_column("+time", justify="right")
-        for g in report.gpus:
-            t.add_column(f"fits {g['name']}")
-        for pt in report.points:
-            cells = [str(pt.batch), str(pt.seq)]
-            for p in report.policies:
-                try:
-                    r = pt.result(p)
-                except KeyError:
-                    cells += ["n/a", ""]
-                    continue
-                cells += [_g(r.peak_bytes), f"{r.speed_cost:.0%}"]
-            for g in report.gpus:
-                ok = [p for p in report.policies if pt.fits.get(p, {}).get(g["name"])]
-                cells.append(",".join(ok) if ok else "[red]-[/red]")
-            t.add_row(*cells)
-        console.print(t)
+        _render_grid(console, report)
 
     for vary in ("batch", "seq"):
         rows = [f for f in report.largest if f.vary == vary]
-        if not rows:
-            continue
-        other = "seq" if vary == "batch" else "batch"
-        title = (
-            "largest micro-batch that fits (peak GiB; one more = batch + 1)"
-            if vary == "batch"
-            else "longest sequence that fits (peak GiB; one more = + search step)"
-        )
-        t = Table(title=title, show_edge=False, pad_edge=False)
-        for col in ("gpu", other, "policy", f"max {vary}", "tok/step", "peak", "one more"):
-            t.add_column(col, justify="left" if col in ("gpu", "policy") else "right")
-        t.add_column("tok/s", justify="right")
-        priced = any(f.price_per_hour is not None for f in rows)
-        if priced:
-            t.add_column("$/M tok", justify="right")
-        for f in rows:
-            value = f.batch if vary == "batch" else f.seq
-            found = f.found
-            best = str(value) if found else "[red]-[/red]"
-            if found and f.limited_by:
-                best += "+" if f.limited_by == "search limit" else " (max)"
-            cells = [
-                f.gpu,
-                str(f.seq if vary == "batch" else f.batch),
-                f.policy,
-                best,
-                f"{f.tokens_per_step:,}" if found else "",
-                _g(f.peak_bytes) if found else f"[red]{_g(f.peak_bytes)}[/red]",
-                _g(f.next_peak_bytes),
-                _rate(f.tokens_per_s) if found else "",
-            ]
-            if priced:
-                cells.append(_money(f.cost_per_mtok))
-            t.add_row(*cells)
-        console.print(t)
-        notes = ["-: does not fit even at the smallest (its peak shown in red)"]
-        if any(f.limited_by == "max_position_embeddings" for f in rows):
-            notes.append("(max): the model's max_position_embeddings")
-        if any(f.limited_by == "search limit" for f in rows):
-            notes.append("+: fits at the search limit")
-        console.print(f"[dim]{'; '.join(notes)}[/dim]", highlight=False)
+        if rows:
+            _render_largest(console, rows, vary)
 
     if report.gpu_table:
         several = len({(o.batch, o.seq) for o in report.gpu_table}) > 1
@@ -581,3 +517,121 @@ def render_sweep(report: Any, file: Any = None, *, grid: bool = True) -> None:
         console.print(t)
     for n in report.notes:
         console.print(f"[dim]- {n}[/dim]", highlight=False)
+
+
+def _render_grid(console: Any, report: Any) -> None:
+    """The grid: peak (+ speed cost) per policy and setting, then what fits each GPU."""
+    from rich.table import Table
+
+    seqs, batches = report.seqs, report.batches
+    show_b, show_s = len(batches) > 1 or len(seqs) == 1, len(seqs) > 1 or len(batches) == 1
+    fixed = []
+    if not show_b:
+        fixed.append(f"batch {batches[0]}")
+    if not show_s:
+        fixed.append(f"seq {seqs[0]}")
+    console.print(
+        "peak GiB per policy (+ recompute's speed cost on "
+        f"{report.speed_gpu})" + (f", {', '.join(fixed)}" if fixed else "") + ":",
+        highlight=False,
+    )
+    t = Table(show_edge=False, pad_edge=False)
+    if show_b:
+        t.add_column("batch", justify="right")
+    if show_s:
+        t.add_column("seq", justify="right")
+    for p in report.policies:
+        t.add_column(p, justify="right")
+    both = len(seqs) > 1 and len(batches) > 1
+    if both:  # two dimensions: what fits each GPU, per cell
+        for g in report.gpus:
+            t.add_column(g["name"])
+    for pt in report.points:
+        cells = ([str(pt.batch)] if show_b else []) + ([str(pt.seq)] if show_s else [])
+        for p in report.policies:
+            try:
+                r = pt.result(p)
+            except KeyError:
+                cells.append("n/a")
+                continue
+            cost = f" +{r.speed_cost:.0%}" if r.speed_cost >= 0.005 else ""
+            cells.append(f"{_g(r.peak_bytes)}{cost}")
+        if both:
+            for g in report.gpus:
+                ok = [p for p in report.policies if pt.fits.get(p, {}).get(g["name"])]
+                cells.append(",".join(ok) if ok else "-")
+        t.add_row(*cells)
+    console.print(t)
+    if both or not report.gpus:
+        return
+    dim = "seq" if len(seqs) > 1 else "batch"
+    console.print(f"largest {dim} of these that fits, per policy:")
+    width = max(len(g["name"]) for g in report.gpus)
+    for g in report.gpus:
+        parts = []
+        for p in report.policies:
+            fit = [getattr(pt, dim) for pt in report.points if pt.fits.get(p, {}).get(g["name"])]
+            parts.append(f"{p} {max(fit) if fit else '-'}")
+        console.print(
+            f"  {g['name']:<{width}} ({_g(g['memory_bytes'])} GiB): {', '.join(parts)}",
+            highlight=False,
+        )
+
+
+def _render_largest(console: Any, rows: list[Any], vary: str) -> None:
+    """The largest batch (sequence) per GPU, setting and policy, with its throughput."""
+    from rich.table import Table
+
+    gpus = list(dict.fromkeys(f.gpu for f in rows))
+    one_gpu = len(gpus) == 1
+    other = "seq" if vary == "batch" else "batch"
+    others = list(dict.fromkeys(getattr(f, other) for f in rows))
+    one_other = len(others) == 1
+    what = "micro-batch" if vary == "batch" else "sequence"
+    where = (f" {gpus[0]}" if one_gpu else "") + (f", {other} {others[0]}" if one_other else "")
+    t = Table(
+        title=f"largest {what} that fits{where} (peak GiB; next: "
+        + ("batch + 1)" if vary == "batch" else "seq + search step)"),
+        show_edge=False,
+        pad_edge=False,
+    )
+    cols = ([] if one_gpu else ["gpu"]) + ([] if one_other else [other])
+    cols += ["policy", f"max {vary}", "tok/step", "peak", "next"]
+    cols.append("tok/s (b=1)" if vary == "batch" else "tok/s")
+    priced = any(f.price_per_hour is not None for f in rows)
+    if priced:
+        cols.append("$/M tok")
+    for col in cols:
+        left = col in ("gpu", "policy")
+        # on a narrow terminal numbers fold onto a second line rather than lose digits
+        t.add_column(col, justify="left" if left else "right", no_wrap=left, overflow="fold")
+    for f in rows:
+        value = f.batch if vary == "batch" else f.seq
+        found = f.found
+        best = str(value) if found else "[red]-[/red]"
+        if found and f.limited_by:
+            best += "+" if f.limited_by == "search limit" else " (max)"
+        cells = ([] if one_gpu else [f.gpu]) + ([] if one_other else [str(getattr(f, other))])
+        cells += [
+            f.policy,
+            best,
+            f"{f.tokens_per_step:,}" if found else "",
+            _g(f.peak_bytes) if found else f"[red]{_g(f.peak_bytes)}[/red]",
+            _g(f.next_peak_bytes),
+        ]
+        rate = _rate(f.tokens_per_s) if found else ""
+        if vary == "batch" and found:
+            rate += f" ({_rate(f.batch1_tokens_per_s)})"
+        cells.append(rate)
+        if priced:
+            cells.append(_money(f.cost_per_mtok))
+        t.add_row(*cells)
+    console.print(t)
+    notes = ["-: does not fit even at the smallest (its peak in red)"]
+    if vary == "batch":
+        notes.append("tok/s: predicted at the max batch (and at batch 1)")
+    if any(f.limited_by == "max_position_embeddings" for f in rows):
+        notes.append("(max): the model's max_position_embeddings")
+    if any(f.limited_by == "search limit" for f in rows):
+        notes.append("+: fits at the search limit")
+    console.print(f"[dim]{'; '.join(notes)}[/dim]", highlight=False)

@@ -269,6 +269,8 @@ class LargestFit:
         step_time_s: predicted time of one optimizer step on the GPU (None without throughput figures).
         tokens_per_s: predicted tokens per second (None without throughput figures).
         speed_cost: the policy's recompute time over the step without it (fraction).
+        batch1_tokens_per_s: for a batch search, the same policy's tokens/s at batch 1 (what
+            the larger batch is compared with); None for a sequence search.
         price_per_hour: the hourly price given for the GPU, if any.
         cost_per_mtok: price per million tokens at that throughput, if a price was given.
         probes: settings estimated by the search.
@@ -288,6 +290,7 @@ class LargestFit:
     step_time_s: float | None
     tokens_per_s: float | None
     speed_cost: float
+    batch1_tokens_per_s: float | None = None
     price_per_hour: float | None = None
     cost_per_mtok: float | None = None
     probes: int = 0
@@ -308,6 +311,7 @@ class LargestFit:
             "step_time_s": self.step_time_s,
             "tokens_per_s": self.tokens_per_s,
             "speed_cost": self.speed_cost,
+            "batch1_tokens_per_s": self.batch1_tokens_per_s,
             "price_per_hour": self.price_per_hour,
             "cost_per_mtok": self.cost_per_mtok,
             "probes": self.probes,
@@ -619,6 +623,10 @@ def _search(
         p = est.peak(policy, *setting(k + 1), gpu)
         nxt = None if p is None else p
     step_s, tps = _timing(res, gpu)
+    base_tps = None
+    if vary == "batch" and found:
+        one = est.result(policy, 1, seq, gpu)  # probed first: cached
+        base_tps = None if one is None else _timing(one, gpu)[1]
     return LargestFit(
         policy=policy,
         gpu=gpu.name,
@@ -634,6 +642,7 @@ def _search(
         step_time_s=step_s,
         tokens_per_s=tps,
         speed_cost=res.speed_cost,
+        batch1_tokens_per_s=base_tps,
         price_per_hour=price,
         cost_per_mtok=_cost_per_mtok(price, tps) if found else None,
         probes=est.calls - calls0,
