@@ -617,10 +617,10 @@ def _render_largest(console: Any, rows: list[Any], vary: str) -> None:
             best,
             f"{f.tokens_per_step:,}" if found else "",
             _g(f.peak_bytes) if found else f"[red]{_g(f.peak_bytes)}[/red]",
-            _g(f.next_peak_bytes),
+            _g(f.next_peak_bytes) if f.next_peak_bytes or not found or f.limited_by else "no plan",
         ]
         rate = _rate(f.tokens_per_s) if found else ""
-        if vary == "batch" and found:
+        if vary == "batch" and found and f.tokens_per_s is not None:
             rate += f" ({_rate(f.batch1_tokens_per_s)})"
         cells.append(rate)
         if priced:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, GradCkptError
 from .gpus import GPU, GPU_PRESETS, get_gpu
 from .report import PolicyEstimate
 
@@ -421,10 +421,13 @@ class SweepReport:
             raise ConfigError("series: fix exactly one of batch= or seq=")
         out = []
         for p in self.points:
+            r = next((r for r in p.results if r.policy == policy), None)
+            if r is None:  # 'auto' without a plan there
+                continue
             if batch is not None and p.batch == batch:
-                out.append((p.seq, p.result(policy).peak_bytes))
+                out.append((p.seq, r.peak_bytes))
             elif seq is not None and p.seq == seq:
-                out.append((p.batch, p.result(policy).peak_bytes))
+                out.append((p.batch, r.peak_bytes))
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -542,8 +545,6 @@ class _Estimator:
         self.model = model
         self.settings = settings
         self.calls = 0
-        self.model_name = ""
-        self.setup: dict[str, Any] = {}
         self._peaks: dict[tuple[str, int, int, str], int | None] = {}
         self._results: dict[tuple[str, int, int, str], PolicyEstimate | None] = {}
 
@@ -553,18 +554,23 @@ class _Estimator:
         key = (policy, batch, seq, "" if gpu is None else gpu.name)
         if key not in self._results:
             self.calls += 1
-            rep = estimate(
-                self.model,
-                batch=batch,
-                seq=seq,
-                policies=[policy],
-                gpu=gpu,
-                alternatives=False,
-                **self.settings,
-            )
-            res = rep.results[0] if rep.results else None  # 'auto' may find no plan
-            if not self.setup:
-                self.model_name, self.setup = rep.model, rep.setup
+            try:
+                rep = estimate(
+                    self.model,
+                    batch=batch,
+                    seq=seq,
+                    policies=[policy],
+                    gpu=gpu,
+                    alternatives=False,
+                    **self.settings,
+                )
+            except GradCkptError as e:
+                # 'auto' alone with no plan for this GPU: estimate() has nothing to report and
+                # says so with the base error; its subclasses are real mistakes
+                if policy != "auto" or type(e) is not GradCkptError:
+                    raise
+                rep = None
+            res = rep.results[0] if rep is not None and rep.results else None
             self._results[key] = res
             self._peaks[self._peak_key(policy, batch, seq, gpu)] = (
                 None if res is None else res.peak_bytes
@@ -591,41 +597,39 @@ def _search(
     est: _Estimator,
     policy: str,
     gpu: GPU,
+    *,
     vary: str,
-    batch: int,
-    seq: int,
-    seq_step: int,
+    fixed: int,
+    step: int,
     limit: int,
     limit_name: str,
     accum: int,
     price: float | None,
-) -> LargestFit:
+) -> LargestFit | None:
+    """The largest batch (``vary="batch"``, at seq ``fixed``) or sequence (multiples of ``step``,
+    at batch ``fixed``) that fits ``gpu``; None when 'auto' has no plan at the smallest."""
     calls0 = est.calls
 
     def setting(k: int) -> tuple[int, int]:
-        return (k, seq) if vary == "batch" else (batch, k * seq_step)
+        return (k, fixed) if vary == "batch" else (fixed, k * step)
 
     cap = _Capacity(gpu.memory_bytes, lambda k: est.peak(policy, *setting(k), gpu))
     found = cap(1)
     k = largest_fitting(cap, cap.peak, gpu.memory_bytes, limit) if found else 1
     b, s = setting(k)
     res = est.result(policy, b, s, gpu)
-    if res is None:  # 'auto' found no plan even at the smallest setting
-        raise ConfigError(
-            f"policy {policy!r} has no plan for {gpu.name} at batch {b} x seq {s}; "
-            "name fixed policies for the search"
-        )
+    if res is None:
+        return None
     limited = None
     nxt: int | None = None
     if found and k >= limit:
         limited = limit_name
     elif found:
-        p = est.peak(policy, *setting(k + 1), gpu)
-        nxt = None if p is None else p
+        nxt = est.peak(policy, *setting(k + 1), gpu)
     step_s, tps = _timing(res, gpu)
     base_tps = None
     if vary == "batch" and found:
-        one = est.result(policy, 1, seq, gpu)  # probed first: cached
+        one = est.result(policy, 1, fixed, gpu)  # probed first: cached
         base_tps = None if one is None else _timing(one, gpu)[1]
     return LargestFit(
         policy=policy,
@@ -685,6 +689,7 @@ def sweep(
         max_seq: the same for the sequence length (multiples of ``seq_step``), per batch size.
         which_gpu: per grid point, every GPU in ``gpu`` (default: every preset) and policy:
             fits or not, step time, tokens/s and, with ``prices``, cost per million tokens.
+            Implied by ``prices`` when there is no search.
         seq_step: granularity of the ``max_seq`` search, in tokens (default 128).
         batch_limit: largest batch the ``max_batch`` search tries (default 4096).
         **settings: the rest of the setup, as ``estimate`` takes it: ``method``, ``precision``,
@@ -724,10 +729,11 @@ def sweep(
         raise ConfigError(f"seq_step must be a whole number of tokens >= 1, got {seq_step!r}")
     if isinstance(batch_limit, bool) or not isinstance(batch_limit, int) or batch_limit < 1:
         raise ConfigError(f"batch_limit must be a whole number >= 1, got {batch_limit!r}")
+    # prices alone ask which GPU is cheapest; with a search they price its rows
+    which = bool(which_gpu or (price_of and not (max_batch or max_seq)))
     table_gpus = gpus if gpus else list(presets.values())
     if price_of:
-        pool = gpus if gpus or not which_gpu else table_gpus
-        names_in = [g.name for g in pool]
+        names_in = [g.name for g in (table_gpus if which else gpus)]
         for name in price_of:
             if name not in names_in:
                 raise ConfigError(
@@ -736,6 +742,13 @@ def sweep(
                 )
     if "auto" in names and not gpus:
         raise ConfigError("policy 'auto' plans for a GPU's memory: name one (gpu=...)")
+    # The setup as estimate() will build it, checked before the first estimate.
+    fields = TrainingSetup.__dataclass_fields__
+    base = settings.get("setup") or TrainingSetup()
+    if not isinstance(base, TrainingSetup):
+        raise ConfigError(f"setup must be a TrainingSetup, got {type(base).__name__}")
+    st = base.with_(**{k: v for k, v in settings.items() if k in fields and v is not None})
+    accum = st.grad_accum
     spec = resolve_model(model)
     cfg = spec.config
     max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
@@ -765,57 +778,53 @@ def sweep(
             fits = {
                 r.policy: {g.name: r.peak_bytes <= g.memory_bytes for g in gpus} for r in results
             }
-            accum = int(est.setup["grad_accum"])
             points.append(
                 SweepPoint(
                     batch=b, seq=s, tokens_per_step=b * s * accum, results=results, fits=fits
                 )
             )
 
-    largest: list[LargestFit] = []
+    notes: list[str] = []
+    if any(len(pt.results) != len(names) for pt in points):
+        notes.append(
+            f"policy 'auto': the planner found no plan for {speed_gpu.name} at some settings "
+            "(left out of those points)"
+        )
+    searches: list[tuple[str, list[int], int, str]] = []
     if max_batch:
-        for g in gpus:
-            for s in seqs:
-                for p in names:
-                    largest.append(
-                        _search(
-                            est,
-                            p,
-                            g,
-                            "batch",
-                            1,
-                            s,
-                            seq_step,
-                            batch_limit,
-                            "search limit",
-                            accum,
-                            price_of.get(g.name),
-                        )
-                    )
+        searches.append(("batch", seqs, batch_limit, "search limit"))
     if max_seq:
-        seq_limit_k = (max_pos if isinstance(max_pos, int) else SEQ_LIMIT) // seq_step
+        k_max = (max_pos if isinstance(max_pos, int) else SEQ_LIMIT) // seq_step
         why = "max_position_embeddings" if isinstance(max_pos, int) else "search limit"
+        searches.append(("seq", batches, k_max, why))
+    largest: list[LargestFit] = []
+    for vary, fixed_values, limit, why in searches:  # rows: per GPU, then setting, then policy
         for g in gpus:
-            for b in batches:
+            for fixed in fixed_values:
                 for p in names:
-                    largest.append(
-                        _search(
-                            est,
-                            p,
-                            g,
-                            "seq",
-                            b,
-                            0,
-                            seq_step,
-                            seq_limit_k,
-                            why,
-                            accum,
-                            price_of.get(g.name),
-                        )
+                    f = _search(
+                        est,
+                        p,
+                        g,
+                        vary=vary,
+                        fixed=fixed,
+                        step=seq_step,
+                        limit=limit,
+                        limit_name=why,
+                        accum=accum,
+                        price=price_of.get(g.name),
+                    )
+                    if f is not None:
+                        largest.append(f)
+                        continue
+                    other = "seq" if vary == "batch" else "batch"
+                    notes.append(
+                        f"policy {p!r}: the planner found no plan for {g.name} at the smallest "
+                        f"{vary} ({other} {fixed}); not searched"
                     )
 
     table: list[GpuOption] = []
-    if which_gpu or (price_of and not (max_batch or max_seq)):
+    if which:
         for pt in points:
             for g in table_gpus:
                 for p in names:
@@ -843,7 +852,7 @@ def sweep(
                         )
                     )
 
-    notes = [
+    notes += [
         f"every number is gradckpt.estimate's ({est.calls} estimates): peak on fake tensors + "
         "optimizer states + CUDA allowance; speed from the roofline model on the GPU preset",
         "tokens/s = tokens per step / predicted step time on that GPU (recompute included); "
@@ -858,8 +867,8 @@ def sweep(
             "ones given, none are built in"
         )
     return SweepReport(
-        model=est.model_name,
-        setup={k: v for k, v in est.setup.items() if k not in ("batch", "seq")},
+        model=spec.name,
+        setup={k: v for k, v in st.to_dict().items() if k not in ("batch", "seq")},
         policies=names,
         gpus=[
             {
