@@ -4,6 +4,8 @@ Peers: Hugging Face ``gradient_checkpointing_enable`` (non-reentrant, reentrant,
 plain ``torch.utils.checkpoint`` per block, torch selective activation checkpointing with
 torchtitan's op-level save list, ``torch.compile`` with ``activation_memory_budget``, and
 activation offloading (torchtune's ``OffloadActivations``, HF ``offload=True``; CUDA only).
+gradckpt runs eagerly and composed with ``torch.compile`` (its ``+compile`` rows); the frontier
+check compares eager peers with eager gradckpt rows and compiled peers with compiled ones.
 
 Method (the same as ``gradckpt.bench.run_bench``):
 1. Every configuration gets its own copy of one freshly built model; the copies share the
@@ -15,11 +17,12 @@ Method (the same as ``gradckpt.bench.run_bench``):
    with ``torch.equal`` to those of no checkpointing.
 3. The planner is profiled once and solved at each peer's measured peak, so every peer has a
    gradckpt plan made for exactly its memory.
-4. ``warmup + repeats`` interleaved rounds, one untimed-tracker step per configuration each, the
-   order rotated every round; the speed cost is the median of per-round ratios to ``none``.
+4. ``warmup + repeats`` interleaved rounds, one step per configuration each (no tracker), the
+   order rotated every round; the speed cost is the median of per-round ratios to ``none``, in
+   process CPU time on a CPU run (one torch thread), in wall-clock time on CUDA.
 5. Outputs: ``benchmarks/results/<machine>-<date>.json``, a Markdown table and a PNG frontier.
 
-Run: .venv/bin/python benchmarks/peers.py            (about 10 minutes on 2 CPU cores)
+Run: .venv/bin/python benchmarks/peers.py            (about 8 minutes on 2 shared CPU cores)
      .venv/bin/python benchmarks/peers.py --quick    (a tiny model, for development)
 """
 
@@ -60,12 +63,13 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SEED = 0
 MiB = 2**20
 
-#: The default workload: Llama preset, sized so that the whole run (cold inductor cache
-#: included) stays under 15 minutes on 2 shared CPU cores, with activations (~185 MiB without
-#: checkpointing) larger than weights (~129 MiB), so that checkpointing moves the peak.
+#: The default workload: the Llama preset as built (8 layers, hidden 512), one sequence of 512
+#: tokens: activations without checkpointing (~190 MiB) outweigh the weights (~129 MiB), so the
+#: configurations spread over memory, and the whole run (cold inductor cache included) takes
+#: about 8 minutes on 2 shared CPU cores.
 DEFAULTS: dict[str, Any] = {
     "model": "llama",
-    "layers": 6,
+    "layers": 8,
     "batch": 1,
     "seq": 512,
     "repeats": 7,
@@ -275,9 +279,14 @@ def _compile_context(cfg: Config, budget: float) -> None:
     cfg.compiled = True
 
 
-def gradckpt_then_compile(cfg: Config, *, policy: str) -> None:
-    """gradckpt first, then ``block.compile()`` per block (the order DESIGN.md prescribes)."""
-    cfg.plan = gradckpt.enable(cfg.model, policy=policy)
+def gradckpt_then_compile(
+    cfg: Config, *, policy: str | None = None, plan: gradckpt.Plan | None = None
+) -> None:
+    """gradckpt first (a policy or a plan), then ``block.compile()`` per block (DESIGN.md's order)."""
+    if plan is not None:
+        cfg.plan = gradckpt.enable(cfg.model, plan=plan)
+    else:
+        cfg.plan = gradckpt.enable(cfg.model, policy=policy)
     backend = _counting_backend(cfg)
     for block in _blocks(cfg.model):
         block.compile(backend=backend)
@@ -674,7 +683,7 @@ def time_rounds(
 def budget_configs(
     template: nn.Module,
     batch: dict[str, torch.Tensor],
-    targets: Sequence[tuple[str, int]],
+    targets: Sequence[tuple[str, int, bool]],
     existing: Sequence[Config],
     progress: Callable[[str], None],
 ) -> tuple[list[Config], list[dict[str, Any]], list[Skipped]]:
@@ -682,14 +691,18 @@ def budget_configs(
 
     The planner's budgets are absolute (it counts what was live when it profiled); the peer's
     peak above its step's start is moved into that frame by adding the planner's own start
-    level. A plan identical to an existing configuration's is not measured twice: it is
-    recorded as an alias.
+    level. For a compiled peer (``targets`` entries are ``(label, peak, compiled)``) the plan
+    is applied, then the blocks are compiled; the planner profiles eager code, so when the
+    compiled peer's peak is below anything eager can reach (fused kernels leave smaller
+    temporaries), the planner's leanest plan is used instead. A plan identical to an existing
+    configuration's is not measured twice: it is recorded as an alias.
 
     Returns:
         (new configurations, aliases ``{"label", "same_as", "peer"}``, budgets nothing fits).
     """
     from gradckpt.errors import BudgetError
     from gradckpt.planner.api import auto_plan, profile_model
+    from gradckpt.planner.solve import min_peak
 
     model = copy_sharing_weights(template)
     progress("profile for the planner")
@@ -702,29 +715,52 @@ def budget_configs(
     known: dict[tuple[Any, ...], str] = {}
     for c in existing:
         if c.plan is not None and not c.plan.options:
-            known[(c.plan.decisions, c.plan.segments)] = c.label
-    for peer, delta in targets:
-        label = f"auto@{peer}"
+            known[(c.plan.decisions, c.plan.segments, c.compiled)] = c.label
+    for peer, delta, compiled in targets:
+        label = f"auto@{peer}" + ("+compile" if compiled else "")
+        asked = f"budget=<{peer}'s peak>"
         try:
             plan = auto_plan(prof, start + delta)
-        except BudgetError as e:
-            skipped.append(Skipped(label, f"no plan fits {peer}'s peak: {e}"))
-            continue
-        key = (plan.decisions, plan.segments)
+        except BudgetError:
+            sol = min_peak(prof)
+            if not compiled:
+                skipped.append(
+                    Skipped(
+                        label,
+                        f"no plan fits {peer}'s peak ({delta / MiB:.2f} MiB above the step's "
+                        f"start): the planner's leanest plan is predicted at "
+                        f"{(sol.peak - start) / MiB:.2f} MiB ({(sol.peak - start - delta) / 2**10:.0f} KiB more)",
+                    )
+                )
+                continue
+            plan = gradckpt.Plan(
+                prof.blocks,
+                sol.decisions,
+                policy="auto",
+                notes={"predicted_peak_bytes": sol.peak},
+            )
+            asked = "the planner's leanest plan"
+        key = (plan.decisions, plan.segments, compiled)
         if key in known:
             aliases.append({"label": label, "same_as": known[key], "peer": peer})
             continue
         cfg = Config(
             label=label,
             family="gradckpt",
-            what=f"gradckpt.enable(model, budget=<{peer}'s peak>) -> {plan.summary()}",
+            what=f"gradckpt.enable(model, {asked}) -> {plan.summary()}"
+            + (", then block.compile() per block (inductor)" if compiled else ""),
             model=copy_sharing_weights(template),
             matched_peer=peer,
         )
-        cfg.plan = gradckpt.enable(cfg.model, plan=plan)
+        if compiled:
+            gradckpt_then_compile(cfg, plan=plan)
+        else:
+            cfg.plan = gradckpt.enable(cfg.model, plan=plan)
         predicted = plan.notes.get("predicted_peak_bytes")
         if isinstance(predicted, int):
             cfg.note = f"planner predicted peak {(predicted - start) / MiB:.1f} MiB above start"
+            if compiled:
+                cfg.note += " (eager)"
         known[key] = label
         out.append(cfg)
     del model
@@ -917,11 +953,7 @@ def run_peers(
         }
 
     targets = sorted(
-        (
-            (c.label, tracked[c.label].peak_delta)
-            for c in configs
-            if c.family == "peer" and not c.compiled
-        ),
+        ((c.label, tracked[c.label].peak_delta, c.compiled) for c in configs if c.family == "peer"),
         key=lambda x: x[1],
     )
     aliases: list[dict[str, Any]] = []
@@ -1220,44 +1252,56 @@ def _is_default(res: dict[str, Any]) -> bool:
 
 
 def plot(res: dict[str, Any], path: Path) -> Path:
-    """Peak memory against speed cost: gradckpt's frontier as a line, peers as points."""
+    """Peak memory against speed cost: gradckpt's frontiers as lines, peers as points.
+
+    Eager and compiled rows are drawn separately (filled vs hollow markers, solid vs dashed
+    frontier), as the frontier check compares them separately.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = res["rows"]
-    ours = [r for r in rows if r["family"] == "gradckpt"]
-    peers = [r for r in rows if r["family"] == "peer"]
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    front = pareto(ours)
-    # staircase: a point's memory holds until the next, cheaper-in-memory point's cost
-    xs: list[float] = []
-    ys: list[float] = []
-    for i, p in enumerate(front):
-        xs.append(p["speed_cost"] * 100)
-        ys.append(p["peak_bytes"] / MiB)
-        if i + 1 < len(front):
-            xs.append(front[i + 1]["speed_cost"] * 100)
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
+    for compiled, style, mode in ((False, "-", "eager"), (True, "--", "+ torch.compile")):
+        ours = [
+            r for r in rows if r["family"] == "gradckpt" and bool(r.get("compiled")) == compiled
+        ]
+        peers = [r for r in rows if r["family"] == "peer" and bool(r.get("compiled")) == compiled]
+        face = "none" if compiled else None
+        front = pareto(ours)
+        # staircase: a point's memory holds until the next (cheaper in memory) point's cost
+        xs: list[float] = []
+        ys: list[float] = []
+        for i, p in enumerate(front):
+            xs.append(p["speed_cost"] * 100)
             ys.append(p["peak_bytes"] / MiB)
-    ax.plot(xs, ys, "-", color="tab:blue", alpha=0.6, label="gradckpt frontier", zorder=2)
-    ax.scatter(
-        [r["speed_cost"] * 100 for r in ours],
-        [r["peak_bytes"] / MiB for r in ours],
-        color="tab:blue",
-        s=30,
-        zorder=3,
-        label="gradckpt policies and plans",
-    )
-    ax.scatter(
-        [r["speed_cost"] * 100 for r in peers],
-        [r["peak_bytes"] / MiB for r in peers],
-        color="tab:red",
-        marker="s",
-        s=34,
-        zorder=3,
-        label="peers",
-    )
+            if i + 1 < len(front):
+                xs.append(front[i + 1]["speed_cost"] * 100)
+                ys.append(p["peak_bytes"] / MiB)
+        if xs:
+            ax.plot(xs, ys, style, color="tab:blue", alpha=0.6, zorder=2)
+            ax.scatter(
+                [r["speed_cost"] * 100 for r in ours],
+                [r["peak_bytes"] / MiB for r in ours],
+                edgecolors="tab:blue",
+                facecolors=face or "tab:blue",
+                s=32,
+                zorder=3,
+                label=f"gradckpt ({mode}) and its frontier",
+            )
+        if peers:
+            ax.scatter(
+                [r["speed_cost"] * 100 for r in peers],
+                [r["peak_bytes"] / MiB for r in peers],
+                edgecolors="tab:red",
+                facecolors=face or "tab:red",
+                marker="s",
+                s=36,
+                zorder=3,
+                label=f"peers ({mode})",
+            )
     for r in rows:
         ax.annotate(
             r["label"],
@@ -1269,10 +1313,12 @@ def plot(res: dict[str, Any], path: Path) -> Path:
         )
     s, m = res["settings"], res["machine"]
     ax.set_title(
-        f"{s['model']} {s['layers']} layers, batch {s['batch']} x {s['seq']}, {m['slug']}, torch {m['torch']}",
+        f"{s['model']} {s['layers']} layers, batch {s['batch']} x {s['seq']}, fp32, "
+        f"{m['slug']}, torch {m['torch']}",
         fontsize=9,
     )
-    ax.set_xlabel("speed cost vs no checkpointing (%, median of paired ratios)")
+    clock = "CPU time" if s.get("clock") == "cpu" else "wall clock"
+    ax.set_xlabel(f"speed cost vs no checkpointing (%, median of paired {clock} ratios)")
     ax.set_ylabel("peak memory (MiB)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
