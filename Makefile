@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	.venv/bin/gradckpt bench --plot bench.png --json bench.json
+	.venv/bin/gradckpt bench --budgets 50%,70% --plot bench.png --json bench.json
 
 lint: $(STAMP)
 	.venv/bin/ruff check src tests benchmarks examples
