@@ -214,18 +214,34 @@ def torchtitan_sac_context(every_other_mm: bool = True) -> Callable[[], Any]:
 
 
 def graph_flops(gm: torch.fx.GraphModule) -> int:
-    """FLOPs of one FX graph's aten ops (from the fake values inductor attached to each node)."""
+    """FLOPs of one FX graph's aten ops (from the fake values inductor attached to each node).
+
+    Random ops in a compiled checkpoint region (SDPA takes a dropout probability) are wrapped
+    in the ``run_and_save_rng_state`` / ``run_with_rng_state`` higher-order ops, which carry
+    the real op as an argument: they are counted as that op.
+    """
     total = 0
 
     def val(a: Any) -> Any:
         return a.meta.get("val") if isinstance(a, torch.fx.Node) else a
 
     for node in gm.graph.nodes:
-        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        if node.op != "call_function":
             continue
-        args = torch.fx.node.map_aggregate(node.args, val)
-        kwargs = torch.fx.node.map_aggregate(node.kwargs, val)
-        total += count_flops(node.target, args, kwargs, node.meta.get("val"))
+        op, args, out = node.target, node.args, node.meta.get("val")
+        if str(op) == "run_and_save_rng_state" and args:
+            op, args = args[0], args[1:]
+            out = out[1] if isinstance(out, (tuple, list)) and len(out) == 2 else None
+        elif str(op) == "run_with_rng_state" and len(args) > 1:
+            op, args = args[1], args[2:]
+        if not isinstance(op, torch._ops.OpOverload):
+            continue
+        total += count_flops(
+            op,
+            torch.fx.node.map_aggregate(args, val),
+            torch.fx.node.map_aggregate(node.kwargs, val),
+            out,
+        )
     return total
 
 
@@ -264,6 +280,31 @@ def compile_blocks(cfg: Config, budget: float) -> None:
 
         block.forward = types.MethodType(forward, block)  # type: ignore[method-assign]
     _compile_context(cfg, budget)
+
+
+def compiled_step_flops(cfg: Config, n_blocks: int) -> int | None:
+    """FLOPs of the compiled block graphs over one step (the blocks only), from ``cfg.graph_flops``.
+
+    Blocks with the same decision share one compiled graph. Forward graphs are compiled in the
+    order their decision first appears in the blocks, backward graphs in the reverse order
+    (backward runs the last block first); so each block's pair of graphs is found from its
+    decision. Returns None when the graphs do not match that (a recompile for another reason).
+
+    Example:
+        >>> cfg.graph_flops = [(False, 10), (True, 20)]   # one decision for all 8 blocks
+        >>> compiled_step_flops(cfg, 8)
+        240
+    """
+    fw = [f for bwd, f in cfg.graph_flops if not bwd]
+    bw = [f for bwd, f in cfg.graph_flops if bwd]
+    decisions = list(cfg.plan.decisions) if cfg.plan is not None else ["one graph"] * n_blocks
+    if len(decisions) != n_blocks:
+        return None
+    fw_order = list(dict.fromkeys(decisions))
+    bw_order = list(dict.fromkeys(reversed(decisions)))
+    if len(fw) != len(fw_order) or len(bw) != len(bw_order):
+        return None
+    return sum(fw[fw_order.index(d)] + bw[bw_order.index(d)] for d in decisions)
 
 
 def _compile_context(cfg: Config, budget: float) -> None:
@@ -987,7 +1028,7 @@ def run_peers(
     flops_of_compiled_ref = None
     if compile_ref in tracked:
         c = next(c for c in configs if c.label == compile_ref)
-        flops_of_compiled_ref = sum(f for _, f in c.graph_flops)
+        flops_of_compiled_ref = compiled_step_flops(c, len(gradckpt.find_blocks(template)))
     n_blocks = len(gradckpt.find_blocks(template))
 
     def ratios(label: str, clk: str, ref_label: str = "none") -> list[float]:
@@ -1001,8 +1042,8 @@ def run_peers(
         if t.total_flops is not None and base.total_flops is not None:
             extra_flops = t.total_flops - base.total_flops
         elif cfg.compiled and flops_of_compiled_ref is not None:
-            # Per block graph, relative to the compiled baseline (budget 1.0), times the blocks.
-            extra_flops = n_blocks * (sum(f for _, f in cfg.graph_flops) - flops_of_compiled_ref)
+            own = compiled_step_flops(cfg, n_blocks)
+            extra_flops = None if own is None else own - flops_of_compiled_ref
         if t.op_bytes is not None and base.op_bytes is not None:
             extra_bytes = t.op_bytes - base.op_bytes
         note = cfg.note
@@ -1047,6 +1088,7 @@ def run_peers(
                 "recompute_bytes": t.recompute_bytes if cfg.family == "gradckpt" else None,
                 "grads_equal": t.grads_equal,
                 "grad_max_abs_diff": t.grad_max_abs_diff,
+                "compiled_graph_flops": [list(x) for x in cfg.graph_flops],
                 "grads_equal_compile_ref": same_c,
                 "grad_max_abs_diff_compile_ref": diff_c,
                 "note": note,

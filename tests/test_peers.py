@@ -99,6 +99,23 @@ def test_graph_flops_counts_matmuls_of_a_traced_graph() -> None:
     assert peers.graph_flops(gm) == 2 * 4 * 8 * 3
 
 
+def test_compiled_step_flops_maps_each_block_to_the_graphs_of_its_decision() -> None:
+    from gradckpt import Decision as D
+    from gradckpt import Plan
+
+    plan = Plan(("b0", "b1", "b2", "b3"), (D.SELECTIVE, D.RECOMPUTE, D.SAVE, D.RECOMPUTE))
+    cfg = peers.Config(label="x", family="gradckpt", what="", model=torch.nn.Linear(1, 1))
+    cfg.plan = plan
+    # forward graphs in order of first appearance (selective, recompute, save), backward
+    # graphs in reverse block order (recompute, save, selective)
+    cfg.graph_flops = [(False, 1), (False, 2), (False, 4), (True, 100), (True, 10), (True, 1000)]
+    assert peers.compiled_step_flops(cfg, 4) == (1 + 1000) + 2 * (2 + 100) + (4 + 10)
+    cfg.graph_flops = cfg.graph_flops[:-1]  # a graph missing: unknown, not a wrong number
+    assert peers.compiled_step_flops(cfg, 4) is None
+    cfg.plan, cfg.graph_flops = None, [(False, 3), (True, 5)]  # a peer: one graph for all blocks
+    assert peers.compiled_step_flops(cfg, 4) == 32
+
+
 def point(
     label: str, family: str, peak: int, cost: float, iqr: float = 0.0, compiled: bool = False
 ) -> dict[str, Any]:
