@@ -89,8 +89,8 @@ QUICK: dict[str, Any] = {
 #: swung by +-50% with 2 threads and stay within a few % with 1 (measured here, 2026-11).
 CPU_THREADS = 1
 
-#: ``activation_memory_budget`` values for the torch.compile peer (1.0 = no recompute: the
-#: compiled baseline, which shows what fusion alone does to time and memory).
+#: ``activation_memory_budget`` values for the torch.compile peer (0.5: torch's own example; the
+#: compiled baseline without checkpointing is the ``none+compile`` row).
 COMPILE_BUDGETS = (0.5,)
 #: The compiled baseline: no checkpointing, blocks compiled (what plain ``torch.compile`` gives;
 #: its graphs' FLOPs are what compiled rows' extra FLOPs are counted against).
@@ -113,6 +113,7 @@ class Config:
         compiled: the blocks run through ``torch.compile`` (measured from allocator events).
         graph_flops: FLOPs of each graph inductor compiled (``(is_backward, flops)``).
         plan: the gradckpt plan, when there is one.
+        matched_peer: for a planner row, the peer whose measured peak was its budget.
         note: anything a reader of the table must know about this row.
     """
 
@@ -170,7 +171,7 @@ def _ops(*names: str) -> set[Any]:
     return out
 
 
-#: torchtitan's op-level save list (torchtitan/models/llama3/parallelize.py ``_save_list``, 2025):
+#: torchtitan's op-level SAC save list (``_save_list`` of its llama3 ``parallelize.py``, 2025):
 #: matmuls, the attention kernels, and ``max`` (float8 scaling). torchtitan targets CUDA; the CPU
 #: attention kernel (``_scaled_dot_product_flash_attention_for_cpu``) is added so that on this
 #: machine attention is kept as the recipe intends, not recomputed.
@@ -914,6 +915,17 @@ def _state_bytes(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
     return n
 
 
+def max_dropout(model: nn.Module) -> float:
+    """The largest dropout probability the model applies in training (modules and HF config)."""
+    ps = [float(m.p) for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    cfg = getattr(model, "config", None)
+    for key in ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, (int, float)):
+            ps.append(float(v))
+    return max(ps, default=0.0)
+
+
 def machine_slug(device: torch.device) -> str:
     """A file-name-safe name for the machine kind, e.g. ``cpu2-x86_64`` or ``nvidia-a100-...``."""
     if device.type == "cuda":
@@ -1116,6 +1128,7 @@ def run_peers(
             "clock": clock,
             "parameters": sum(p.numel() for p in template.parameters()),
             "state_bytes": state,
+            "dropout": max_dropout(template),
             "seed": SEED,
         },
         "rows": rows,
@@ -1133,12 +1146,15 @@ def _mib(n: int | None) -> str:
     return "" if n is None else f"{n / MiB:.1f}"
 
 
-def _grads_cell(r: dict[str, Any]) -> str:
+def _grads_cell(r: dict[str, Any], dropout: float = 0.0) -> str:
     if r["grads_equal"]:
         return "yes"
     if r["grads_equal"] is None:
         return "n/a"
     diff = f"max abs diff {r['grad_max_abs_diff']:.2g}"
+    if r.get("compiled") and dropout > 0 and not r.get("grads_equal_compile_ref"):
+        # inductor draws dropout masks from its own generator, seeded per compiled graph
+        return f"not comparable: inductor's own dropout RNG ({diff})"
     if r.get("grads_equal_compile_ref"):
         return f"no: {diff} (inductor's rounding); == `{COMPILE_REF}`: yes"
     if r.get("compiled") and r["label"] == COMPILE_REF:
@@ -1214,7 +1230,8 @@ def render_markdown(res: dict[str, Any], *, png: str | None = None) -> str:
         + (f", {m['gpu']}" if m.get("gpu") else "")
         + f"), torch {m['torch']}, transformers {m.get('transformers')}, Python {m['python']}.",
         f"Model: `{s['model']}` preset, {s['layers']} layers, {s['parameters'] / 1e6:.1f} M "
-        f"parameters; batch {s['batch']} x seq {s['seq']}, fp32, {s['device']}, "
+        f"parameters; batch {s['batch']} x seq {s['seq']}, fp32, dropout "
+        f"{s.get('dropout', 0.0):g}, {s['device']}, "
         f"{s.get('threads', m['threads'])} torch thread(s); {s['repeats']} timed rounds "
         f"(+{s['warmup']} warmup), every configuration once per round, order rotated. "
         f"Peak = weights, buffers and batch ({_mib(s['state_bytes'])} MiB) + the step's peak "
@@ -1236,7 +1253,7 @@ def render_markdown(res: dict[str, Any], *, png: str | None = None) -> str:
         lines.append(
             f"| {name} | {_mib(r['peak_bytes'])} | {_mib(r['activation_bytes'])} | "
             f"{r['time_s']:.2f} | {r['speed_cost'] * 100:+.1f}% ± {r['speed_cost_iqr'] * 50:.1f} "
-            f"| {gflop} | {_mib(r['extra_bytes'])} | {_grads_cell(r)} |"
+            f"| {gflop} | {_mib(r['extra_bytes'])} | {_grads_cell(r, s.get('dropout', 0.0))} |"
         )
     lines += ["", "What each row runs:", ""]
     for r in res["rows"]:
@@ -1408,7 +1425,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--stem", help="output file name without extension (default <machine>-<date>)")
+    p.add_argument(
+        "--from-json",
+        type=Path,
+        help="do not measure: write the Markdown and PNG again from this results file",
+    )
     a = p.parse_args(argv)
+    if a.from_json is not None:
+        res = json.loads(a.from_json.read_text())
+        paths = write_outputs(res, a.from_json.parent, a.from_json.stem)
+        for path in paths:
+            print(f"wrote {path}", file=sys.stderr)
+        return 0
     base = dict(QUICK if a.quick else DEFAULTS)
     for k in ("model", "layers", "batch", "seq", "repeats", "warmup"):
         v = getattr(a, k)
