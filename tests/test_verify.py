@@ -436,7 +436,9 @@ def test_pending_budget_plan_still_replans_after_verify() -> None:
     torch.manual_seed(0)
     model = MLPStack(layers=4, dim=16, vocab=32).train()
     ids = torch.randint(0, 32, (2, 8))
-    pending = gradckpt.enable(model, budget="1MiB")
+    # A budget everything fits: the profile counts every tensor alive in the process (under
+    # pytest-xdist, other tests' leftovers too), so a tight budget would depend on test order.
+    pending = gradckpt.enable(model, budget="64GiB")
     if not pending.notes.get("pending"):
         pytest.skip("this planner plans without a first step")
     assert gradckpt.verify(model, {"input_ids": ids, "labels": ids}, "sqrt").passed
