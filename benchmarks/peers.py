@@ -1232,7 +1232,7 @@ def render_markdown(res: dict[str, Any], *, png: str | None = None) -> str:
         f"Model: `{s['model']}` preset, {s['layers']} layers, {s['parameters'] / 1e6:.1f} M "
         f"parameters; batch {s['batch']} x seq {s['seq']}, fp32, dropout "
         f"{s.get('dropout', 0.0):g}, {s['device']}, "
-        f"{s.get('threads', m['threads'])} torch thread(s); {s['repeats']} timed rounds "
+        f"{_threads(s.get('threads', m['threads']))}; {s['repeats']} timed rounds "
         f"(+{s['warmup']} warmup), every configuration once per round, order rotated. "
         f"Peak = weights, buffers and batch ({_mib(s['state_bytes'])} MiB) + the step's peak "
         "above them (gradients included). Speed cost = median over rounds of (step time / "
@@ -1301,6 +1301,10 @@ def render_markdown(res: dict[str, Any], *, png: str | None = None) -> str:
         f"`python benchmarks/peers.py{flags}`, then `python benchmarks/render_readme.py`.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _threads(n: int) -> str:
+    return f"{n} torch thread" + ("" if n == 1 else "s")
 
 
 def _is_default(res: dict[str, Any]) -> bool:
