@@ -825,19 +825,21 @@ def frontier_verdicts(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     Like is compared with like: an eager peer with gradckpt's eager rows, a compiled peer
     (``compiled: True``) with gradckpt's compiled rows (gradckpt then ``torch.compile``), since
     compiling is a separate choice a user makes with or without gradckpt.
-    A peer is *dominated* when some gradckpt point (policy or plan) has a peak no larger and a
-    speed cost no larger; *within noise* when the best such point is slower by less than the
-    timing noise (half the sum of the two configurations' interquartile ranges of per-round
-    ratios); otherwise *not dominated*, with the reason left to the reader of the row. Pure.
+    The best such point is the one with the least speed cost. The margin is how much slower it
+    is than the peer: the median over rounds of the difference of the two per-round ratios
+    (paired: both ran in the same round) when the rows carry ``ratios``, else the difference of
+    their speed costs; the noise is half the interquartile range of those paired differences
+    (else half the sum of the two rows' ``speed_cost_iqr``). A peer is *dominated* when the
+    margin is <= 0, *within noise* when it is at most the noise, else *not dominated*. Pure.
 
     Args:
-        rows: result rows with ``label``, ``family``, ``peak_bytes``, ``speed_cost`` and
-            ``speed_cost_iqr``.
+        rows: result rows with ``label``, ``family``, ``peak_bytes``, ``speed_cost``,
+            ``speed_cost_iqr``, optionally ``compiled`` and ``ratios`` (per round, to ``none``).
 
     Returns:
         One dict per peer row: ``peer``, ``peer_peak_bytes``, ``peer_cost``, ``best`` (label or
-        None), ``best_peak_bytes``, ``best_cost``, ``margin`` (best cost - peer cost), ``noise``
-        and ``verdict`` (``"dominated"``, ``"within noise"``, ``"not dominated"``,
+        None), ``best_peak_bytes``, ``best_cost``, ``margin``, ``noise``, ``paired`` and
+        ``verdict`` (``"dominated"``, ``"within noise"``, ``"not dominated"``,
         ``"nothing fits"``).
 
     Example:
@@ -867,12 +869,20 @@ def frontier_verdicts(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "best_cost": None,
             "margin": None,
             "noise": None,
+            "paired": False,
             "verdict": "nothing fits",
         }
         if fits:
             best = min(fits, key=lambda g: (g["speed_cost"], g["peak_bytes"]))
-            margin = best["speed_cost"] - p["speed_cost"]
-            noise = (best.get("speed_cost_iqr", 0.0) + p.get("speed_cost_iqr", 0.0)) / 2
+            rb, rp = best.get("ratios"), p.get("ratios")
+            paired = bool(rb and rp and len(rb) == len(rp) and len(rb) >= 2)
+            if paired:
+                diffs = [a - b for a, b in zip(rb, rp)]  # type: ignore[arg-type]
+                margin = statistics.median(diffs)
+                noise = _iqr(diffs) / 2
+            else:
+                margin = best["speed_cost"] - p["speed_cost"]
+                noise = (best.get("speed_cost_iqr", 0.0) + p.get("speed_cost_iqr", 0.0)) / 2
             verdict = (
                 "dominated"
                 if margin <= 0
@@ -886,6 +896,7 @@ def frontier_verdicts(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 best_cost=best["speed_cost"],
                 margin=margin,
                 noise=noise,
+                paired=paired,
                 verdict=verdict,
             )
         out.append(v)
@@ -1092,6 +1103,7 @@ def run_peers(
                 "time_s": statistics.median(times["wall"][cfg.label]),
                 "cpu_time_s": statistics.median(times["cpu"][cfg.label]),
                 "speed_cost": statistics.median(ratios(cfg.label, clock)) - 1.0,
+                "ratios": ratios(cfg.label, clock),
                 "speed_cost_iqr": _iqr(ratios(cfg.label, clock)),
                 "speed_cost_wall": statistics.median(ratios(cfg.label, "wall")) - 1.0,
                 "speed_cost_cpu": statistics.median(ratios(cfg.label, "cpu")) - 1.0,
@@ -1179,10 +1191,11 @@ def closing_notes(res: dict[str, Any]) -> list[str]:
         p = rows[v["peer"]]
         mode = "compiled" if p.get("compiled") else "eager"
         where = f"`{v['peer']}` ({_mib(v['peer_peak_bytes'])} MiB, {v['peer_cost'] * 100:+.1f}%): "
+        how = "per round, paired" if v.get("paired") else "by median"
         if v["verdict"] == "within noise":
             notes.append(
-                where + f"`{v['best']}` fits its memory and costs {v['margin'] * 100:.1f} points "
-                f"more, within the timing noise ({v['noise'] * 100:.1f} points)."
+                where + f"`{v['best']}` fits its memory and is {v['margin'] * 100:.1f} points "
+                f"slower ({how}), within the timing noise (± {v['noise'] * 100:.1f} points)."
             )
             continue
         same = [
@@ -1206,7 +1219,8 @@ def closing_notes(res: dict[str, Any]) -> list[str]:
             b = rows[v["best"]]
             facts.append(
                 f"the cheapest {mode} gradckpt row that fits is `{v['best']}` at "
-                f"{v['best_cost'] * 100:+.1f}%, {v['margin'] * 100:.1f} points more"
+                f"{v['best_cost'] * 100:+.1f}%, {v['margin'] * 100:.1f} points slower ({how}, "
+                f"noise ± {v['noise'] * 100:.1f})"
             )
             if (
                 p["extra_flops"] is not None
@@ -1391,6 +1405,17 @@ def plot(res: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def refresh(res: dict[str, Any]) -> dict[str, Any]:
+    """Recompute what is derived from the measurements (per-round ratios, frontier verdicts)."""
+    clock = res["settings"].get("clock", "wall")
+    key = "cpu_times_s" if clock == "cpu" else "times_s"
+    base = next(r for r in res["rows"] if r["label"] == "none")[key]
+    for r in res["rows"]:
+        r["ratios"] = [t / b for t, b in zip(r[key], base)]
+    res["frontier"] = frontier_verdicts(res["rows"])
+    return res
+
+
 def write_outputs(res: dict[str, Any], out_dir: Path, stem: str | None = None) -> list[Path]:
     """Write ``<stem>.json``, ``.md`` and ``.png`` into ``out_dir``; return the paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -1436,7 +1461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     a = p.parse_args(argv)
     if a.from_json is not None:
-        res = json.loads(a.from_json.read_text())
+        res = refresh(json.loads(a.from_json.read_text()))
         paths = write_outputs(res, a.from_json.parent, a.from_json.stem)
         for path in paths:
             print(f"wrote {path}", file=sys.stderr)

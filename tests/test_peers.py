@@ -151,6 +151,18 @@ def test_frontier_verdicts() -> None:
     assert notes[1].startswith("`c` (0.0 MiB, +10.0%)") and "`full` at +30.0%" in notes[1]
 
 
+def test_frontier_margin_is_paired_per_round_when_rounds_are_known() -> None:
+    ours = point("full", "gradckpt", 50, 0.30)
+    peer = point("hf", "peer", 50, 0.29)
+    # rounds drift together (a slow round slows both): paired, full is 1 point slower every round
+    ours["ratios"] = [1.20, 1.50, 1.30, 1.10, 1.40]
+    peer["ratios"] = [1.19, 1.49, 1.29, 1.09, 1.39]
+    (v,) = peers.frontier_verdicts([ours, peer])
+    assert v["paired"] and v["margin"] == pytest.approx(0.01)
+    assert v["noise"] == pytest.approx(0.0, abs=1e-12)
+    assert v["verdict"] == "not dominated"
+
+
 def test_frontier_compares_compiled_peers_with_compiled_gradckpt_rows_only() -> None:
     pts = [
         point("none", "gradckpt", 100, 0.0),
