@@ -211,7 +211,9 @@ def test_sft_trainer_recipe_identical(tmp_path: Path, lora: bool) -> None:
 def test_budget_goes_to_the_planner(tmp_path: Path) -> None:
     pytest.importorskip("gradckpt.planner")
     ref = run_trainer(tmp_path / "ref", [], lora=True)
-    cb = callback(budget="1GiB")
+    # Generous: on CPU the profile counts every tensor alive in the test process (other tests'
+    # leftovers under pytest-xdist), so a tight budget would depend on test order.
+    cb = callback(budget="64GiB")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the planner says what it re-planned
         got = run_trainer(tmp_path / "gc", [cb], lora=True)
