@@ -1164,14 +1164,15 @@ def _grads_cell(r: dict[str, Any], dropout: float = 0.0) -> str:
     if r["grads_equal"] is None:
         return "n/a"
     diff = f"max abs diff {r['grad_max_abs_diff']:.2g}"
-    if r.get("compiled") and dropout > 0 and not r.get("grads_equal_compile_ref"):
+    if not r.get("compiled"):
+        return f"**NO** ({diff})"
+    same = r.get("grads_equal_compile_ref")
+    if dropout > 0:
         # inductor draws dropout masks from its own generator, seeded per compiled graph
-        return f"not comparable: inductor's own dropout RNG ({diff})"
-    if r.get("grads_equal_compile_ref"):
-        return f"no: {diff} (inductor's rounding); == `{COMPILE_REF}`: yes"
-    if r.get("compiled") and r["label"] == COMPILE_REF:
-        return f"no: {diff} (inductor's rounding)"
-    return f"**NO** ({diff})"
+        tail = "" if same is None else f"; == `{COMPILE_REF}`: " + ("yes" if same else "no (RNG)")
+        return f"not comparable: {diff} (inductor's own dropout RNG){tail}"
+    tail = "" if same is None else f"; == `{COMPILE_REF}`: " + ("yes" if same else "**NO**")
+    return f"no: {diff} (inductor's rounding){tail}"
 
 
 _CLOCKS = {
@@ -1270,8 +1271,20 @@ def render_markdown(res: dict[str, Any], *, png: str | None = None) -> str:
             f"| {gflop} | {_mib(r['extra_bytes'])} | {_grads_cell(r, s.get('dropout', 0.0))} |"
         )
     lines += ["", "What each row runs:", ""]
+    by = {r["label"]: r for r in res["rows"]}
     for r in res["rows"]:
         extra = f" {r['note']}." if r["note"] else ""
+        full = by.get("full")
+        if (
+            r["label"].startswith("torch-sac")
+            and full is not None
+            and r["extra_bytes"] is not None
+            and r["extra_bytes"] == full["extra_bytes"]
+        ):
+            extra += (
+                " On this model the save list matches none of the block's ops, so it recomputes "
+                "exactly what `full` does."
+            )
         lines.append(f"- `{r['label']}`: {r['what']}.{extra}")
     for a in res.get("aliases", []):
         lines.append(
@@ -1309,10 +1322,13 @@ def render_markdown(res: dict[str, Any], *, png: str | None = None) -> str:
         else f" --model {s['model']} --layers {s['layers']} --batch {s['batch']} "
         f"--seq {s['seq']} --repeats {s['repeats']} --warmup {s['warmup']}"
     )
+    readme = (
+        ", then `python benchmarks/render_readme.py`" if s["model"] == DEFAULTS["model"] else ""
+    )
     lines += [
         "",
         f"Whole run: {res['runtime_s'] / 60:.1f} min. Reproduce: "
-        f"`python benchmarks/peers.py{flags}`, then `python benchmarks/render_readme.py`.",
+        f"`python benchmarks/peers.py{flags}`{readme}.",
     ]
     return "\n".join(lines) + "\n"
 
