@@ -9,20 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, PlanError
+from .bench import positive_int as _positive_int
 
 __all__ = ["add_parser", "render", "run"]
 
 _DEFAULT_POLICY = "full"
-
-
-def _positive_int(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {n}")
-    return n
 
 
 def _tolerance(text: str) -> float:
