@@ -296,7 +296,14 @@ def reference() -> tuple[list[list[torch.Tensor]], list[dict[str, torch.Tensor]]
 
 @pytest.fixture(scope="module")
 def ref() -> tuple[list[list[torch.Tensor]], list[dict[str, torch.Tensor]]]:
-    return reference()
+    # The workers run with OMP_NUM_THREADS=1; CPU matmuls split their reductions by thread count,
+    # so a bit-exact reference must use one thread too (make test runs pytest with 2).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return reference()
+    finally:
+        torch.set_num_threads(threads)
 
 
 TRAINED = [c for c in configs() if c.split("/")[0] != "fsdp2-per-block-then-enable"]
