@@ -1,17 +1,22 @@
 # Two entry points: `make demo` (the main job) and `make test` (lint, types, tests).
-# Each creates .venv when missing. torch==2.13.0 is installed first: it is the CPU wheel
-# on this machine's disk; any other spec would pull a multi-GB CUDA build.
+# Each creates .venv when missing and installs the known-good versions pinned in
+# constraints.txt, so a new release of a dependency cannot turn CI red overnight.
+# torch==2.13.0 is installed first: it is the CPU wheel on this machine's disk; any other
+# spec would pull a multi-GB CUDA build.
+# `make test-newest` / `make test-oldest` test the newest releases and the oldest supported
+# versions (README, "Supported versions") in their own venvs.
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 STAMP := .venv/.gradckpt-installed
+PYTEST_ARGS ?= -n 2 --durations=15
 
-.PHONY: demo test lint typecheck pytest clean
+.PHONY: demo test lint typecheck pytest test-newest test-oldest clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[hf,plot,dev]'
+	$(PIP) install -q -c constraints.txt --upgrade pip
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[hf,plot,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -25,9 +30,27 @@ typecheck: $(STAMP)
 	.venv/bin/mypy
 
 pytest: $(STAMP)
-	$(PY) -m pytest -n 2 --durations=15
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 
+# The newest releases of everything but torch (2.13.0: the wheel on disk).
+test-newest:
+	test -x .venv-newest/bin/python || python3 -m venv .venv-newest
+	.venv-newest/bin/pip install -q --upgrade pip
+	.venv-newest/bin/pip install -q torch==2.13.0
+	.venv-newest/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[hf,plot,dev]'
+	.venv-newest/bin/pip freeze --exclude-editable | grep -iE '^(transformers|peft|trl|accelerate)=='
+	.venv-newest/bin/python -m pytest $(PYTEST_ARGS)
+
+# The oldest versions pyproject.toml admits for the Hugging Face stack (torch stays 2.13.0).
+test-oldest:
+	test -x .venv-oldest/bin/python || python3 -m venv .venv-oldest
+	.venv-oldest/bin/pip install -q --upgrade pip
+	.venv-oldest/bin/pip install -q torch==2.13.0
+	.venv-oldest/bin/pip install -q -c constraints-oldest.txt -e '.[hf,plot,dev]'
+	.venv-oldest/bin/pip freeze --exclude-editable | grep -iE '^(transformers|peft|trl|accelerate)=='
+	.venv-oldest/bin/python -m pytest $(PYTEST_ARGS)
+
 clean:
-	rm -rf .venv build *.egg-info
+	rm -rf .venv .venv-newest .venv-oldest build *.egg-info

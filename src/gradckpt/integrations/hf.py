@@ -41,8 +41,9 @@ __all__ = ["GradCkptCallback", "HFGuard", "peak_memory_logs"]  # noqa: F822
 
 logger = logging.getLogger("gradckpt")
 
-# Keyword names layers take their KV cache under (transformers 5, 4.x Llama-likes, 4.x GPT-2-likes).
-_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+# Keyword names layers take their KV cache under (transformers >= 5.24 `cache`, 5.x
+# `past_key_values`, 4.x Llama-likes `past_key_value`, 4.x GPT-2-likes `layer_past`).
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
 def _is_hf_model(m: nn.Module) -> bool:
