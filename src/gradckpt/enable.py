@@ -9,7 +9,7 @@ from torch import nn
 
 from .apply import applied_plan, check_plan, install, uninstall
 from .blocks import BlockSpec, resolve_blocks
-from .errors import GradCkptError, PlanError, PolicyError
+from .errors import ConfigError, PlanError, PolicyError
 from .plan import Plan
 from .planner.api import plan_for_budget
 from .policies import make_plan
@@ -51,7 +51,7 @@ def enable(
         every:2: 4 recompute, 4 save
     """
     if not isinstance(model, nn.Module):
-        raise GradCkptError(f"enable needs an nn.Module, got {type(model).__name__}")
+        raise ConfigError(f"enable needs an nn.Module, got {type(model).__name__}")
     given = [
         k for k, v in (("policy", policy), ("budget", budget), ("plan", plan)) if v is not None
     ]
@@ -82,6 +82,7 @@ def enable(
     if lazy_budget is not None:  # no example: profile the first step, then re-plan
         try:
             state.restores.append(lazy_budget.install(model))
+            state.pending = lazy_budget
         except BaseException:
             uninstall(model)
             raise

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import GradCkptError
+from ..errors import PlanError
 from ..plan import Plan
 
 __all__ = ["check_wrapping", "fsdp_state"]
@@ -47,7 +47,7 @@ def check_wrapping(
     for a, b in plan.segments:
         states = [fsdp_state(blk) for _, blk in blocks[a:b]]
         if any(s is not None for s in states) and any(s is not states[0] for s in states):
-            raise GradCkptError(
+            raise PlanError(
                 f"blocks {blocks[a][0]!r} to {blocks[b - 1][0]!r} are one checkpointed segment "
                 f"(policy {plan.policy!r}) but fully_shard was applied to them one by one, so FSDP "
                 "hooks sit between them that the segment's recompute would skip. Enable gradckpt "

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..enable import enable
-from ..errors import GradCkptError
+from ..errors import ConfigError, GradCkptError
 from ..guards.fsdp import fsdp_state
 from ..plan import Plan
 
@@ -160,10 +160,10 @@ def parallelize(
         >>> optimizer = torch.optim.AdamW(model.parameters())
     """
     if data_parallel not in ("fsdp2", "ddp", None):
-        raise GradCkptError(f"data_parallel must be 'fsdp2', 'ddp' or None, got {data_parallel!r}")
+        raise ConfigError(f"data_parallel must be 'fsdp2', 'ddp' or None, got {data_parallel!r}")
     problem = _wrapped(model)
     if problem is not None:
-        raise GradCkptError(
+        raise ConfigError(
             f"parallelize needs the bare model, but {problem}: call it before DDP, fully_shard "
             "and torch.compile (it applies them itself, in the order checkpointing, compile, "
             "sharding)"

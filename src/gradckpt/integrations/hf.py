@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import GradCkptError
+from ..errors import ConfigError, PolicyError
 from ..plan import Plan
 
 __all__ = ["GradCkptCallback", "peak_memory_logs"]  # noqa: F822
@@ -59,7 +59,7 @@ def _make_callback() -> type:
     try:
         from transformers import TrainerCallback
     except ImportError as e:  # pragma: no cover - exercised only without the hf extra
-        raise GradCkptError(
+        raise ConfigError(
             "GradCkptCallback needs Hugging Face transformers: pip install 'gradckpt[hf]'"
         ) from e
     from ..enable import applied_plan, disable, enable
@@ -107,7 +107,7 @@ def _make_callback() -> type:
                 if v is not None
             ]
             if len(given) > 1:
-                raise GradCkptError(
+                raise PolicyError(
                     f"give one of policy=, budget= or plan=, not {' and '.join(given)}"
                 )
             self.policy = policy
@@ -124,7 +124,7 @@ def _make_callback() -> type:
             self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kw: Any
         ) -> None:
             if model is None:
-                raise GradCkptError(
+                raise ConfigError(
                     "GradCkptCallback got no model at train start; pass it to a transformers "
                     "Trainer (or call gradckpt.enable(model) yourself)"
                 )

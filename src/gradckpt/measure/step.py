@@ -8,6 +8,7 @@ views of them (``weight.t()`` in every Linear) are not counted as new memory.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import time
 from collections.abc import Callable, Iterable
@@ -19,7 +20,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from ..errors import GradCkptError
+from ..errors import ConfigError
 from ..state import is_recomputing
 from .flops import count_flops
 from .tracker import LiveStorageTracker, io_bytes, live_tensors
@@ -71,20 +72,7 @@ class MemoryStats:
         return self.forward_flops + self.backward_flops + self.recompute_flops
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "peak_bytes": self.peak_bytes,
-            "activation_bytes": self.activation_bytes,
-            "baseline_bytes": self.baseline_bytes,
-            "host_peak_bytes": self.host_peak_bytes,
-            "host_activation_bytes": self.host_activation_bytes,
-            "block_bytes": dict(self.block_bytes),
-            "forward_flops": self.forward_flops,
-            "backward_flops": self.backward_flops,
-            "recompute_flops": self.recompute_flops,
-            "recompute_bytes": self.recompute_bytes,
-            "time_s": self.time_s,
-            "device": self.device,
-        }
+        return dataclasses.asdict(self)
 
 
 class StepTracker(LiveStorageTracker, TorchDispatchMode):
@@ -143,7 +131,7 @@ def _resolve_device(device: str | torch.device | None, model: nn.Module | None) 
         try:
             return torch.device(device)
         except (RuntimeError, TypeError):
-            raise GradCkptError(
+            raise ConfigError(
                 f"device {device!r} is not a torch device: use 'cpu', 'cuda' or 'cuda:N'"
             ) from None
     if model is not None:
@@ -178,17 +166,17 @@ def measure(
         >>> stats.activation_bytes
     """
     if not callable(step_fn):
-        raise GradCkptError(
+        raise ConfigError(
             f"measure needs a function running one step, got {type(step_fn).__name__}"
         )
     if model is not None and not isinstance(model, nn.Module):
-        raise GradCkptError(f"model= must be an nn.Module, got {type(model).__name__}")
+        raise ConfigError(f"model= must be an nn.Module, got {type(model).__name__}")
     if blocks is not None:
         blocks = list(blocks) if isinstance(blocks, Iterable) else [blocks]  # type: ignore[list-item]
         if not all(
             isinstance(b, tuple) and len(b) == 2 and isinstance(b[1], nn.Module) for b in blocks
         ):
-            raise GradCkptError("blocks= must be [(name, module), ...] as find_blocks returns")
+            raise ConfigError("blocks= must be [(name, module), ...] as find_blocks returns")
     dev = _resolve_device(device, model)
     # Fake tensors report the device they pretend to be on; the allocator knows nothing of them.
     use_allocator = dev.type == "cuda" and torch.cuda.is_available() and not _fake_model(model)

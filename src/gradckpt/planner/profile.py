@@ -20,9 +20,10 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from .._model_io import ModelState
 from ..apply import install, installed, uninstall
 from ..blocks import resolve_blocks
-from ..errors import GradCkptError
+from ..errors import BlockError
 from ..measure import StepTracker, live_tensors, storages
 from ..plan import Decision, Plan
 from ..runtime import decisions as _decisions
@@ -36,7 +37,6 @@ __all__ = [
     "available_decisions",
     "device_model",
     "profile_step",
-    "snapshot",
 ]
 
 
@@ -79,15 +79,11 @@ def device_model(device: torch.device) -> tuple[float, float]:
 
 
 class ProfileTracker(StepTracker):
-    """StepTracker that also keeps a resettable window peak and counts bytes moved by recompute."""
+    """StepTracker that also keeps a resettable window peak (the peak between two block boundaries)."""
 
     def __init__(self, **kw: Any) -> None:
         super().__init__(**kw)
         self.window_peak = 0
-        self.recompute_bytes = 0
-
-    def live(self) -> int:
-        return self.live_bytes()
 
     def forget(self, tensors: list[torch.Tensor]) -> None:
         """Stop counting ``tensors`` (already seeded): memory the profiled step would not have."""
@@ -102,18 +98,15 @@ class ProfileTracker(StepTracker):
 
     def reset_window(self) -> int:
         """Return the peak since the last reset, and start a new window at the current level."""
-        peak = max(self.window_peak, self.live())
-        self.window_peak = self.live()
+        peak = max(self.window_peak, self.live_bytes())
+        self.window_peak = self.live_bytes()
         return peak
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        rec = is_recomputing()
+        # FLOPs, recompute bytes and storages are counted by StepTracker exactly as `measure`
+        # counts them; this adds only the window peak.
         out = super().__torch_dispatch__(func, types, args, kwargs)
-        self.window_peak = max(self.window_peak, self.live())
-        if rec:
-            for t in tree_flatten((args, kwargs, out))[0]:
-                if isinstance(t, torch.Tensor):
-                    self.recompute_bytes += t.numel() * t.element_size()
+        self.window_peak = max(self.window_peak, self.live_bytes())
         return out
 
 
@@ -165,7 +158,7 @@ class ProfileRecorder:
                     self._window = ("fwd", 0)
                 else:
                     self._close(("fwd", i))
-                self.pre[i] = self.tracker.live()
+                self.pre[i] = self.tracker.live_bytes()
                 key = _group_key(_m, args, kwargs)
                 if key not in self.groups:
                     self.groups[key] = i
@@ -178,7 +171,7 @@ class ProfileRecorder:
             def post(_m: nn.Module, args: Any, kwargs: Any, out: Any, i: int = i) -> None:
                 if self.tracker.backward_started or is_recomputing():
                     return
-                self.post[i] = self.tracker.live()
+                self.post[i] = self.tracker.live_bytes()
                 y = _first_grad_tensor(out)
                 if y is not None:
                     y.register_hook(self._grad_hook(i))
@@ -193,7 +186,7 @@ class ProfileRecorder:
             if i in self.event:
                 return
             self._close(("bwd", i) if i >= 0 else ("tail",))
-            self.event[i] = self.tracker.live()
+            self.event[i] = self.tracker.live_bytes()
 
         return hook
 
@@ -204,26 +197,6 @@ class ProfileRecorder:
 
     def finish(self) -> None:
         self._close(("end",))
-
-
-def snapshot(model: nn.Module) -> Callable[[], None]:
-    """Remember gradients, buffers and RNG; return the function that puts them back."""
-    grads = {p: p.grad for p in model.parameters()}
-    bufs = [(b, b.detach().clone()) for b in model.buffers()]
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-
-    def restore() -> None:
-        for p, g in grads.items():
-            p.grad = g
-        with torch.no_grad():
-            for b, v in bufs:
-                b.copy_(v)
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
-
-    return restore
 
 
 def _isolated(
@@ -272,11 +245,11 @@ def _isolated(
     with tracker:
         l0 = tracker.reset_window()
         out = fwd(*a, **kw)
-        l1 = tracker.live()
+        l1 = tracker.live_bytes()
         pf = tracker.reset_window()
         y = _first_grad_tensor(out)
         if y is None:
-            raise GradCkptError(
+            raise BlockError(
                 f"block {name!r} returns no tensor that requires grad; it cannot be profiled"
             )
         g = torch.ones_like(y)
@@ -340,7 +313,7 @@ def profile_step(
     names = [n for n, _ in blocks]
     mods = [m for _, m in blocks]
     previous = installed(model)
-    restore = snapshot(model)
+    state = ModelState(model)
     tracker = ProfileTracker(device_type=dev.type, use_allocator=dev.type == "cuda")
     rec = ProfileRecorder(names, mods, tracker)
     try:
@@ -359,7 +332,7 @@ def profile_step(
         # step starting from zero_grad(set_to_none=True) would not have them.
         tracker.forget(stale)
         del stale
-        tracker.window_peak = tracker.live()
+        tracker.window_peak = tracker.live_bytes()
         with tracker:
             step_fn()
         rec.finish()
@@ -368,7 +341,7 @@ def profile_step(
     finally:
         rec.remove()
         uninstall(model)
-        restore()
+        state.restore()
         _reinstall(model, previous)
     return result
 
@@ -384,7 +357,7 @@ def assemble(
     n = len(rec.modules)
     missing = [rec.names[i] for i in range(n) if i not in rec.pre or i not in rec.post]
     if missing:
-        raise GradCkptError(
+        raise BlockError(
             f"block {missing[0]!r} did not run in the profiled step; pass blocks= that the step uses"
         )
     kept_r = [rec.post[i] - rec.pre[i] for i in range(n)]
@@ -398,7 +371,7 @@ def assemble(
     bwd_extra_r: list[int] = []
     for i in range(n):
         if i not in rec.event:
-            raise GradCkptError(
+            raise BlockError(
                 f"block {rec.names[i]!r}'s output got no gradient in the profiled step; the planner "
                 "needs every block on the path to the loss"
             )
@@ -458,9 +431,4 @@ def assemble(
         bytes_per_s=bytes_s,
         device=str(dev),
     )
-    if batch:
-        from .solve import min_peak
-
-        lean = min_peak(prof).peak
-        object.__setattr__(prof, "per_sample_bytes", max(1, (lean - fixed) // batch))
     return prof

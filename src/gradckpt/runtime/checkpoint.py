@@ -12,7 +12,7 @@ import torch
 import torch.utils.checkpoint as tuc
 from torch import nn
 
-from ..errors import CheckpointMismatchError, GradCkptError
+from ..errors import CheckpointMismatchError, ConfigError, GradCkptError
 from ..state import is_recomputing, recompute_flag
 
 __all__ = ["checkpoint", "is_recomputing", "stateful_modules"]
@@ -207,11 +207,9 @@ def checkpoint(
         >>> y = gradckpt.checkpoint(block, x, attention_mask=mask)
     """
     if not callable(fn):
-        raise GradCkptError(
-            f"checkpoint needs a function or module to run, got {type(fn).__name__}"
-        )
+        raise ConfigError(f"checkpoint needs a function or module to run, got {type(fn).__name__}")
     if use_reentrant:
-        raise GradCkptError(
+        raise ConfigError(
             "gradckpt.checkpoint does not run the reentrant variant: it silently gives no "
             "gradients to adapters when the input does not require grad, breaks DDP and "
             "ignores keyword arguments; drop use_reentrant=True"
@@ -243,7 +241,7 @@ def checkpoint(
         # (ValueError "debug=True is incompatible with non-default context_fn"), so it runs as
         # plain torch: the op traces are what matters then, not the BatchNorm fix.
         if context_fn is not None:
-            raise GradCkptError(
+            raise ConfigError(
                 "debug=True cannot be combined with context_fn: torch's debug mode installs its "
                 "own contexts; drop one of them"
             )

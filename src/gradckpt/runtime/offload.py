@@ -43,10 +43,10 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..errors import GradCkptError, PolicyError
+from ..errors import PolicyError
 from ..plan import Decision, Plan
 from ..state import host_empty_strided
-from ..units import parse_bytes
+from ..units import parse_size
 from .checkpoint import stateful_modules
 from .decisions import run_checkpointed
 
@@ -75,8 +75,8 @@ def _min_bytes(value: Any) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value == 0:
         return 0
     try:
-        return parse_bytes(value, what="offload_min_bytes")
-    except GradCkptError as e:
+        return parse_size(value, what="offload_min_bytes")
+    except ValueError as e:
         raise PolicyError(str(e)) from None
 
 
