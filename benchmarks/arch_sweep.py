@@ -1192,13 +1192,29 @@ def prepare(arch: Arch) -> ArchRun:
     return run
 
 
+def _matches_without_cache(run: ArchRun, got: Step) -> bool:
+    """Whether ``got`` equals the reference step run with ``use_cache=False``."""
+    assert run.model is not None
+    if "use_cache" not in inspect.signature(run.model.forward).parameters:
+        return False
+    if not getattr(run.model.config, "use_cache", False):
+        return False
+    try:
+        ref = run_step(copy.deepcopy(run.model), {**run.inputs, "use_cache": False}, seed=0)
+    except Exception:
+        return False
+    return compare(ref, got) is None
+
+
 def _names_a_block(msg: str, model: nn.Module, plan: Any) -> bool:
     names: set[str] = set(getattr(plan, "blocks", ()) or ())
     with contextlib.suppress(GradCkptError):
         names |= {n for n, _ in gradckpt.find_blocks(model)}
     if any(n and n in msg for n in names):
         return True
-    classes = {type(m).__name__ for m in model.modules()} - {"ModuleList", "Sequential"}
+    # a class name counts when it is a submodule's (the model's own class names no block)
+    classes = {type(m).__name__ for n, m in model.named_modules() if n}
+    classes -= {"ModuleList", "Sequential", "ModuleDict"}
     return any(c in msg for c in classes)
 
 
@@ -1235,6 +1251,12 @@ def _case(run: ArchRun, model: nn.Module, policy: str) -> dict[str, Any]:
         diff = compare(run.ref, got)
         if diff is not None:
             res.update(status="FAIL", phase="step", **diff)
+            if _matches_without_cache(run, got):
+                res["matches_use_cache_false"] = True
+                res["note"] = (
+                    "bit-identical to the reference run with use_cache=False: gradckpt turns the "
+                    "KV cache off, and this model's training forward depends on use_cache"
+                )
             return res
         idle = not_recomputed(plan, run.ref, got)
         if idle:
@@ -1311,6 +1333,7 @@ def sweep(
             "name": arch.name,
             "family": arch.family,
             "model_class": arch.model_class,
+            "note": arch.note,
             "params": run.n_params,
             "reference_error": run.error,
             "deterministic": run.deterministic,
@@ -1385,7 +1408,15 @@ def _commit() -> str | None:
         )
     except Exception:
         return None
-    return out.stdout.strip() or None
+    commit = out.stdout.strip()
+    # uncommitted changes to the code under test make the commit alone not reproduce the table
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "src", "benchmarks/arch_sweep.py"],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return (commit + ("+dirty" if dirty else "")) or None
 
 
 # -- rendering -------------------------------------------------------------------------------------------
@@ -1406,7 +1437,8 @@ def _detail(c: dict[str, Any]) -> str:
         if "max_abs_diff" in c:
             s += f" (max abs diff {c['max_abs_diff']:.3g}"
             s += ", loss equal)" if c.get("loss_equal") else ")"
-        return s + (f" [{c['phase']}]" if c.get("phase") else "")
+        s += f" [{c['phase']}]" if c.get("phase") else ""
+        return s + (f"; {c['note']}" if c.get("note") else "")
     if c["status"] in ("crash", "refusal", "refusal-unclear"):
         where = f" at {c['where']}" if c.get("where") else ""
         return f"[{c.get('phase', '?')}{where}] {c.get('error', '')}"
@@ -1465,6 +1497,10 @@ def render_md(res: dict[str, Any]) -> str:
             any_bad = True
     if not any_bad:
         out.append("Nothing: every case passes.")
+    notes = [r for r in res["rows"] if r.get("note")]
+    if notes:
+        out += ["", "## Settings that differ from the defaults", ""]
+        out += [f"- **{r['name']}**: {r['note']}" for r in notes]
     return "\n".join(out) + "\n"
 
 
