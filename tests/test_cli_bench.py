@@ -108,3 +108,15 @@ def test_malformed_config_json(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     bad.write_text('{"hidden_size": 8}')
     assert main(["bench", "--model", str(bad), "--quiet"]) == 2
     assert "no 'model_type'" in capsys.readouterr().err
+
+
+def test_old_models_module_warns_and_reexports_the_bench_models() -> None:
+    import importlib
+
+    import gradckpt.bench.models as new
+
+    sys.modules.pop("gradckpt.models", None)
+    with pytest.warns(DeprecationWarning, match=r"gradckpt\.bench\.models"):
+        old = importlib.import_module("gradckpt.models")
+    for name in ("BENCH_PRESETS", "BenchModel", "MLPStack", "build_bench_model", "make_batch"):
+        assert getattr(old, name) is getattr(new, name)

@@ -41,11 +41,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import gradckpt
 from gradckpt import CheckpointMismatchError, Decision, GradCkptError, Plan
 from gradckpt.apply import _WRAPPERS
+from gradckpt.bench.models import MLPStack, build_bench_model, make_batch
 from gradckpt.checkpoint import is_recomputing
 from gradckpt.cli import main
 from gradckpt.errors import BlockError, BudgetError, ConfigError, PlanError, PolicyError
 from gradckpt.measure import _live_tensors
-from gradckpt.models import MLPStack, build_bench_model, make_batch
 
 DIM = 16
 CHECKPOINTING = sorted({*_WRAPPERS} - {Decision.SAVE}, key=lambda d: d.value)

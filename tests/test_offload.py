@@ -22,8 +22,8 @@ from torch import nn
 import gradckpt
 from conftest import run_step
 from gradckpt import offload
+from gradckpt.bench.models import build_bench_model, make_batch
 from gradckpt.errors import PolicyError
-from gradckpt.models import build_bench_model, make_batch
 from gradckpt.offload import HostCopy, emulate_host_on_cpu, offload_options
 from gradckpt.plan import Decision, Plan
 

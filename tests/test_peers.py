@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/peers.py's logic on a tiny Llama (1 round, no torch.compile): no timing asserted.
+"""Smoke test of the benchmarks.peers package's logic on a tiny Llama (1 round, no torch.compile): no timing asserted.
 
 Checks the invariants that make the side-by-side table trustworthy: every peer and policy is
 measured or listed as skipped with a reason; gradients equal no checkpointing's (torch.equal);
@@ -11,17 +11,12 @@ Run: .venv/bin/python -m pytest tests/test_peers.py -q
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-
-import peers
-import render_readme
+from benchmarks import peers, render_readme
 
 pytest.importorskip("transformers")
 

@@ -23,10 +23,10 @@ from torch import nn
 import gradckpt
 from gradckpt import Decision, Plan
 from gradckpt.apply import _WRAPPERS
+from gradckpt.bench.models import MLPStack
 from gradckpt.checkpoint import is_recomputing
 from gradckpt.cli import main
 from gradckpt.errors import ConfigError, GradCkptError, PolicyError
-from gradckpt.models import MLPStack
 from gradckpt.verify import VerifyReport, format_diff
 
 SMALL = ["--model", "mlp", "--layers", "2", "--batch", "1", "--seq", "8"]

@@ -11,12 +11,12 @@ from typing import Any
 
 import torch
 
-from .apply import disable, enable
-from .errors import ConfigError, GradCkptError
-from .measure import MemoryStats, measure
+from ..apply import disable, enable
+from ..errors import ConfigError, GradCkptError
+from ..measure import MemoryStats, measure
+from ..plan import Plan
+from ..policies import make_plan, policy_names
 from .models import BenchModel, build_bench_model, make_batch
-from .plan import Plan
-from .policies import make_plan, policy_names
 
 __all__ = ["BenchReport", "PolicyResult", "default_policies", "run_bench"]
 
@@ -290,9 +290,9 @@ def _budget_configs(
     """Profile once, solve each budget, measure its plan; returns the budgets nothing fits."""
     if not budgets:
         return []
-    from .blocks import find_blocks
-    from .errors import BudgetError
-    from .planner.api import auto_plan, profile_model, resolve_budget
+    from ..blocks import find_blocks
+    from ..errors import BudgetError
+    from ..planner.api import auto_plan, profile_model, resolve_budget
 
     reference = mem["none"][1].peak_bytes
     sizes = [(str(b), resolve_budget(b, reference=reference)) for b in budgets]
