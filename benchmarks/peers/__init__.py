@@ -14,11 +14,11 @@ Method (the same as ``gradckpt.bench.run_bench``):
    then one tracked step from the same RNG seed: exact bytes and FLOPs (``gradckpt.measure``;
    for compiled configurations, which dynamo refuses to run under a dispatch mode, the
    allocator's own events), total bytes read and written by ops, and the gradients, compared
-   with ``torch.equal`` to those of no checkpointing.
+   exactly to those of no checkpointing (``gradckpt.verify.compare_grads``).
 3. The planner is profiled once and solved at each peer's measured peak, so every peer has a
    gradckpt plan made for exactly its memory.
 4. ``warmup + repeats`` interleaved rounds, one step per configuration each (no tracker), the
-   order rotated every round; the speed cost is the median of per-round ratios to ``none``, in
+   order rotated every round (``gradckpt.bench.time_interleaved``); the speed cost is the median of per-round ratios to ``none``, in
    process CPU time on a CPU run (one torch thread), in wall-clock time on CUDA.
 5. Outputs: ``benchmarks/results/<machine>-<date>.json``, a Markdown table and a PNG frontier.
 
@@ -49,9 +49,16 @@ from .configs import (
     torchtitan_sac_context,
     wrap_blocks_with_torch_checkpoint,
 )
-from .measure import OpBytes, Tracked, allocator_step, budget_configs, time_rounds, track
+from .measure import (
+    Tracked,
+    allocator_step,
+    budget_configs,
+    measure_with_op_bytes,
+    time_rounds,
+    track,
+)
 from .report import closing_notes, plot, render_markdown, write_outputs
-from .run import machine_slug, max_dropout, run_peers
+from .run import Row, machine_slug, max_dropout, run_peers
 
 __all__ = [
     "COMPILE_BUDGETS",
@@ -63,7 +70,7 @@ __all__ = [
     "SEED",
     "TORCHTITAN_SAVE",
     "Config",
-    "OpBytes",
+    "Row",
     "Skipped",
     "Tracked",
     "allocator_step",
@@ -78,6 +85,7 @@ __all__ = [
     "machine_slug",
     "make_configs",
     "max_dropout",
+    "measure_with_op_bytes",
     "pareto",
     "plot",
     "refresh",

@@ -17,7 +17,9 @@ from .run import run_peers
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=(package_doc or "").split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.peers", description=(package_doc or "").split("\n\n")[0]
+    )
     p.add_argument("--quick", action="store_true", help="tiny model, 1 round: for development")
     p.add_argument("--model", help=f"bench preset (default {DEFAULTS['model']}; gpt2 also works)")
     p.add_argument("--layers", type=int)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,31 +13,51 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import gradckpt
+from gradckpt.bench import StepTimes, time_interleaved
+from gradckpt.measure import MemoryStats
+from gradckpt.verify import compare_grads
 
 from .configs import SEED, Config, MiB, Skipped, copy_sharing_weights, gradckpt_then_compile
 
 # -- measuring ---------------------------------------------------------------------------------
 
 
-class OpBytes(TorchDispatchMode):
-    """Counts bytes read and written by every non-view op (inputs plus outputs)."""
+def measure_with_op_bytes(
+    step: Callable[[], None], model: nn.Module, device: torch.device
+) -> tuple[MemoryStats, int]:
+    """``gradckpt.measure`` of one step, plus the bytes its ops read and wrote.
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.bytes = 0
+    The byte count is the benchmark's own rule: inputs plus outputs of every non-view op,
+    summed per call (a tensor read by two ops counts twice). It is the one place in
+    ``benchmarks/peers`` that counts bytes itself, kept in this function alone so that it
+    can move onto gradckpt's shared storage tracker without touching its callers.
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        if not getattr(func, "is_view", False):
-            for t in tree_flatten((args, kwargs or {}, out))[0]:
-                if isinstance(t, torch.Tensor):
-                    self.bytes += t.numel() * t.element_size()
-        return out
+    Returns:
+        (the step's ``MemoryStats``, bytes read and written by its ops).
+    """
 
+    class OpBytes(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bytes = 0
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+        def __torch_dispatch__(
+            self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+        ) -> Any:
+            out = func(*args, **(kwargs or {}))
+            if not getattr(func, "is_view", False):
+                for t in tree_flatten((args, kwargs or {}, out))[0]:
+                    if isinstance(t, torch.Tensor):
+                        self.bytes += t.numel() * t.element_size()
+            return out
+
+    counter = OpBytes()
+
+    def counted() -> None:
+        with counter:
+            step()
+
+    return gradckpt.measure(counted, model=model, device=device), counter.bytes
 
 
 def run_step(cfg: Config, batch: dict[str, torch.Tensor]) -> None:
@@ -106,22 +126,6 @@ def grads_of(model: nn.Module) -> dict[str, torch.Tensor | None]:
     return {n: p.grad for n, p in model.named_parameters()}
 
 
-def _compare(
-    grads: dict[str, torch.Tensor | None], ref: dict[str, torch.Tensor | None]
-) -> tuple[bool, float]:
-    equal, diff = True, 0.0
-    for name, g in grads.items():
-        r = ref.get(name)
-        if g is None or r is None:
-            if g is not r:
-                equal, diff = False, float("inf")
-            continue
-        if not torch.equal(g, r):
-            equal = False
-            diff = max(diff, float((g.double() - r.double()).abs().max()))
-    return equal, diff
-
-
 def track(
     cfg: Config,
     batch: dict[str, torch.Tensor],
@@ -139,13 +143,9 @@ def track(
         peak, act = allocator_step(cfg, batch, device)
         out = Tracked(peak_delta=peak, activation_bytes=act, source="allocator")
     else:
-        counter = OpBytes()
-
-        def step() -> None:
-            with counter:
-                run_step(cfg, batch)
-
-        st = gradckpt.measure(step, model=cfg.model, device=device)
+        st, op_bytes = measure_with_op_bytes(
+            functools.partial(run_step, cfg, batch), cfg.model, device
+        )
         out = Tracked(
             peak_delta=st.peak_bytes - st.baseline_bytes,
             activation_bytes=st.activation_bytes,
@@ -153,14 +153,14 @@ def track(
             total_flops=st.total_flops,
             recompute_flops=st.recompute_flops,
             recompute_bytes=st.recompute_bytes,
-            op_bytes=counter.bytes,
+            op_bytes=op_bytes,
         )
         if calibrate:  # the allocator's view of the same step, to show both methods agree
             cfg.model.zero_grad(set_to_none=True)
             torch.manual_seed(SEED)
             out.alloc_peak_delta = allocator_step(cfg, batch, device)[0]
     if ref_grads is not None:
-        out.grads_equal, out.grad_max_abs_diff = _compare(grads_of(cfg.model), ref_grads)
+        out.grads_equal, out.grad_max_abs_diff = compare_grads(ref_grads, grads_of(cfg.model))
     return out
 
 
@@ -172,29 +172,29 @@ def time_rounds(
     repeats: int,
     warmup: int,
     progress: Callable[[str], None],
-) -> dict[str, dict[str, list[float]]]:
+) -> StepTimes:
     """``warmup + repeats`` rounds, one step per configuration each, order rotated per round.
 
+    The library's ``gradckpt.bench.time_interleaved``; gradients are set to None before each
+    step, outside the clock.
+
     Returns:
-        ``{"wall": ..., "cpu": ...}``: per configuration label, its steps' wall-clock and process
-        CPU seconds, in round order.
+        per configuration label, its steps' wall-clock and process CPU seconds, in round order.
     """
-    times: dict[str, list[float]] = {c.label: [] for c in configs}
-    cpu: dict[str, list[float]] = {c.label: [] for c in configs}
-    n = len(configs)
-    for r in range(warmup + repeats):
-        k = r % n
-        progress(f"round {r + 1}/{warmup + repeats}" + (" (warmup)" if r < warmup else ""))
-        for cfg in [*configs[k:], *configs[:k]]:
-            cfg.model.zero_grad(set_to_none=True)
-            _sync(device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            run_step(cfg, batch)
-            _sync(device)
-            if r >= warmup:
-                times[cfg.label].append(time.perf_counter() - t0)
-                cpu[cfg.label].append(time.process_time() - c0)
-    return {"wall": times, "cpu": cpu}
+    by_label = {c.label: c for c in configs}
+
+    def announce(r: int, label: str) -> None:
+        if label == configs[r % len(configs)].label:  # the first step of round r
+            progress(f"round {r + 1}/{warmup + repeats}" + (" (warmup)" if r < warmup else ""))
+
+    return time_interleaved(
+        {c.label: functools.partial(run_step, c, batch) for c in configs},
+        repeats=repeats,
+        warmup=warmup,
+        prepare=lambda label: by_label[label].model.zero_grad(set_to_none=True),
+        device=device,
+        progress=announce,
+    )
 
 
 # -- the planner at each peer's memory -----------------------------------------------------------

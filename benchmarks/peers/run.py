@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,6 +18,7 @@ from torch import nn
 import gradckpt
 from gradckpt.bench import machine_info
 from gradckpt.bench.models import BenchModel, build_bench_model, make_batch
+from gradckpt.verify import compare_grads
 
 from .analysis import frontier_verdicts, iqr
 from .configs import (
@@ -28,7 +31,74 @@ from .configs import (
     make_configs,
     transformers_version,
 )
-from .measure import Tracked, _compare, budget_configs, grads_of, run_step, time_rounds, track
+from .measure import Tracked, budget_configs, grads_of, run_step, time_rounds, track
+
+
+@dataclass(slots=True, kw_only=True)
+class Row:
+    """One configuration's measured results: a row of the table, an entry of the JSON's ``rows``.
+
+    Bytes are relative to nothing unless said: ``peak_bytes`` includes the weights, buffers and
+    batch; the ``*_delta`` ones are above the step's start. ``None`` means not measured for
+    this configuration (e.g. FLOPs and bytes moved of a compiled row, where fused kernels hide
+    them from the dispatcher).
+
+    Attributes:
+        label, family, what: the configuration's name, ``"gradckpt"`` or ``"peer"``, and what is
+            applied, as a user would write it.
+        plan: the gradckpt plan's one-line summary (None for a peer).
+        matched_peer: for a planner row, the peer whose measured peak was its budget.
+        compiled: the blocks ran through ``torch.compile`` (memory from the allocator).
+        peak_bytes: weights, buffers and batch plus ``peak_delta_bytes``.
+        peak_delta_bytes: the step's peak above its start (gradients included).
+        activation_bytes: bytes held for backward at the end of forward.
+        memory_source: ``"gradckpt.measure"`` or ``"allocator"``.
+        alloc_peak_delta_bytes: the allocator's own peak above start, on the ``none`` row only
+            (the two methods' agreement check).
+        time_s, cpu_time_s: median wall-clock and process CPU seconds per step.
+        speed_cost: median over rounds of (step time / ``none``'s in the same round) - 1, on
+            the run's clock; ``ratios`` are those per-round ratios, ``speed_cost_iqr`` their
+            interquartile range; ``speed_cost_wall``/``speed_cost_cpu``: the same on each clock.
+        extra_flops: FLOPs beyond ``none``'s (compiled rows: beyond ``none+compile``'s graphs).
+        extra_bytes: bytes read and written by ops beyond ``none``'s.
+        recompute_bytes: gradckpt's own count of bytes recomputed (gradckpt rows only).
+        grads_equal, grad_max_abs_diff: gradients vs ``none``'s, exactly
+            (``gradckpt.verify.compare_grads``).
+        compiled_graph_flops: ``[is_backward, flops]`` per graph inductor compiled.
+        grads_equal_compile_ref, grad_max_abs_diff_compile_ref: gradients vs ``none+compile``'s.
+        note: anything a reader of the table must know about this row.
+        times_s, cpu_times_s: every timed step, wall-clock and CPU seconds, in round order.
+    """
+
+    label: str
+    family: str
+    what: str
+    plan: str | None
+    matched_peer: str | None
+    compiled: bool
+    peak_bytes: int
+    peak_delta_bytes: int
+    activation_bytes: int
+    memory_source: str
+    alloc_peak_delta_bytes: int | None
+    time_s: float
+    cpu_time_s: float
+    speed_cost: float
+    ratios: list[float]
+    speed_cost_iqr: float
+    speed_cost_wall: float
+    speed_cost_cpu: float
+    extra_flops: int | None
+    extra_bytes: int | None
+    recompute_bytes: int | None
+    grads_equal: bool | None
+    grad_max_abs_diff: float | None
+    compiled_graph_flops: list[list[Any]]
+    grads_equal_compile_ref: bool | None
+    grad_max_abs_diff_compile_ref: float | None
+    note: str
+    times_s: list[float]
+    cpu_times_s: list[float]
 
 
 def _state_bytes(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
@@ -151,7 +221,7 @@ def run_peers(
             cfg.model.zero_grad(set_to_none=True)
             torch.manual_seed(SEED)
             run_step(cfg, data)
-            vs_compiled[cfg.label] = _compare(grads_of(cfg.model), compile_grads)
+            vs_compiled[cfg.label] = compare_grads(compile_grads, grads_of(cfg.model))
     ref = compile_grads = None
 
     times = time_rounds(configs, data, dev, repeats=repeats, warmup=warmup, progress=progress)
@@ -159,7 +229,7 @@ def run_peers(
         cfg.model.zero_grad(set_to_none=True)
     if clock is None:
         clock = "cpu" if dev.type == "cpu" else "wall"
-    if clock not in times:
+    if clock not in ("cpu", "wall"):
         raise ValueError(f"clock must be 'cpu' or 'wall', got {clock!r}")
 
     state = _state_bytes(template, data)
@@ -171,9 +241,9 @@ def run_peers(
     n_blocks = len(gradckpt.find_blocks(template))
 
     def ratios(label: str, clk: str, ref_label: str = "none") -> list[float]:
-        return [a / b for a, b in zip(times[clk][label], times[clk][ref_label])]
+        return times.ratios(label, ref_label, clock=clk)
 
-    rows = []
+    rows: list[Row] = []
     for cfg in configs:
         t = tracked[cfg.label]
         extra_flops: int | None = None
@@ -204,38 +274,39 @@ def run_peers(
             )
         same_c, diff_c = vs_compiled.get(cfg.label, (None, None))
         rows.append(
-            {
-                "label": cfg.label,
-                "family": cfg.family,
-                "what": cfg.what,
-                "plan": cfg.plan.summary() if cfg.plan is not None else None,
-                "matched_peer": cfg.matched_peer,
-                "compiled": cfg.compiled,
-                "peak_bytes": state + t.peak_delta,
-                "peak_delta_bytes": t.peak_delta,
-                "activation_bytes": t.activation_bytes,
-                "memory_source": t.source,
-                "alloc_peak_delta_bytes": t.alloc_peak_delta,
-                "time_s": statistics.median(times["wall"][cfg.label]),
-                "cpu_time_s": statistics.median(times["cpu"][cfg.label]),
-                "speed_cost": statistics.median(ratios(cfg.label, clock)) - 1.0,
-                "ratios": ratios(cfg.label, clock),
-                "speed_cost_iqr": iqr(ratios(cfg.label, clock)),
-                "speed_cost_wall": statistics.median(ratios(cfg.label, "wall")) - 1.0,
-                "speed_cost_cpu": statistics.median(ratios(cfg.label, "cpu")) - 1.0,
-                "extra_flops": extra_flops,
-                "extra_bytes": extra_bytes,
-                "recompute_bytes": t.recompute_bytes if cfg.family == "gradckpt" else None,
-                "grads_equal": t.grads_equal,
-                "grad_max_abs_diff": t.grad_max_abs_diff,
-                "compiled_graph_flops": [list(x) for x in cfg.graph_flops],
-                "grads_equal_compile_ref": same_c,
-                "grad_max_abs_diff_compile_ref": diff_c,
-                "note": note,
-                "times_s": times["wall"][cfg.label],
-                "cpu_times_s": times["cpu"][cfg.label],
-            }
+            Row(
+                label=cfg.label,
+                family=cfg.family,
+                what=cfg.what,
+                plan=cfg.plan.summary() if cfg.plan is not None else None,
+                matched_peer=cfg.matched_peer,
+                compiled=cfg.compiled,
+                peak_bytes=state + t.peak_delta,
+                peak_delta_bytes=t.peak_delta,
+                activation_bytes=t.activation_bytes,
+                memory_source=t.source,
+                alloc_peak_delta_bytes=t.alloc_peak_delta,
+                time_s=statistics.median(times.wall[cfg.label]),
+                cpu_time_s=statistics.median(times.cpu[cfg.label]),
+                speed_cost=statistics.median(ratios(cfg.label, clock)) - 1.0,
+                ratios=ratios(cfg.label, clock),
+                speed_cost_iqr=iqr(ratios(cfg.label, clock)),
+                speed_cost_wall=statistics.median(ratios(cfg.label, "wall")) - 1.0,
+                speed_cost_cpu=statistics.median(ratios(cfg.label, "cpu")) - 1.0,
+                extra_flops=extra_flops,
+                extra_bytes=extra_bytes,
+                recompute_bytes=t.recompute_bytes if cfg.family == "gradckpt" else None,
+                grads_equal=t.grads_equal,
+                grad_max_abs_diff=t.grad_max_abs_diff,
+                compiled_graph_flops=[list(x) for x in cfg.graph_flops],
+                grads_equal_compile_ref=same_c,
+                grad_max_abs_diff_compile_ref=diff_c,
+                note=note,
+                times_s=times.wall[cfg.label],
+                cpu_times_s=times.cpu[cfg.label],
+            )
         )
+    row_dicts = [dataclasses.asdict(r) for r in rows]
     mi = machine_info()
     mi["transformers"] = transformers_version()
     mi["cpu_count"] = os.cpu_count()
@@ -259,9 +330,9 @@ def run_peers(
             "dropout": max_dropout(template),
             "seed": SEED,
         },
-        "rows": rows,
+        "rows": row_dicts,
         "aliases": aliases,
         "skipped": [{"label": s.label, "reason": s.reason} for s in skipped],
-        "frontier": frontier_verdicts(rows),
+        "frontier": frontier_verdicts(row_dicts),
         "runtime_s": time.perf_counter() - t_start,
     }
