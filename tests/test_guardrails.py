@@ -40,15 +40,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradckpt
 from gradckpt import CheckpointMismatchError, Decision, GradCkptError, Plan
-from gradckpt.apply import _WRAPPERS
 from gradckpt.bench.models import MLPStack, build_bench_model, make_batch
-from gradckpt.checkpoint import is_recomputing
 from gradckpt.cli import main
 from gradckpt.errors import BlockError, BudgetError, ConfigError, PlanError, PolicyError
-from gradckpt.measure import _live_tensors
+from gradckpt.measure import live_tensors
+from gradckpt.runtime.decisions import WRAPPERS
+from gradckpt.state import is_recomputing
 
 DIM = 16
-CHECKPOINTING = sorted({*_WRAPPERS} - {Decision.SAVE}, key=lambda d: d.value)
+CHECKPOINTING = sorted({*WRAPPERS} - {Decision.SAVE}, key=lambda d: d.value)
 
 
 def policies() -> list[str]:
@@ -355,7 +355,7 @@ def test_fault_leaves_nothing_behind(policy: str, where: str) -> None:
 def test_fault_during_enable_leaves_nothing_applied(monkeypatch: pytest.MonkeyPatch) -> None:
     model = net()
     reference = copy.deepcopy(model)
-    original = _WRAPPERS[Decision.RECOMPUTE]
+    original = WRAPPERS[Decision.RECOMPUTE]
     calls = []
 
     def flaky(name: str, block: nn.Module, forward: Callable[..., Any], options: Any) -> Any:
@@ -364,7 +364,7 @@ def test_fault_during_enable_leaves_nothing_applied(monkeypatch: pytest.MonkeyPa
             raise Boom("wrapper failed on the third block")
         return original(name, block, forward, options)
 
-    monkeypatch.setitem(_WRAPPERS, Decision.RECOMPUTE, flaky)
+    monkeypatch.setitem(WRAPPERS, Decision.RECOMPUTE, flaky)
     with pytest.raises(Boom):
         gradckpt.enable(model, "full")
     assert_pristine(model, reference)
@@ -447,7 +447,7 @@ def soak(policy: str, steps: int, leak: bool = False) -> dict[str, Any]:
     kept = []
     gc.collect()
     live, storages = [], []
-    tensors_before = len(_live_tensors())
+    tensors_before = len(live_tensors())
     with LiveStorages() as tracker:
         for i in range(steps):
             opt.zero_grad(set_to_none=True)
@@ -463,7 +463,7 @@ def soak(policy: str, steps: int, leak: bool = False) -> dict[str, Any]:
             live.append(dict(tracker.bytes))
             storages.append(tracker.storages)
     gc.collect()
-    tensors_after = len(_live_tensors())
+    tensors_after = len(live_tensors())
     gradckpt.disable(model)
     total = [sum(b.values()) for b in live]
     return {

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .apply import applied_plan, disable, enable
 from .blocks import BlockSpec
+from .enable import applied_plan, disable, enable
 from .errors import ConfigError, GradCkptError
 from .plan import Plan
 

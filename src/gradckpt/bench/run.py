@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..apply import disable, enable
+from ..enable import disable, enable
 from ..errors import ConfigError, GradCkptError
 from ..measure import MemoryStats, measure
 from ..plan import Plan

@@ -9,11 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..apply import install
 from ..errors import BudgetError, GradCkptError
 from ..plan import Plan
 from ..units import format_bytes, parse_bytes
 from .model import StepProfile
-from .profile import ProfileRecorder, _assemble, _snapshot, _Tracker, profile_step
+from .profile import ProfileRecorder, ProfileTracker, assemble, profile_step, snapshot
 from .solve import solve
 
 __all__ = ["LazyBudget", "auto_plan", "plan", "plan_for_budget", "profile_model", "resolve_budget"]
@@ -222,22 +223,20 @@ class LazyBudget:
 
     def _start(self, model: nn.Module) -> None:
         dev = next((p.device for p in model.parameters()), torch.device("cpu"))
-        tracker = _Tracker(device_type=dev.type, use_allocator=dev.type == "cuda")
+        tracker = ProfileTracker(device_type=dev.type, use_allocator=dev.type == "cuda")
         rec = ProfileRecorder([n for n, _ in self.blocks], [m for _, m in self.blocks], tracker)
         rec.install()
         import gc
 
-        from ..measure import _live_tensors
+        from ..measure import live_tensors
 
         gc.collect()
-        tracker.seed(_live_tensors())
+        tracker.seed(live_tensors())
         tracker.window_peak = tracker.live()
         tracker.__enter__()
         self.recorder = rec
 
     def _finish(self, model: nn.Module) -> None:
-        from ..apply import enable
-
         rec = self.recorder
         if rec is None:
             return
@@ -246,7 +245,7 @@ class LazyBudget:
         rec.remove()
         self.recorder = None
         dev = next((p.device for p in model.parameters()), torch.device("cpu"))
-        restore = _snapshot(model)
+        restore = snapshot(model)
         try:
             first = rec.captured.get(0)
             batch = (
@@ -254,7 +253,7 @@ class LazyBudget:
                 if first and first[0] and isinstance(first[0][0], torch.Tensor)
                 else 0
             )
-            prof = _assemble(rec, model, _decisions(dev), self.options, dev, batch)
+            prof = assemble(rec, model, _decisions(dev), self.options, dev, batch)
         finally:
             restore()
         try:
@@ -262,7 +261,7 @@ class LazyBudget:
         except BudgetError as e:
             raise BudgetError(f"{e} (measured on the first training step)") from None
         self.result = new
-        enable(model, plan=new)
+        install(model, new, self.blocks)
         warnings.warn(
             f"gradckpt: budget {format_bytes(self.budget)}: profiled the first step, now using "
             f"{new.summary()} (predicted peak {format_bytes(new.notes['predicted_peak_bytes'])})",

@@ -20,24 +20,33 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from ..checkpoint import is_recomputing
+from ..apply import install, installed, uninstall
+from ..blocks import resolve_blocks
 from ..errors import GradCkptError
-from ..measure import StepTracker, _live_tensors
-from ..measure import _storages as _storage_list
+from ..measure import StepTracker, live_tensors, storages
 from ..plan import Decision, Plan
+from ..runtime import decisions as _decisions
+from ..state import is_recomputing
 from .model import BlockOption, StepProfile
 
-__all__ = ["ProfileRecorder", "available_decisions", "device_model", "profile_step"]
+__all__ = [
+    "ProfileRecorder",
+    "ProfileTracker",
+    "assemble",
+    "available_decisions",
+    "device_model",
+    "profile_step",
+    "snapshot",
+]
 
 
 def available_decisions(device: torch.device) -> list[Decision]:
     """Decisions the planner may choose on ``device`` (OFFLOAD only where there is a host to park in)."""
-    from ..apply import _WRAPPERS
-
+    registered = _decisions.available()
     out = [Decision.SAVE, Decision.RECOMPUTE]
-    if Decision.SELECTIVE in _WRAPPERS:
+    if Decision.SELECTIVE in registered:
         out.append(Decision.SELECTIVE)
-    if Decision.OFFLOAD in _WRAPPERS and device.type == "cuda":
+    if Decision.OFFLOAD in registered and device.type == "cuda":
         out.append(Decision.OFFLOAD)
     return out
 
@@ -69,7 +78,7 @@ def device_model(device: torch.device) -> tuple[float, float]:
     return rates[0], rates[1]
 
 
-class _Tracker(StepTracker):
+class ProfileTracker(StepTracker):
     """StepTracker that also keeps a resettable window peak and counts bytes moved by recompute."""
 
     def __init__(self, **kw: Any) -> None:
@@ -83,7 +92,7 @@ class _Tracker(StepTracker):
     def forget(self, tensors: list[torch.Tensor]) -> None:
         """Stop counting ``tensors`` (already seeded): memory the profiled step would not have."""
         for t in tensors:
-            for st in _storage_list(t):
+            for st in storages(t):
                 info = self._live.get(id(st))
                 if info is not None and info[0]:
                     self._live[id(st)] = (0, info[1])
@@ -121,7 +130,7 @@ class ProfileRecorder:
 
     names: list[str]
     modules: list[nn.Module]
-    tracker: _Tracker
+    tracker: ProfileTracker
     pre: dict[int, int] = field(default_factory=dict)
     post: dict[int, int] = field(default_factory=dict)
     fwd_peak: dict[int, int] = field(default_factory=dict)
@@ -197,7 +206,7 @@ class ProfileRecorder:
         self._close(("end",))
 
 
-def _snapshot(model: nn.Module) -> Callable[[], None]:
+def snapshot(model: nn.Module) -> Callable[[], None]:
     """Remember gradients, buffers and RNG; return the function that puts them back."""
     grads = {p: p.grad for p in model.parameters()}
     bufs = [(b, b.detach().clone()) for b in model.buffers()]
@@ -227,13 +236,12 @@ def _isolated(
     device: torch.device,
 ) -> dict[str, int]:
     """Forward and backward of one block under ``decision``; bytes relative to its start level."""
-    from ..apply import _WRAPPERS
-
     base_forward = block.forward
+    wrapper = _decisions.wrapper_for(decision)
     fwd = (
         base_forward
-        if decision is Decision.SAVE
-        else _WRAPPERS[decision](name, block, base_forward, options)
+        if decision is Decision.SAVE or wrapper is None
+        else wrapper(name, block, base_forward, options)
     )
 
     leaves: list[torch.Tensor] = []
@@ -250,7 +258,7 @@ def _isolated(
     a = tuple(detach(t) for t in args)
     kw = {k: detach(v) for k, v in kwargs.items()}
     params = [p for p in block.parameters() if p.requires_grad]
-    tracker = _Tracker(device_type=device.type, use_allocator=device.type == "cuda")
+    tracker = ProfileTracker(device_type=device.type, use_allocator=device.type == "cuda")
     # Seed with what the block's forward can view (its weights, buffers and inputs) rather than
     # every live tensor: a gc scan costs ~0.5 s per run with transformers loaded.
     inputs = [t for t in tree_flatten((args, kwargs, a, kw))[0] if isinstance(t, torch.Tensor)]
@@ -283,6 +291,12 @@ def _isolated(
         "recompute_flops": tracker.flops["recompute"],
         "recompute_bytes": tracker.recompute_bytes,
     }
+
+
+def _reinstall(model: nn.Module, previous: Any) -> None:
+    """Put back the plan ``installed(model)`` returned before profiling (its lazy state is not kept)."""
+    if previous is not None:
+        install(model, previous.plan, resolve_blocks(model, list(previous.plan.blocks)))
 
 
 def _group_key(block: nn.Module, args: Any, kwargs: Any) -> tuple[Any, ...]:
@@ -318,8 +332,6 @@ def profile_step(
     Returns:
         A ``StepProfile``.
     """
-    from ..apply import applied_plan, disable, enable
-
     dev = device or next((p.device for p in model.parameters()), torch.device("cpu"))
     decs = list(decisions or available_decisions(dev))
     if Decision.RECOMPUTE not in decs:
@@ -327,23 +339,22 @@ def profile_step(
     opts = dict(options or {})
     names = [n for n, _ in blocks]
     mods = [m for _, m in blocks]
-    previous = applied_plan(model)
-    restore = _snapshot(model)
-    tracker = _Tracker(device_type=dev.type, use_allocator=dev.type == "cuda")
+    previous = installed(model)
+    restore = snapshot(model)
+    tracker = ProfileTracker(device_type=dev.type, use_allocator=dev.type == "cuda")
     rec = ProfileRecorder(names, mods, tracker)
     try:
-        enable(
+        install(
             model,
-            plan=Plan(
-                tuple(names), (Decision.RECOMPUTE,) * len(names), policy="full", options=opts
-            ),
+            Plan(tuple(names), (Decision.RECOMPUTE,) * len(names), policy="full", options=opts),
+            blocks,
         )
         rec.install()
         stale = [p.grad for p in model.parameters() if p.grad is not None]
         for p in model.parameters():
             p.grad = None
         gc.collect()
-        tracker.seed(_live_tensors())
+        tracker.seed(live_tensors())
         # Gradients left from an earlier step are held only to be restored afterwards; a training
         # step starting from zero_grad(set_to_none=True) would not have them.
         tracker.forget(stale)
@@ -353,17 +364,16 @@ def profile_step(
             step_fn()
         rec.finish()
         rec.remove()
-        result = _assemble(rec, model, decs, opts, dev, batch)
+        result = assemble(rec, model, decs, opts, dev, batch)
     finally:
         rec.remove()
-        disable(model)
+        uninstall(model)
         restore()
-        if previous is not None:
-            enable(model, plan=previous)
+        _reinstall(model, previous)
     return result
 
 
-def _assemble(
+def assemble(
     rec: ProfileRecorder,
     model: nn.Module,
     decs: list[Decision],
@@ -401,10 +411,8 @@ def _assemble(
     flops_s, bytes_s = device_model(dev)
     rep = rec.rep
     iso: dict[tuple[int, Decision], dict[str, int]] = {}
-    from ..apply import applied_plan, disable, enable
-
-    previous = applied_plan(model)
-    disable(model)  # the isolated runs wrap each block's own forward
+    previous = installed(model)
+    uninstall(model)  # the isolated runs wrap each block's own forward
     try:
         for i in sorted(set(rep.values())):
             args, kwargs = rec.captured[i]
@@ -412,8 +420,7 @@ def _assemble(
                 iso[(i, d)] = _isolated(rec.names[i], rec.modules[i], d, args, kwargs, opts, dev)
     finally:
         rec.captured.clear()
-        if previous is not None:
-            enable(model, plan=previous)
+        _reinstall(model, previous)
 
     def cost(flops: int, moved: int) -> int:
         return int(1e9 * (flops / flops_s + moved / bytes_s))
