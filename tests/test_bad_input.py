@@ -23,9 +23,9 @@ from torch import nn
 
 import gradckpt
 from gradckpt import GradCkptError, Plan
+from gradckpt.bench.models import MLPStack, build_bench_model, make_batch
 from gradckpt.cli import main
 from gradckpt.errors import BlockError, BudgetError, ConfigError, PlanError, PolicyError
-from gradckpt.models import MLPStack, build_bench_model, make_batch
 from guard_models import clean_state
 
 # -- 4. bad input: the API ------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import gradckpt
-from gradckpt.models import build_bench_model, make_batch
+from gradckpt.bench.models import build_bench_model, make_batch
 from gradckpt.planner import min_peak, predict_cost, predict_peak
 from gradckpt.planner.api import auto_plan, profile_model
 

@@ -22,9 +22,9 @@ from torch import nn
 
 import gradckpt
 from gradckpt import Decision, Plan
+from gradckpt.bench.models import MLPStack
 from gradckpt.cli import main
 from gradckpt.errors import ConfigError, GradCkptError, PolicyError
-from gradckpt.models import MLPStack
 from gradckpt.runtime.decisions import WRAPPERS
 from gradckpt.state import is_recomputing
 from gradckpt.verify import VerifyReport, format_diff

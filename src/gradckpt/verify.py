@@ -25,7 +25,7 @@ from .enable import disable, enable
 from .errors import ConfigError, GradCkptError
 from .plan import Plan
 
-__all__ = ["GroupDiff", "VerifyReport", "verify"]
+__all__ = ["GroupDiff", "VerifyReport", "compare_grads", "verify"]
 
 #: How many problems a report lists per group before summarising the rest.
 _MAX_PROBLEMS = 5
@@ -265,6 +265,37 @@ def _diff(
             ),
         )
     return max_abs, max_rel, None
+
+
+def compare_grads(
+    ref: Mapping[str, torch.Tensor | None],
+    got: Mapping[str, torch.Tensor | None],
+    *,
+    atol: float = 0.0,
+    rtol: float = 0.0,
+) -> tuple[bool, float]:
+    """Compare two sets of gradients by name, with the same per-tensor rule as ``verify``.
+
+    Args:
+        ref: name -> gradient (None: no gradient) of the reference run.
+        got: the same for the run being checked; a name missing on one side counts as None.
+        atol, rtol: allowed difference per value, ``atol + rtol * |ref|`` (default: exact).
+
+    Returns:
+        ``(equal, max_abs)``: whether every gradient is within tolerance, and the largest
+        absolute difference (``inf`` when a gradient exists on one side only or the shapes differ).
+
+    Example:
+        >>> g = {"w": torch.ones(2)}
+        >>> compare_grads(g, {"w": torch.tensor([1.0, 1.5])})
+        (False, 0.5)
+    """
+    equal, max_abs = True, 0.0
+    for name in dict.fromkeys([*got, *ref]):
+        d_abs, _, problem = _diff(ref.get(name), got.get(name), atol, rtol)
+        equal = equal and problem is None
+        max_abs = max(max_abs, d_abs)
+    return equal, max_abs
 
 
 class _Group:
