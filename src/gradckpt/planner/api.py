@@ -11,7 +11,7 @@ from torch import nn
 from .._model_io import batch_of, call_model, default_loss
 from ..errors import BudgetError, ConfigError
 from ..plan import Decision, Plan
-from ..units import parse_bytes
+from ..units import format_bytes, parse_bytes
 from .lazy import LazyBudget
 from .model import StepProfile
 from .profile import profile_step
@@ -110,6 +110,7 @@ def plan_for_budget(
     while it is profiled, and the solved plan replaces it at the start of the second step.
     """
     b = resolve_budget(budget)
+    _refuse_below_weights(model, b)
     if example is not None:
         prof = profile_model(model, example, blocks=blocks, loss_fn=loss_fn, options=options)
         return auto_plan(prof, b, options), None
@@ -126,3 +127,29 @@ def plan_for_budget(
         notes={"budget_bytes": b, "pending": "profiling the first training step"},
     )
     return provisional, LazyBudget(b, list(blocks), dict(options))
+
+
+def _refuse_below_weights(model: nn.Module, budget: int) -> None:
+    """Refuse at once a budget below what the step must hold whatever the plan: weights, buffers
+    and one gradient per trainable weight (known before any step runs; the lazy planner used to
+    find out only at the second step)."""
+    seen: set[int] = set()
+    held = 0
+    dev = next((p.device for p in model.parameters()), None)
+    if dev is None or dev.type == "meta":
+        return
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device != dev:
+            continue
+        st = t.untyped_storage()
+        if id(st) not in seen:
+            seen.add(id(st))
+            held += st.nbytes()
+        if isinstance(t, nn.Parameter) and t.requires_grad:
+            held += t.numel() * t.element_size()
+    if budget < held:
+        raise BudgetError(
+            f"budget {format_bytes(budget)} is below the {format_bytes(held)} the model's weights, "
+            "buffers and gradients take before any activation: no plan can fit; raise the budget, "
+            "freeze weights (LoRA) or shard them (FSDP2)"
+        )

@@ -26,7 +26,11 @@ from ..units import format_bytes
 from .profile import ProfileRecorder, ProfileTracker, assemble, available_decisions
 from .solve import auto_plan
 
-__all__ = ["LazyBudget"]
+__all__ = ["MAX_MICRO_STEPS", "LazyBudget"]
+
+#: Forwards the lazy profile waits through for an optimizer step (gradient accumulation) before
+#: planning anyway: 64 covers the accumulation counts recipes use (torchtune, TRL: 1-32).
+MAX_MICRO_STEPS = 64
 
 
 class LazyBudget:
@@ -38,6 +42,9 @@ class LazyBudget:
         self.options = options
         self.recorder: ProfileRecorder | None = None
         self.result: Plan | None = None
+        self.micro_steps = 0  # forwards seen while the profile waits for the optimizer step
+        self.stepped = False
+        self._optim_hooks: list[Any] = []
 
     def install(self, model: nn.Module) -> Callable[[], None]:
         handle = model.register_forward_pre_hook(self._pre(model), with_kwargs=True)
@@ -49,6 +56,7 @@ class LazyBudget:
         return remove
 
     def _abort(self) -> None:
+        self._remove_optim_hooks()
         rec, self.recorder = self.recorder, None
         if rec is not None:
             rec.remove()
@@ -69,10 +77,52 @@ class LazyBudget:
                 return
             if self.recorder is None:
                 self._start(model)
+            elif self._accumulating(model):
+                # Gradient accumulation: this forward is another micro-step of the same
+                # optimizer step. The blocks were profiled on the first one; the optimizer
+                # step (states created, update transients) is still to come, so wait for it.
+                if self.micro_steps == 0:
+                    self.recorder.close_window(
+                        ("accumulate",)
+                    )  # tail ends where micro-step 2 starts
+                self.micro_steps += 1
             else:
                 self._finish(model)
 
         return hook
+
+    def _accumulating(self, model: nn.Module) -> bool:
+        """True at a forward of the same optimizer step: no step yet, gradients still held."""
+        if self.stepped or self.micro_steps >= MAX_MICRO_STEPS:
+            return False
+        return any(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+    def _optimizer_hooks(self) -> None:
+        # torch.optim's global hooks fire around every optimizer's step(): the profile gets a
+        # window of its own for the step (Adam creates its states there, 2 x fp32 per weight).
+        from torch.optim.optimizer import (
+            register_optimizer_step_post_hook,
+            register_optimizer_step_pre_hook,
+        )
+
+        def pre(*_a: Any) -> None:
+            if self.recorder is not None and not self.stepped:
+                self.recorder.close_window(("optimizer",))
+
+        def post(*_a: Any) -> None:
+            if self.recorder is not None and not self.stepped:
+                self.stepped = True
+                self.recorder.close_window(("after optimizer",))
+
+        self._optim_hooks = [
+            register_optimizer_step_pre_hook(pre),
+            register_optimizer_step_post_hook(post),
+        ]
+
+    def _remove_optim_hooks(self) -> None:
+        for h in self._optim_hooks:
+            h.remove()
+        self._optim_hooks.clear()
 
     def _start(self, model: nn.Module) -> None:
         dev = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -84,6 +134,7 @@ class LazyBudget:
         tracker.window_peak = tracker.live_bytes()
         tracker.__enter__()
         self.recorder = rec
+        self._optimizer_hooks()
 
     def _finish(self, model: nn.Module) -> None:
         rec = self.recorder
@@ -92,9 +143,11 @@ class LazyBudget:
         rec.tracker.__exit__(None, None, None)
         rec.finish()
         rec.remove()
+        self._remove_optim_hooks()
         self.recorder = None
         dev = next((p.device for p in model.parameters()), torch.device("cpu"))
         state = ModelState(model)
+        shape = _shape_of(rec.captured.get(0))  # before assemble() clears what was captured
         try:
             first = rec.captured.get(0)
             batch = (
@@ -111,8 +164,21 @@ class LazyBudget:
             raise BudgetError(f"{e} (measured on the first training step)") from None
         self.result = new
         install(model, new, self.blocks)
+        accumulated = (
+            f", {self.micro_steps + 1} micro-steps accumulated before the optimizer step"
+            if self.micro_steps
+            else ""
+        )
         warnings.warn(
-            f"gradckpt: budget {format_bytes(self.budget)}: profiled the first step, now using "
-            f"{new.summary()} (predicted peak {format_bytes(new.notes['predicted_peak_bytes'])})",
+            f"gradckpt: budget {format_bytes(self.budget)}: profiled the first step (first block "
+            f"input {shape}{accumulated}), now using {new.summary()} (predicted peak "
+            f"{format_bytes(new.notes['predicted_peak_bytes'])}); the plan fits batches of that "
+            "shape: for longer ones, pass example= with the longest batch",
             stacklevel=2,
         )
+
+
+def _shape_of(captured: Any) -> str:
+    if captured and captured[0] and isinstance(captured[0][0], torch.Tensor):
+        return "x".join(str(d) for d in captured[0][0].shape)
+    return "of unknown shape"

@@ -142,7 +142,8 @@ class ProfileRecorder:
     _window: tuple[Any, ...] = ("pre",)
     _handles: list[Any] = field(default_factory=list)
 
-    def _close(self, nxt: tuple[Any, ...]) -> None:
+    def close_window(self, nxt: tuple[Any, ...]) -> None:
+        """Record the peak of the window open now and open ``nxt``."""
         self.win_peak[self._window] = self.tracker.reset_window()
         self._window = nxt
 
@@ -157,7 +158,7 @@ class ProfileRecorder:
                     self.pre_peak = self.tracker.reset_window()
                     self._window = ("fwd", 0)
                 else:
-                    self._close(("fwd", i))
+                    self.close_window(("fwd", i))
                 self.pre[i] = self.tracker.live_bytes()
                 key = _group_key(_m, args, kwargs)
                 if key not in self.groups:
@@ -176,7 +177,7 @@ class ProfileRecorder:
                 if y is not None:
                     y.register_hook(self._grad_hook(i))
                 if i == n - 1:
-                    self._close(("head",))
+                    self.close_window(("head",))
 
             self._handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
             self._handles.append(mod.register_forward_hook(post, with_kwargs=True))
@@ -185,7 +186,7 @@ class ProfileRecorder:
         def hook(_g: torch.Tensor) -> None:
             if i in self.event:
                 return
-            self._close(("bwd", i) if i >= 0 else ("tail",))
+            self.close_window(("bwd", i) if i >= 0 else ("tail",))
             self.event[i] = self.tracker.live_bytes()
 
         return hook
@@ -196,7 +197,7 @@ class ProfileRecorder:
         self._handles.clear()
 
     def finish(self) -> None:
-        self._close(("end",))
+        self.close_window(("end",))
 
 
 def _isolated(
@@ -378,7 +379,11 @@ def assemble(
         bwd_base.append(rec.event[i] - prefix[i + 1])
         bwd_extra_r.append(rec.win_peak.get(("bwd", i), rec.event[i]) - rec.event[i])
     head_base = rec.win_peak.get(("head",), 0) - prefix[n]
-    tail = max(rec.win_peak.get(("tail",), 0), rec.win_peak.get(("end",), 0))
+    # after the step: block 0's backward to the next forward, and the optimizer step's own
+    # windows when the lazy profile saw it after accumulated micro-steps (planner/lazy.py)
+    tail = max(
+        rec.win_peak.get(k, 0) for k in [("tail",), ("end",), ("optimizer",), ("after optimizer",)]
+    )
 
     # isolated runs: one block per kind, every decision; deltas applied to the in-model numbers
     flops_s, bytes_s = device_model(dev)
