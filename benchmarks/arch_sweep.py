@@ -1030,7 +1030,7 @@ def not_recomputed(plan: Any, ref: Step, got: Step) -> list[str]:
     the tail short, never the first module), so a block whose modules all ran as often as
     without gradckpt was not checkpointed at all: no memory saved, whatever the plan says.
     """
-    from gradckpt.plan import Decision
+    from gradckpt.plans import Decision
 
     in_segment = {i for a, b in plan.segments for i in range(a, b)}
     missing = []

@@ -24,7 +24,6 @@ LAYERS: dict[str, int] = {
     "units": 0,
     "state": 0,
     "_optional": 0,
-    "plan": 1,
     "plans": 1,
     "policies": 1,
     "blocks": 1,
@@ -97,7 +96,7 @@ def _imports_of(source: str, mod: str) -> list[str]:
 
 
 def _targets(target: list[str], node: ast.ImportFrom) -> list[str]:
-    # `from . import offload` names a module; `from .plan import Plan` names the module .plan.
+    # `from . import offload` names a module; `from .plans import Plan` names the module .plan.
     base = ".".join(target)
     names = []
     for alias in node.names:
@@ -172,3 +171,11 @@ def test_checker_sees_function_level_imports() -> None:
     src = "def f():\n    from ..enable import enable\n    import gradckpt.apply\n"
     assert sorted(_imports_of(src, "runtime.checkpoint")) == ["apply", "enable"]
     assert _layer("enable") > _layer("runtime.checkpoint")
+
+
+def test_plan_module_is_not_shadowed() -> None:
+    # `import gradckpt.plan` used to yield the planner function, not the module holding Plan.
+    import gradckpt
+    import gradckpt.plans
+
+    assert callable(gradckpt.plan) and gradckpt.plans.Plan is gradckpt.Plan

@@ -23,7 +23,7 @@ import gradckpt
 from conftest import run_step
 from gradckpt.bench.models import build_bench_model, make_batch
 from gradckpt.errors import PolicyError
-from gradckpt.plan import Decision, Plan
+from gradckpt.plans import Decision, Plan
 from gradckpt.runtime import offload
 from gradckpt.runtime.offload import HostCopy, emulate_host_on_cpu, offload_options
 

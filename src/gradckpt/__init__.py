@@ -25,8 +25,8 @@ from .errors import (
 from .estimate import EstimateReport, estimate
 from .estimate.sweep import SweepReport, sweep
 from .measure import MemoryStats, measure
-from .plan import Decision, Plan
-from .planner.api import plan  # the verb; shadows the module gradckpt.plan (import Plan from here)
+from .planner.api import plan  # the verb; Plan and Decision live in the module gradckpt.plans
+from .plans import Decision, Plan
 from .policies import make_plan, policy_names
 from .runtime.builtin import register_builtin
 from .runtime.checkpoint import checkpoint

@@ -21,7 +21,7 @@ from torch import nn
 
 from .errors import BlockError, PlanError
 from .guards.prepare import prepare_model
-from .plan import Decision, Plan
+from .plans import Decision, Plan
 from .runtime import decisions
 from .runtime.checkpoint import stateful_modules
 from .runtime.segments import SegmentRun, closer, segment_forward

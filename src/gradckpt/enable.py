@@ -10,8 +10,8 @@ from torch import nn
 from .apply import applied_plan, check_plan, install, uninstall
 from .blocks import BlockSpec, resolve_blocks
 from .errors import ConfigError, PlanError, PolicyError
-from .plan import Plan
 from .planner.api import plan_for_budget
+from .plans import Plan
 from .policies import make_plan
 from .runtime.offload import offload_options
 

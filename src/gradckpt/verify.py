@@ -23,7 +23,7 @@ from .apply import installed as installed_state
 from .blocks import BlockSpec
 from .enable import disable, enable
 from .errors import ConfigError, GradCkptError
-from .plan import Plan
+from .plans import Plan
 
 __all__ = ["GroupDiff", "VerifyReport", "compare_grads", "verify"]
 

@@ -14,7 +14,7 @@ import torch
 from ..enable import disable, enable
 from ..errors import ConfigError, GradCkptError
 from ..measure import MemoryStats, measure
-from ..plan import Plan
+from ..plans import Plan
 from ..policies import make_plan, policy_names
 from .models import BenchModel, build_bench_model, make_batch
 

@@ -114,7 +114,7 @@ def _policies(given: list[str] | None, have_plans: bool) -> list[str]:
 
 
 def _load_plan(path: Path) -> Any:
-    from ..plan import Plan
+    from ..plans import Plan
 
     try:
         text = path.read_text()

@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..errors import ConfigError, GradCkptError
 from ..measure import count_flops
-from ..plan import Decision, Plan
+from ..plans import Decision, Plan
 from ..state import is_recomputing
 from .setup import TrainingSetup, apply_method, optimizer_state_bytes
 

@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import PlanError
-from ..plan import Plan
+from ..plans import Plan
 
 __all__ = ["check_wrapping", "fsdp_state"]
 

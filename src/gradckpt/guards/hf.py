@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import GradCkptError
-from ..plan import Decision, Plan
+from ..plans import Decision, Plan
 
 # GradCkptCallback is built on first access (module __getattr__ below).
 __all__ = ["HFGuard", "cached_tokens", "is_hf_model"]

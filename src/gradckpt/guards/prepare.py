@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
-from ..plan import Plan
+from ..plans import Plan
 from .fsdp import check_wrapping
 from .hf import HFGuard
 

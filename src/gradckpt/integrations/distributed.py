@@ -32,7 +32,7 @@ from torch import nn
 from ..enable import enable
 from ..errors import ConfigError, GradCkptError
 from ..guards.fsdp import fsdp_state
-from ..plan import Plan
+from ..plans import Plan
 
 __all__ = ["fsdp_units", "parallelize"]
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, PolicyError
-from ..plan import Plan
+from ..plans import Plan
 
 __all__ = ["GradCkptCallback", "peak_memory_logs"]  # noqa: F822
 

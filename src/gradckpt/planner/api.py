@@ -10,7 +10,7 @@ from torch import nn
 
 from .._model_io import batch_of, call_model, default_loss
 from ..errors import BudgetError, ConfigError
-from ..plan import Decision, Plan
+from ..plans import Decision, Plan
 from ..units import format_bytes, parse_bytes
 from .lazy import LazyBudget
 from .model import StepProfile

@@ -21,7 +21,7 @@ from .._model_io import ModelState
 from ..apply import install
 from ..errors import BudgetError
 from ..measure import live_tensors
-from ..plan import Plan
+from ..plans import Plan
 from ..units import format_bytes
 from .profile import ProfileRecorder, ProfileTracker, assemble, available_decisions
 from .solve import auto_plan

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import PlanError
-from ..plan import Decision
+from ..plans import Decision
 
 __all__ = ["BlockOption", "StepProfile", "predict_cost", "predict_peak"]
 

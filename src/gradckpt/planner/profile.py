@@ -25,7 +25,7 @@ from ..apply import install, installed, uninstall
 from ..blocks import resolve_blocks
 from ..errors import BlockError
 from ..measure import StepTracker, live_tensors, storages
-from ..plan import Decision, Plan
+from ..plans import Decision, Plan
 from ..runtime import decisions as _decisions
 from ..state import is_recomputing
 from .model import BlockOption, StepProfile

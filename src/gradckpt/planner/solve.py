@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import BudgetError
-from ..plan import Decision, Plan
+from ..plans import Decision, Plan
 from .model import StepProfile, predict_cost, predict_peak
 
 __all__ = ["Solution", "min_peak", "solve"]

@@ -7,7 +7,7 @@ offload and selective.
 
 from __future__ import annotations
 
-from ..plan import Decision
+from ..plans import Decision
 from ..policies import register_policy
 from . import offload, selective
 from .decisions import recompute_block, register_decision

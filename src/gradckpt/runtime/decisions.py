@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import BlockError
-from ..plan import Decision
+from ..plans import Decision
 from .checkpoint import ContextFn, checkpoint, describe, stateful_modules
 
 __all__ = [

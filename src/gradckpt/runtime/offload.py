@@ -44,7 +44,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import PolicyError
-from ..plan import Decision, Plan
+from ..plans import Decision, Plan
 from ..state import host_empty_strided
 from ..units import parse_size
 from .checkpoint import stateful_modules

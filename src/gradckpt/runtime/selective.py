@@ -49,7 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import CheckpointMismatchError, PolicyError
-from ..plan import Decision, Plan
+from ..plans import Decision, Plan
 from .checkpoint import checkpoint, stateful_modules
 from .decisions import run_checkpointed
 
