@@ -33,7 +33,7 @@ LAYERS: dict[str, int] = {
     "apply": 4,
     "planner": 5,
     "enable": 6,
-    "_model_io": 6,
+    "_model_io": 1,
     "verify": 7,
     "bench": 7,
     "models": 7,
