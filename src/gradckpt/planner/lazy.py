@@ -44,6 +44,7 @@ class LazyBudget:
         self.result: Plan | None = None
         self.micro_steps = 0  # forwards seen while the profile waits for the optimizer step
         self.stepped = False
+        self.has_optimizer = False  # an optimizer over the model's weights existed at step 1
         self._optim_hooks: list[Any] = []
 
     def install(self, model: nn.Module) -> Callable[[], None]:
@@ -93,7 +94,7 @@ class LazyBudget:
 
     def _accumulating(self, model: nn.Module) -> bool:
         """True at a forward of the same optimizer step: no step yet, gradients still held."""
-        if self.stepped or self.micro_steps >= MAX_MICRO_STEPS:
+        if not self.has_optimizer or self.stepped or self.micro_steps >= MAX_MICRO_STEPS:
             return False
         return any(p.grad is not None for p in model.parameters() if p.requires_grad)
 
@@ -130,6 +131,16 @@ class LazyBudget:
         rec = ProfileRecorder([n for n, _ in self.blocks], [m for _, m in self.blocks], tracker)
         rec.install()
         gc.collect()
+        # Without an optimizer over these weights (a loop that only runs backward), the second
+        # forward is the second step; with one, a forward before its step() is a micro-step.
+        trainable = {id(p) for p in model.parameters() if p.requires_grad}
+        self.has_optimizer = any(
+            id(p) in trainable
+            for o in gc.get_objects()
+            if isinstance(o, torch.optim.Optimizer)
+            for g in o.param_groups
+            for p in g["params"]
+        )
         tracker.seed(live_tensors())
         tracker.window_peak = tracker.live_bytes()
         tracker.__enter__()
