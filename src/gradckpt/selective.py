@@ -440,8 +440,20 @@ _detach_helper: Callable[[Any], Any] = getattr(tuc, "_detach_helper", lambda x: 
 
 
 def _cache_key(func: Any, args: Any) -> Any:
+    # torch keys its cache by the op, except inductor_compiled_code regions (one key each); the
+    # name test avoids calling torch's key function, which imports a module, on every op.
     key_fn = getattr(tuc, "_sac_storage_key", None)
-    return key_fn(func, args) if key_fn is not None else func
+    if key_fn is None or getattr(func, "__name__", "") != "inductor_compiled_code":
+        return func
+    return key_fn(func, args)
+
+
+def _leaves(x: Any) -> list[Any]:
+    return (
+        [x]
+        if isinstance(x, torch.Tensor) or not isinstance(x, (list, tuple, dict))
+        else (tree_flatten(x)[0])
+    )
 
 
 def _storage_id(x: Any) -> int | None:
@@ -523,14 +535,14 @@ class _BlockRun:
         call = (key, counter.get(key, 0) - 1)
         entry = storage.get(key, {}).get(call[1], _RECOMPUTE)
         if entry is not _RECOMPUTE:
-            for w in tree_flatten(entry)[0]:
+            for w in _leaves(entry):
                 sid = _storage_id(getattr(w, "val", None))
                 if sid is not None:
                     self.kept_on.setdefault(sid, []).append(call)
             return
         if writes or getattr(func, "is_view", False) or not self.kept_on:
             return
-        for x in tree_flatten(out)[0]:
+        for x in _leaves(out):
             for kept_call in self.kept_on.get(_storage_id(x), ()):  # type: ignore[arg-type]
                 if storage.get(kept_call[0], {}).get(kept_call[1]) is _RECOMPUTE:
                     continue  # no longer kept (another of its outputs was written)
@@ -557,7 +569,7 @@ class _BlockRun:
         """Whether a kept output was modified since forward, through itself or an alias."""
         wrapped = (
             w
-            for w in tree_flatten(entry)[0]
+            for w in _leaves(entry)
             if _VERSION_WRAPPER is not None and isinstance(w, _VERSION_WRAPPER)
         )
         if any(w.version is not None and w.val._version != w.version for w in wrapped):
