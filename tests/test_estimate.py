@@ -179,7 +179,7 @@ def _published(params: str) -> tuple[float, float]:
 
 
 def test_presets_build_with_their_published_parameter_counts() -> None:
-    from gradckpt.estimate import fake
+    from gradckpt.estimate import fake_model as fake
 
     required = {
         "mistral-7b", "llama-3-8b", "llama-3.2-1b", "llama-3.2-3b", "qwen2.5-7b",

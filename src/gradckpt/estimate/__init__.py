@@ -120,7 +120,7 @@ def estimate(
     """Predict peak memory and checkpointing cost of fine-tuning ``model``, without weights or a GPU.
 
     The model's real ``transformers`` code runs one forward+backward on fake tensors per policy
-    (see ``gradckpt.estimate.fake``); optimizer states are added analytically, plus an allowance
+    (see ``gradckpt.estimate.fake_model``); optimizer states are added analytically, plus an allowance
     for the CUDA context and allocator slack. Sweeps (sequence lengths, batch sizes, GPUs) are
     loops over this function: fake models are cached between calls, so only the step reruns.
 
@@ -216,11 +216,12 @@ def _estimate(
 ) -> EstimateReport:
     from ..plan import Decision, Plan
     from ..policies import make_plan
-    from . import fake
+    from . import fake_model, periodic
+    from .timeline import replay
 
     cfg = spec.config
-    L = fake.num_layers(cfg)
-    types = fake.layer_types(cfg)
+    L = fake_model.num_layers(cfg)
+    types = fake_model.layer_types(cfg)
     if L < 1:
         raise ConfigError(f"{spec.name} has {L} layers; nothing to estimate")
     max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
@@ -230,16 +231,16 @@ def _estimate(
             "(max_position_embeddings); use --seq <= that"
         )
     notes = list(spec.notes)
-    force_full = full_depth or bool(fake._per_layer_lists(cfg))
+    force_full = full_depth or bool(fake_model.per_layer_lists(cfg))
 
     # A small build tells the block names; the full-depth names follow their pattern.
     n0 = min(L, 3)
     idx0 = [0, 1, L - 1][:n0] if L >= 3 else list(range(L))
-    probe = fake.get_session(cfg, st, n0, None if types is None else [types[i] for i in idx0])
-    full_names = fake.block_names_at_depth([n for n, _ in probe.blocks], L)
+    probe = fake_model.get_session(cfg, st, n0, None if types is None else [types[i] for i in idx0])
+    full_names = periodic.block_names_at_depth([n for n, _ in probe.blocks], L)
     if full_names is None:
         force_full = True
-        full = fake.get_session(cfg, st, L, types)
+        full = fake_model.get_session(cfg, st, L, types)
         full_names = [n for n, _ in full.blocks]
     notes.extend(probe.notes)
 
@@ -257,9 +258,9 @@ def _estimate(
             plan = make_plan(policy, full_names)
         if Decision.OFFLOAD in plan.decisions:
             offloaded.append(policy)
-        layout = None if force_full else fake.reduced_layout(plan, types)
+        layout = None if force_full else periodic.reduced_layout(plan, types)
         if layout is None:
-            sess = fake.get_session(cfg, st, L, types)
+            sess = fake_model.get_session(cfg, st, L, types)
             order = list(range(L))
             run_plan = Plan(
                 tuple(n for n, _ in sess.blocks),
@@ -270,7 +271,7 @@ def _estimate(
             )
         else:
             order, decisions, small_types = layout
-            sess = fake.get_session(cfg, st, len(decisions), small_types)
+            sess = fake_model.get_session(cfg, st, len(decisions), small_types)
             run_plan = Plan(
                 tuple(n for n, _ in sess.blocks), tuple(decisions), (), plan.policy, plan.options
             )
@@ -289,7 +290,7 @@ def _estimate(
         cached = _PROFILES.pop(key, None)
         if cached is None or cached[0] is not sess:
             timeline = sess.run(run_plan, st.batch, st.seq, grad_accum=st.grad_accum)
-            prof = fake.replay(timeline, order)
+            prof = replay(timeline, order)
             whole, per_block = sess.totals(st.optimizer)
             outside = whole - sum(per_block[1:], per_block[0])
             tot = sum((per_block[k] for k in order[1:]), outside + per_block[order[0]])
@@ -377,7 +378,7 @@ def _policy_estimate(
     speed_gpu: GPU,
     fixed_overhead: int | None,
 ) -> PolicyEstimate:
-    from .fake import ACT, BWD, GRAD, HEAD
+    from .timeline import ACT, BWD, GRAD, HEAD
 
     parts = prof.peak_parts
     accum_grads = tot.grad_bytes if st.grad_accum > 1 else 0
@@ -586,12 +587,12 @@ def _planner_plan(
         )
     import torch
 
-    from . import fake
+    from . import fake_model
 
-    sess = fake.get_session(cfg, st, L, types)
+    sess = fake_model.get_session(cfg, st, L, types)
     # The planner measures like gradckpt.measure: every live tensor of the process is baseline.
     # Fake models cached from earlier estimates would count as weights: let them go.
-    fake.keep_only(sess)
+    fake_model.keep_only(sess)
     for key in [k for k, v in _PROFILES.items() if v[0] is not sess]:
         del _PROFILES[key]
     gc.collect()

@@ -1,0 +1,82 @@
+"""Bytes and counts of a model's own tensors: weights, parameters, gradients, optimizer states."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .setup import optimizer_state_bytes
+from .timeline import storage_of
+
+__all__ = ["TensorTotals", "tensor_totals"]
+
+
+def _logical_numel(mod: nn.Module, p: torch.Tensor, name: str) -> int:
+    from .nf4 import NF4Linear
+
+    if isinstance(mod, NF4Linear) and name == "weight":
+        return mod.in_features * mod.out_features
+    return p.numel()
+
+
+@dataclass
+class TensorTotals:
+    """Bytes and counts of a set of modules' tensors (shared storages counted once)."""
+
+    weight_bytes: int = 0
+    params: int = 0
+    trainable: int = 0
+    grad_bytes: int = 0
+    optimizer_bytes: int = 0
+    trainable_tensors: list[torch.Tensor] = field(default_factory=list)
+
+    def __add__(self, o: TensorTotals) -> TensorTotals:
+        return TensorTotals(
+            self.weight_bytes + o.weight_bytes,
+            self.params + o.params,
+            self.trainable + o.trainable,
+            self.grad_bytes + o.grad_bytes,
+            self.optimizer_bytes + o.optimizer_bytes,
+        )
+
+    def __sub__(self, o: TensorTotals) -> TensorTotals:
+        return TensorTotals(
+            self.weight_bytes - o.weight_bytes,
+            self.params - o.params,
+            self.trainable - o.trainable,
+            self.grad_bytes - o.grad_bytes,
+            self.optimizer_bytes - o.optimizer_bytes,
+        )
+
+
+def tensor_totals(module: nn.Module, optimizer: str) -> TensorTotals:
+    """Weights (parameters + buffers), trainable parameters, gradient and optimizer bytes."""
+    seen: set[int] = set()
+    tot = TensorTotals()
+    trainable: list[torch.Tensor] = []
+    for mod in module.modules():
+        for name, p in mod.named_parameters(recurse=False):
+            st = storage_of(p)
+            key = id(st) if st is not None else id(p)
+            if key in seen:
+                continue
+            seen.add(key)
+            tot.weight_bytes += p.numel() * p.element_size()
+            n = _logical_numel(mod, p, name)
+            tot.params += n
+            if p.requires_grad:
+                tot.trainable += n
+                tot.grad_bytes += p.numel() * p.element_size()
+                trainable.append(p)
+        for b in mod.buffers(recurse=False):
+            st = storage_of(b)
+            key = id(st) if st is not None else id(b)
+            if key in seen:
+                continue
+            seen.add(key)
+            tot.weight_bytes += b.numel() * b.element_size()
+    tot.optimizer_bytes = optimizer_state_bytes(trainable, optimizer)
+    tot.trainable_tensors = trainable
+    return tot
