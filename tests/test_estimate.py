@@ -29,7 +29,7 @@ from gradckpt.estimate import (
     resolve_model,
 )
 from gradckpt.estimate.nf4 import NF4_CODE, NF4Linear, nf4_bytes, quantize_nf4
-from gradckpt.estimate.setup import TrainingSetup, apply_method, optimizer_state_bytes
+from gradckpt.estimate.training import TrainingSetup, apply_method, optimizer_state_bytes
 from gradckpt.models import build_bench_model, make_batch
 
 pytest.importorskip("transformers")

@@ -23,7 +23,7 @@ _ROWS = (
 
 
 def add_parser(subparsers: Any) -> None:
-    from ..estimate.setup import ATTENTION, METHODS, OPTIMIZERS, PRECISIONS
+    from ..estimate.training import ATTENTION, METHODS, OPTIMIZERS, PRECISIONS
 
     p = subparsers.add_parser(
         "plan",

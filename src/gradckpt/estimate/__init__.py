@@ -19,7 +19,7 @@ from ..units import format_bytes, parse_bytes
 from .gpus import GPU, GPU_PRESETS, MATH_EFFICIENCY, MEMORY_EFFICIENCY, get_gpu
 from .presets import MODEL_PRESETS, ModelPreset, ModelSpec, resolve_model
 from .report import BREAKDOWN_HELP, BREAKDOWN_KEYS, Alternative, EstimateReport, PolicyEstimate
-from .setup import METHODS, OPTIMIZERS, PRECISIONS, TrainingSetup
+from .training import METHODS, OPTIMIZERS, PRECISIONS, TrainingSetup
 
 __all__ = [
     "BREAKDOWN_HELP",

@@ -22,9 +22,9 @@ from torch.utils._pytree import tree_flatten
 from ..checkpoint import is_recomputing
 from ..errors import ConfigError, GradCkptError
 from ..plan import Plan
-from .setup import TrainingSetup, apply_method
 from .timeline import GRAD, HEAD, Timeline, TimelineTracker
 from .totals import TensorTotals, tensor_totals
+from .training import TrainingSetup, apply_method
 
 __all__ = [
     "FakeSession",

@@ -712,7 +712,7 @@ def sweep(
     """
     from . import GPU_PRESETS as presets
     from . import REFERENCE_GPU, _policy_list, resolve_model
-    from .setup import TrainingSetup
+    from .training import TrainingSetup
 
     t0 = time.perf_counter()
     if "alternatives" in settings:

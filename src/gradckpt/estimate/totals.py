@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .setup import optimizer_state_bytes
 from .timeline import storage_of
+from .training import optimizer_state_bytes
 
 __all__ = ["TensorTotals", "tensor_totals"]
 
