@@ -22,8 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError, GradCkptError
+from .estimator import REFERENCE_GPU, estimate, policy_list
 from .gpus import GPU, GPU_PRESETS, get_gpu
+from .presets import resolve_model
 from .report import PolicyEstimate
+from .training import TrainingSetup
 
 __all__ = [
     "SWEEP_POLICIES",
@@ -549,8 +552,6 @@ class _Estimator:
         self._results: dict[tuple[str, int, int, str], PolicyEstimate | None] = {}
 
     def result(self, policy: str, batch: int, seq: int, gpu: GPU | None) -> PolicyEstimate | None:
-        from . import estimate
-
         key = (policy, batch, seq, "" if gpu is None else gpu.name)
         if key not in self._results:
             self.calls += 1
@@ -710,16 +711,12 @@ def sweep(
         ...                    gpu="rtx-4090,a100-80gb", max_batch=True, prices="rtx-4090=0.35")
         >>> {(f.gpu, f.policy): f.batch for f in r.largest}
     """
-    from . import GPU_PRESETS as presets
-    from . import REFERENCE_GPU, _policy_list, resolve_model
-    from .training import TrainingSetup
-
     t0 = time.perf_counter()
     if "alternatives" in settings:
         raise ConfigError("sweep does not estimate alternatives; call estimate() for those")
     seqs = parse_int_list(seq if seq is not None else TrainingSetup().seq, "seq")
     batches = parse_int_list(batch if batch is not None else TrainingSetup().batch, "batch")
-    names = _policy_list(policies if policies is not None else list(SWEEP_POLICIES))
+    names = policy_list(policies if policies is not None else list(SWEEP_POLICIES))
     gpus = _gpu_list(gpu)
     price_of = parse_prices(prices, gpus)
     for flag, on in (("max_batch", max_batch), ("max_seq", max_seq)):
@@ -731,7 +728,7 @@ def sweep(
         raise ConfigError(f"batch_limit must be a whole number >= 1, got {batch_limit!r}")
     # prices alone ask which GPU is cheapest; with a search they price its rows
     which = bool(which_gpu or (price_of and not (max_batch or max_seq)))
-    table_gpus = gpus if gpus else list(presets.values())
+    table_gpus = gpus if gpus else list(GPU_PRESETS.values())
     if price_of:
         names_in = [g.name for g in (table_gpus if which else gpus)]
         for name in price_of:
@@ -766,7 +763,7 @@ def sweep(
     # The grid's estimates (speed figures, 'fits', the plan of 'auto') are for the first GPU
     # with throughput figures; whether each point fits every GPU is in SweepPoint.fits.
     first = next((g for g in gpus if g.has_speed), gpus[0] if gpus else None)
-    speed_gpu = first if first is not None and first.has_speed else presets[REFERENCE_GPU]
+    speed_gpu = first if first is not None and first.has_speed else GPU_PRESETS[REFERENCE_GPU]
     points: list[SweepPoint] = []
     for b in batches:
         for s in seqs:
