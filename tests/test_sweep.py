@@ -20,7 +20,8 @@ import pytest
 import gradckpt
 from gradckpt.cli import main
 from gradckpt.estimate.gpus import GPU
-from gradckpt.estimate.sweep import largest_fitting, parse_int_list, parse_prices
+from gradckpt.estimate.search import largest_fitting
+from gradckpt.estimate.sweep import parse_int_list, parse_prices
 
 pytest.importorskip("transformers")
 

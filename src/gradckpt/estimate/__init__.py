@@ -14,7 +14,17 @@ from __future__ import annotations
 from .estimator import CUDA_CONTEXT_BYTES, DEFAULT_POLICIES, REFERENCE_GPU, estimate
 from .gpus import GPU, GPU_PRESETS, get_gpu
 from .presets import MODEL_PRESETS, ModelPreset, ModelSpec, resolve_model
-from .report import BREAKDOWN_HELP, BREAKDOWN_KEYS, Alternative, EstimateReport, PolicyEstimate
+from .report import (
+    BREAKDOWN_HELP,
+    BREAKDOWN_KEYS,
+    Alternative,
+    EstimateReport,
+    GpuOption,
+    LargestFit,
+    PolicyEstimate,
+    SweepPoint,
+    SweepReport,
+)
 from .training import METHODS, OPTIMIZERS, PRECISIONS, TrainingSetup
 
 __all__ = [
@@ -31,9 +41,13 @@ __all__ = [
     "REFERENCE_GPU",
     "Alternative",
     "EstimateReport",
+    "GpuOption",
+    "LargestFit",
     "ModelPreset",
     "ModelSpec",
     "PolicyEstimate",
+    "SweepPoint",
+    "SweepReport",
     "TrainingSetup",
     "estimate",
     "get_gpu",
