@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import sys
 
 import pytest
 import torch
@@ -401,3 +402,31 @@ def test_config_files(tmp_path) -> None:
     )  # fmt: skip
     r = estimate(str(good), seq=32, alternatives=False)
     assert r.layers == 3 and r.model == str(good)
+
+
+def test_missing_optional_dependency_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gradckpt._optional import require
+
+    assert require("json", "hf") is json
+    with pytest.raises(
+        ConfigError, match=r"gradckpt_absent cannot be imported .*'gradckpt\[plot\]'"
+    ):
+        require("gradckpt_absent.sub", "plot")
+    # a LoRA estimate without peft: one ConfigError with the install line, from apply_method
+    monkeypatch.setitem(sys.modules, "peft", None)  # makes `import peft` raise ImportError
+    with pytest.raises(
+        ConfigError, match=r"peft is needed for LoRA/QLoRA estimates .*pip install 'gradckpt\[hf\]'"
+    ):
+        apply_method(torch.nn.Linear(2, 2), TrainingSetup(method="lora"))
+
+
+def test_setup_module_is_a_deprecated_alias_of_training() -> None:
+    import importlib
+
+    from gradckpt.estimate import training
+
+    sys.modules.pop("gradckpt.estimate.setup", None)
+    with pytest.warns(DeprecationWarning, match="renamed gradckpt.estimate.training"):
+        old = importlib.import_module("gradckpt.estimate.setup")
+    assert old.TrainingSetup is training.TrainingSetup is TrainingSetup
+    assert old.apply_method is training.apply_method

@@ -22,6 +22,7 @@ from torch.utils._pytree import tree_flatten
 from ..checkpoint import is_recomputing
 from ..errors import ConfigError, GradCkptError
 from ..plan import Plan
+from .presets import hf_transformers
 from .timeline import GRAD, HEAD, Timeline, TimelineTracker
 from .totals import TensorTotals, tensor_totals
 from .training import TrainingSetup, apply_method
@@ -50,17 +51,6 @@ _MASKED = (
     "deberta",
     "deberta-v2",
 )
-
-
-def _transformers() -> Any:
-    try:
-        import transformers
-    except ImportError as e:  # pragma: no cover - exercised only without the hf extra
-        raise ConfigError(
-            "estimating a model needs Hugging Face transformers: pip install 'gradckpt[hf]'"
-        ) from e
-    transformers.logging.set_verbosity_error()
-    return transformers
 
 
 def _layer_count_key(cfg: Any) -> str:
@@ -223,7 +213,7 @@ class FakeSession:
 
         from ..blocks import find_blocks
 
-        t = _transformers()
+        t = hf_transformers()
         self.setup = setup
         self.mode = FakeTensorMode(allow_non_fake_inputs=False)
         small = _small_config(cfg, n_layers, types)

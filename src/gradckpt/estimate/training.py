@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._optional import require
 from ..errors import ConfigError
 
 __all__ = [
@@ -227,10 +228,7 @@ def apply_method(model: nn.Module, setup: TrainingSetup) -> tuple[nn.Module, lis
         for p in model.parameters():
             p.requires_grad_(True)
         return model, notes
-    try:
-        import peft
-    except ImportError as e:  # pragma: no cover - exercised only without the hf extra
-        raise ConfigError("LoRA/QLoRA estimates need peft: pip install 'gradckpt[hf]'") from e
+    peft = require("peft", "hf", purpose="LoRA/QLoRA estimates")
     for p in model.parameters():
         p.requires_grad_(False)
     if setup.method == "qlora":
