@@ -7,15 +7,16 @@ import json
 from typing import Any
 
 from ..errors import ConfigError
-from ._args import int_list
+from ..estimate import estimate
+from ..estimate.sweep import sweep
+from ..estimate.training import ATTENTION, METHODS, OPTIMIZERS, PRECISIONS
+from ._args import gpu_names, int_list, lora_targets, parse_prices, policy_names
 from .render import plot_sweep, presets_data, render_estimate, render_presets, render_sweep
 
 __all__ = ["add_parser", "run"]
 
 
 def add_parser(subparsers: Any) -> None:
-    from ..estimate.training import ATTENTION, METHODS, OPTIMIZERS, PRECISIONS
-
     p = subparsers.add_parser(
         "plan",
         help="estimate peak memory and checkpointing cost of a fine-tune (no GPU, no weights)",
@@ -140,29 +141,18 @@ def run(args: argparse.Namespace) -> int:
         return _lists(args)
     if not args.model:
         raise ConfigError("name a model: gradckpt plan MODEL (see gradckpt plan --list-models)")
-    from ..estimate import estimate
-
-    alpha = int(args.lora_alpha) if float(args.lora_alpha).is_integer() else args.lora_alpha
-    if _is_sweep(args):
-        return _sweep(args, alpha)
+    gpus = gpu_names(args.gpu) if args.gpu is not None else []
+    policies = policy_names(args.policy) if args.policy is not None else None
+    if _is_sweep(args, gpus):
+        return _sweep(args, gpus, policies)
     report = estimate(
         args.model,
-        method=args.method,
         batch=args.batch[0],
         seq=args.seq[0],
-        grad_accum=args.grad_accum,
-        precision=args.precision,
-        optimizer=args.optimizer,
-        attention=args.attention,
-        lora_rank=args.lora_rank,
-        lora_alpha=alpha,
-        lora_dropout=args.lora_dropout,
-        lora_targets=args.lora_targets,
-        policies=args.policy,
-        gpu=args.gpu,
-        overhead=args.overhead,
+        policies=policies,
+        gpu=gpus[0] if gpus else None,
         alternatives=not args.no_alternatives,
-        full_depth=args.full_depth,
+        **_settings(args),
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -171,13 +161,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _gpu_names(args: argparse.Namespace) -> list[str]:
-    return [g.strip() for g in (args.gpu or "").split(",") if g.strip()]
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The training setup and estimator options, as ``estimate`` and ``sweep`` take them."""
+    alpha = int(args.lora_alpha) if float(args.lora_alpha).is_integer() else args.lora_alpha
+    return {
+        "method": args.method,
+        "grad_accum": args.grad_accum,
+        "precision": args.precision,
+        "optimizer": args.optimizer,
+        "attention": args.attention,
+        "lora_rank": args.lora_rank,
+        "lora_alpha": alpha,
+        "lora_dropout": args.lora_dropout,
+        "lora_targets": lora_targets(args.lora_targets),
+        "overhead": args.overhead,
+        "full_depth": args.full_depth,
+    }
 
 
-def _is_sweep(args: argparse.Namespace) -> bool:
+def _is_sweep(args: argparse.Namespace, gpus: list[str]) -> bool:
     """Anything beyond one setting on at most one GPU goes through ``sweep``."""
-    gpus = _gpu_names(args)
     return bool(
         len(args.seq) > 1
         or len(args.batch) > 1
@@ -187,14 +190,11 @@ def _is_sweep(args: argparse.Namespace) -> bool:
         or args.which_gpu
         or args.price is not None
         or len(gpus) > 1
-        or (gpus and gpus[0].lower() == "all")
     )
 
 
-def _sweep(args: argparse.Namespace, alpha: Any) -> int:
+def _sweep(args: argparse.Namespace, gpus: list[str], policies: list[str] | None) -> int:
     from pathlib import Path
-
-    from ..estimate.sweep import sweep
 
     searching = args.max_batch or args.max_seq
     several_points = len(args.seq) > 1 or len(args.batch) > 1
@@ -209,35 +209,19 @@ def _sweep(args: argparse.Namespace, alpha: Any) -> int:
                 "--plot draws a sweep: give several --seq values (e.g. 512,1024,2048,4096) "
                 "or several --batch values"
             )
-    if args.gpu is not None and not _gpu_names(args):
-        raise ConfigError("--gpu list is empty: name presets, e.g. rtx-4090,a100-80gb, or 'all'")
-    which = bool(
-        args.which_gpu
-        or (args.price is not None and not searching)
-        or (not several_points and not searching and not args.plot)
-    )
     report = sweep(
         args.model,
         seq=args.seq,
         batch=args.batch,
-        policies=args.policy,
-        gpu=args.gpu,
-        prices=args.price,
+        policies=policies,
+        gpu=gpus or None,
+        prices=parse_prices(args.price) if args.price is not None else None,
         max_batch=args.max_batch,
         max_seq=args.max_seq,
-        which_gpu=which,
+        # one setting on several GPUs compares them (prices alone imply it: sweep's rule)
+        which_gpu=args.which_gpu or not (several_points or searching),
         seq_step=args.seq_step,
-        method=args.method,
-        grad_accum=args.grad_accum,
-        precision=args.precision,
-        optimizer=args.optimizer,
-        attention=args.attention,
-        lora_rank=args.lora_rank,
-        lora_alpha=alpha,
-        lora_dropout=args.lora_dropout,
-        lora_targets=args.lora_targets,
-        overhead=args.overhead,
-        full_depth=args.full_depth,
+        **_settings(args),
     )
     plot_path = plot_sweep(report, args.plot) if args.plot else None
     if args.json:
@@ -245,7 +229,7 @@ def _sweep(args: argparse.Namespace, alpha: Any) -> int:
         data["plot"] = None if plot_path is None else str(plot_path)
         print(json.dumps(data, indent=2))
     else:
-        render_sweep(report, grid=several_points or not (searching or which))
+        render_sweep(report, grid=several_points)
         if plot_path is not None:
             print(f"plot: {plot_path}")
     return 0

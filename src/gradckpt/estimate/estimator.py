@@ -19,8 +19,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import ConfigError, GradCkptError
+from ..policies import get_policy
 from ..units import format_bytes, parse_bytes
 from .alternatives import alternatives as _alternatives
+from .compat import deprecated_csv
 from .gpus import GPU, GPU_PRESETS, MATH_EFFICIENCY, MEMORY_EFFICIENCY, get_gpu
 from .presets import ModelSpec, resolve_model
 from .report import Alternative, EstimateReport, PolicyEstimate
@@ -52,13 +54,24 @@ _PROFILES_SIZE = 64
 
 
 def policy_list(policies: Sequence[str] | str | None) -> list[str]:
-    """Policy names checked and normalized (``"every:2"`` kept with its argument), no repeats."""
-    from ..policies import get_policy
+    """Policy names checked and normalized (``"every:2"`` kept with its argument), no repeats.
 
+    Args:
+        policies: a name or a list of names; None: ``DEFAULT_POLICIES``. A comma-separated
+            string (``"none,full"``) is still split, with a DeprecationWarning, until the next
+            release.
+
+    Raises:
+        ConfigError: an empty list or a name that is not a string.
+        PolicyError: an unknown policy.
+    """
     if policies is None:
         return list(DEFAULT_POLICIES)
     if isinstance(policies, str):
-        policies = [p for p in policies.split(",")]
+        if "," in policies:
+            policies = deprecated_csv(policies, "policies", "['none', 'full']")
+        else:
+            policies = [policies]
     out: list[str] = []
     for p in policies:
         if not isinstance(p, str) or not p.strip():
@@ -112,8 +125,8 @@ def estimate(
     """Predict peak memory and checkpointing cost of fine-tuning ``model``, without weights or a GPU.
 
     The model's real ``transformers`` code runs one forward+backward on fake tensors per policy
-    (see ``gradckpt.estimate.fake_model``); optimizer states are added analytically, plus an allowance
-    for the CUDA context and allocator slack. Sweeps (sequence lengths, batch sizes, GPUs) are
+    (see ``gradckpt.estimate.fake_model``); optimizer states are added analytically, plus an
+    allowance for the CUDA context and allocator slack. Sweeps (sequence lengths, batch sizes, GPUs) are
     loops over this function: fake models are cached between calls, so only the step reruns.
 
     Args:
@@ -122,10 +135,10 @@ def estimate(
         method: ``"full"`` (default), ``"lora"`` or ``"qlora"``.
         batch: micro-batch size (default 1).
         seq: sequence length in tokens (default 2048).
-        policies: checkpointing policies to compare; any of ``gradckpt.policy_names()`` with
-            its argument (``"every:2"``), or ``"auto"``: the memory-budget planner's cheapest
-            plan that fits ``gpu``. Default: ``none`` and ``full``, plus ``auto`` when a GPU is
-            given (and the planner is part of this build).
+        policies: checkpointing policies to compare, a name or a list of names; any of
+            ``gradckpt.policy_names()`` with its argument (``"every:2"``), or ``"auto"``: the
+            memory-budget planner's cheapest plan that fits ``gpu``. Default: ``none`` and
+            ``full``, plus ``auto`` when a GPU is given.
         gpu: a preset (``GPU_PRESETS``: ``"rtx-4090"``, ``"a100-80gb"``...) or a size
             (``"24GB"``); sets ``fits`` and the speed figures (without throughput figures,
             speed uses ``REFERENCE_GPU``).
@@ -134,7 +147,8 @@ def estimate(
         optimizer: ``"adamw"`` (default), ``"adamw-8bit"``, ``"sgd"``, ``"sgd-momentum"``.
         grad_accum: micro-batches per optimizer step (default 1).
         attention: ``"sdpa"`` (default), ``"flash"`` or ``"eager"``.
-        lora_rank, lora_alpha, lora_dropout, lora_targets: LoRA settings (16, 32, 0.0, "all-linear").
+        lora_rank, lora_alpha, lora_dropout, lora_targets: LoRA settings (16, 32, 0.0,
+            ``"all-linear"``; ``lora_targets`` also takes a list of module names).
         setup: a ``TrainingSetup`` to start from; the keyword arguments above override it.
         overhead: the CUDA allowance in bytes or as a size (``"1GiB"``); default
             ``CUDA_CONTEXT_BYTES`` + ``ALLOCATOR_SLACK`` of the tensors' peak; ``0`` for none.

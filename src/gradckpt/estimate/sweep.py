@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..errors import ConfigError, GradCkptError
+from .compat import deprecated_csv, deprecated_prices, warn_deprecated
 from .estimator import REFERENCE_GPU, estimate, policy_list
 from .gpus import GPU, GPU_PRESETS, get_gpu
 from .presets import resolve_model
@@ -34,6 +36,9 @@ __all__ = [
     "LargestFit",
     "SweepPoint",
     "SweepReport",
+    "gpu_list",
+    "gpu_prices",
+    "int_values",
     "parse_int_list",
     "parse_prices",
     "sweep",
@@ -52,14 +57,17 @@ SEQ_STEP = 128
 SEQ_LIMIT = 1 << 20
 
 
-# -- input parsing --------------------------------------------------------------------------
+# -- inputs -----------------------------------------------------------------------------------
 
 
-def parse_int_list(value: int | str | Sequence[int], what: str) -> list[int]:
-    """Whole numbers >= 1 from an int, a list, or a comma-separated string; sorted, without repeats.
+def int_values(value: int | Sequence[int], what: str) -> list[int]:
+    """Whole numbers >= 1 from an int or a list; sorted, without repeats.
+
+    A comma-separated string (``"512,1024"``) is still split, with a DeprecationWarning, until
+    the next release (``gradckpt.cli._args.parse_int_list`` parses command lines).
 
     Args:
-        value: ``2048``, ``[512, 1024]`` or ``"512,1024"``.
+        value: ``2048`` or ``[512, 1024]``.
         what: the setting's name, for error messages (``"seq"``, ``"batch"``).
 
     Returns:
@@ -69,17 +77,16 @@ def parse_int_list(value: int | str | Sequence[int], what: str) -> list[int]:
         ConfigError: an empty list, something that is not a whole number, or a value < 1.
 
     Example:
-        >>> parse_int_list("1024,512,1024", "seq")
+        >>> int_values([1024, 512, 1024], "seq")
         [512, 1024]
     """
     if isinstance(value, str):
-        items: list[Any] = [t.strip() for t in value.split(",")]
-        if all(not t for t in items):
-            raise ConfigError(f"{what} list is empty: give at least one value, e.g. 512,1024")
-    elif isinstance(value, bool):
+        tokens = deprecated_csv(value, what, "[512, 1024]")
+        value = [] if all(not t for t in tokens) else [_int_token(t) for t in tokens]
+    if isinstance(value, bool):
         raise ConfigError(f"{what} must be a whole number or a list of them, got {value!r}")
-    elif isinstance(value, int):
-        items = [value]
+    if isinstance(value, int):
+        items: list[Any] = [value]
     elif isinstance(value, Sequence):
         items = list(value)
         if not items:
@@ -90,63 +97,51 @@ def parse_int_list(value: int | str | Sequence[int], what: str) -> list[int]:
         )
     out: list[int] = []
     for item in items:
-        if isinstance(item, str):
-            if not item.strip().lstrip("+-").isdigit():
-                raise ConfigError(
-                    f"{what} value {item!r} is not a whole number; write e.g. 512,1024,2048"
-                )
-            n = int(item)
-        elif isinstance(item, int) and not isinstance(item, bool):
-            n = item
-        else:
+        if isinstance(item, bool) or not isinstance(item, int):
             raise ConfigError(f"{what} value {item!r} is not a whole number")
-        if n < 1:
-            raise ConfigError(f"{what} must be >= 1, got {n}")
-        out.append(n)
+        if item < 1:
+            raise ConfigError(f"{what} must be >= 1, got {item}")
+        out.append(item)
     return sorted(set(out))
 
 
-def parse_prices(
-    prices: Mapping[str, float] | str | None, known: Sequence[GPU] = ()
-) -> dict[str, float]:
-    """Hourly GPU prices by preset name, from a mapping or ``"rtx-4090=0.35,a100-80gb=1.6"``.
+def _int_token(token: str) -> int | str:
+    # a token of a deprecated comma string: digits become an int, the rest stays to be refused
+    return int(token) if token.lstrip("+-").isdigit() else token
+
+
+def gpu_prices(prices: Mapping[str, float] | None, known: Sequence[GPU] = ()) -> dict[str, float]:
+    """Hourly GPU prices by preset name, checked; aliases (``"4090"``) resolved.
 
     There are no built-in prices: they differ between providers and change every month.
+    ``"rtx-4090=0.35,a100-80gb=1.6"`` is still parsed, with a DeprecationWarning, until the
+    next release (``gradckpt.cli._args.parse_prices`` parses command lines).
 
     Args:
-        prices: the prices, or None.
+        prices: ``{GPU name: price per hour}``, or None.
         known: ``GPU`` objects whose names count too (custom GPUs passed to ``sweep``).
 
     Returns:
-        ``{preset name: price per hour}`` (aliases such as ``"4090"`` resolved).
+        ``{preset name: price per hour}``.
 
     Raises:
-        ConfigError: empty, malformed (no ``=``, not a number), negative or non-finite price,
-            a GPU named twice, an unknown GPU (with the closest preset), or a bare memory size
-            (a price needs a preset's throughput to become a cost per token).
+        ConfigError: empty, a price that is not a number, negative or non-finite, a GPU named
+            twice, an unknown GPU (with the closest preset), or a bare memory size (a price
+            needs a preset's throughput to become a cost per token).
 
     Example:
-        >>> parse_prices("4090=0.35,a100-80gb=1.6")
+        >>> gpu_prices({"4090": 0.35, "a100-80gb": 1.6})
         {'rtx-4090': 0.35, 'a100-80gb': 1.6}
     """
     if prices is None:
         return {}
     if isinstance(prices, str):
-        pairs: list[tuple[str, Any]] = []
-        for item in prices.split(","):
-            if not item.strip():
-                continue
-            if "=" not in item:
-                raise ConfigError(
-                    f"price {item.strip()!r} is not GPU=PRICE; write e.g. rtx-4090=0.35,a100-80gb=1.6"
-                )
-            name, _, amount = item.partition("=")
-            pairs.append((name.strip(), amount.strip()))
+        pairs: list[tuple[Any, Any]] = list(deprecated_prices(prices))
     elif isinstance(prices, Mapping):
         pairs = list(prices.items())
     else:
         raise ConfigError(
-            f"prices must be a mapping or 'GPU=PRICE,...', got {type(prices).__name__}"
+            f"prices must be a mapping of GPU name to hourly price, got {type(prices).__name__}"
         )
     if not pairs:
         raise ConfigError("price list is empty: write e.g. rtx-4090=0.35,a100-80gb=1.6")
@@ -178,21 +173,35 @@ def parse_prices(
     return out
 
 
-def _gpu_list(gpu: str | GPU | Sequence[str | GPU] | None) -> list[GPU]:
+def gpu_list(gpu: str | GPU | Sequence[str | GPU] | None) -> list[GPU]:
+    """GPUs from a name, a ``GPU``, or a list of them; repeats dropped, in the order given.
+
+    ``"rtx-4090,a100-80gb"`` and ``"all"`` (every preset) are still accepted, with a
+    DeprecationWarning, until the next release.
+
+    Raises:
+        ConfigError: an empty list or an unknown GPU.
+    """
     if gpu is None:
         return []
-    if isinstance(gpu, str):
-        if gpu.strip().lower() == "all":
-            return list(GPU_PRESETS.values())
-        names: list[str | GPU] = [g.strip() for g in gpu.split(",")]
-        if all(not n for n in names):
-            raise ConfigError("GPU list is empty: name presets, e.g. rtx-4090,a100-80gb, or 'all'")
-    elif isinstance(gpu, GPU):
+    names: list[str | GPU]
+    if isinstance(gpu, GPU):
         names = [gpu]
+    elif isinstance(gpu, str) and gpu.strip().lower() == "all":
+        warn_deprecated(
+            "gpu='all' is deprecated and will be refused in the next release; pass "
+            "gpu=list(gradckpt.estimate.GPU_PRESETS) for every preset"
+        )
+        names = list(GPU_PRESETS.values())
+    elif isinstance(gpu, str):
+        if "," in gpu:
+            names = [n for n in deprecated_csv(gpu, "gpu", "['rtx-4090', 'a100-80gb']") if n]
+        else:
+            names = [gpu.strip()] if gpu.strip() else []
     else:
         names = list(gpu)
-        if not names:
-            raise ConfigError("GPU list is empty: name presets, e.g. rtx-4090,a100-80gb, or 'all'")
+    if not names:
+        raise ConfigError("GPU list is empty: name presets, e.g. rtx-4090,a100-80gb, or 'all'")
     out: list[GPU] = []
     for n in names:
         if isinstance(n, str) and not n:
@@ -201,6 +210,30 @@ def _gpu_list(gpu: str | GPU | Sequence[str | GPU] | None) -> list[GPU]:
         if all(g.name != o.name for o in out):
             out.append(g)
     return out
+
+
+def parse_int_list(value: int | str | Sequence[int], what: str) -> list[int]:
+    """Deprecated: ``int_values`` (lists) or ``gradckpt.cli._args.parse_int_list`` (strings)."""
+    warn_deprecated(
+        "gradckpt.estimate.sweep.parse_int_list is deprecated: sweep() takes lists; "
+        "gradckpt.cli._args.parse_int_list parses command lines"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return int_values(value, what)  # type: ignore[arg-type]
+
+
+def parse_prices(
+    prices: Mapping[str, float] | str | None, known: Sequence[GPU] = ()
+) -> dict[str, float]:
+    """Deprecated: ``gpu_prices`` (mappings) or ``gradckpt.cli._args.parse_prices`` (strings)."""
+    warn_deprecated(
+        "gradckpt.estimate.sweep.parse_prices is deprecated: sweep() takes a mapping; "
+        "gradckpt.cli._args.parse_prices parses command lines"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return gpu_prices(prices, known)  # type: ignore[arg-type]
 
 
 def _cost_per_mtok(price: float | None, tokens_per_s: float | None) -> float | None:
@@ -329,11 +362,11 @@ def _search(
 def sweep(
     model: Any,
     *,
-    seq: int | str | Sequence[int] | None = None,
-    batch: int | str | Sequence[int] | None = None,
+    seq: int | Sequence[int] | None = None,
+    batch: int | Sequence[int] | None = None,
     policies: Sequence[str] | str | None = None,
     gpu: str | GPU | Sequence[str | GPU] | None = None,
-    prices: Mapping[str, float] | str | None = None,
+    prices: Mapping[str, float] | None = None,
     max_batch: bool = False,
     max_seq: bool = False,
     which_gpu: bool = False,
@@ -348,14 +381,15 @@ def sweep(
 
     Args:
         model: a preset name, a ``config.json`` path or a ``transformers`` config (as ``estimate``).
-        seq: sequence length(s): an int, a list, or ``"512,1024,2048"`` (default 2048).
-        batch: micro-batch size(s), same forms (default 1).
-        policies: policies to compare (default ``SWEEP_POLICIES``: ``none`` and ``full``);
+        seq: sequence length(s): an int or a list (default 2048).
+        batch: micro-batch size(s): an int or a list (default 1).
+        policies: policy names to compare (default ``SWEEP_POLICIES``: ``none`` and ``full``);
             ``"auto"`` is planned for each GPU (for the grid: the first GPU).
-        gpu: GPU preset(s) or sizes: a name, a list, ``"rtx-4090,a100-80gb"``, or ``"all"``.
-            The grid reports whether each policy fits each of them; the searches run per GPU.
-        prices: hourly prices by preset (``{"rtx-4090": 0.35}`` or ``"rtx-4090=0.35,..."``);
-            adds a cost per million tokens. No prices are built in. Every GPU priced must be
+        gpu: GPU preset(s) or sizes: a name, a ``GPU``, or a list of them
+            (``list(GPU_PRESETS)`` for every preset). The grid reports whether each policy
+            fits each of them; the searches run per GPU.
+        prices: hourly prices by preset (``{"rtx-4090": 0.35}``); adds a cost per million
+            tokens. No prices are built in. Every GPU priced must be
             among ``gpu`` (or, for ``which_gpu`` without ``gpu``, a preset).
         max_batch: per GPU, sequence length and policy, search the largest micro-batch whose
             predicted peak fits the GPU (exponential + bisection, each candidate estimated).
@@ -368,6 +402,10 @@ def sweep(
         **settings: the rest of the setup, as ``estimate`` takes it: ``method``, ``precision``,
             ``optimizer``, ``grad_accum``, ``attention``, ``lora_rank``..., ``overhead``.
 
+    Comma-separated strings (``seq="512,1024"``, ``gpu="rtx-4090,a100-80gb"``, ``gpu="all"``,
+    ``policies="none,full"``, ``prices="rtx-4090=0.35"``) still work until the next release,
+    with a DeprecationWarning.
+
     Returns:
         A ``SweepReport``: ``points`` (one per batch x seq, each with every policy's
         ``PolicyEstimate``), ``largest`` (``LargestFit``), ``gpu_table`` (``GpuOption``);
@@ -379,18 +417,19 @@ def sweep(
             refuses.
 
     Example:
-        >>> r = gradckpt.sweep("llama-3-8b", method="lora", seq="512,1024,2048,4096",
-        ...                    gpu="rtx-4090,a100-80gb", max_batch=True, prices="rtx-4090=0.35")
+        >>> r = gradckpt.sweep("llama-3-8b", method="lora", seq=[512, 1024, 2048, 4096],
+        ...                    gpu=["rtx-4090", "a100-80gb"], max_batch=True,
+        ...                    prices={"rtx-4090": 0.35})
         >>> {(f.gpu, f.policy): f.batch for f in r.largest}
     """
     t0 = time.perf_counter()
     if "alternatives" in settings:
         raise ConfigError("sweep does not estimate alternatives; call estimate() for those")
-    seqs = parse_int_list(seq if seq is not None else TrainingSetup().seq, "seq")
-    batches = parse_int_list(batch if batch is not None else TrainingSetup().batch, "batch")
+    seqs = int_values(seq if seq is not None else TrainingSetup().seq, "seq")
+    batches = int_values(batch if batch is not None else TrainingSetup().batch, "batch")
     names = policy_list(policies if policies is not None else list(SWEEP_POLICIES))
-    gpus = _gpu_list(gpu)
-    price_of = parse_prices(prices, gpus)
+    gpus = gpu_list(gpu)
+    price_of = gpu_prices(prices, gpus)
     for flag, on in (("max_batch", max_batch), ("max_seq", max_seq)):
         if on and not gpus:
             raise ConfigError(f"{flag} searches what fits a GPU: name one or more (gpu=...)")

@@ -12,6 +12,7 @@ from torch import nn
 
 from .._optional import require
 from ..errors import ConfigError
+from .compat import deprecated_csv
 
 __all__ = [
     "ATTENTION",
@@ -74,8 +75,10 @@ class TrainingSetup:
         lora_alpha: LoRA alpha (scaling only: no effect on memory).
         lora_dropout: dropout on the adapter input (peft's default 0.0; > 0 keeps a mask and
             a dropped copy of each adapted layer's input).
-        lora_targets: module names to adapt, or ``"all-linear"`` (every linear but the output
-            layer, as recommended by the QLoRA paper).
+        lora_targets: module names to adapt (a list, or one name), or ``"all-linear"`` (every
+            linear but the output layer, as recommended by the QLoRA paper). A comma-separated
+            string (``"q_proj,v_proj"``) is still split, with a DeprecationWarning, until the
+            next release.
     """
 
     method: str = "full"
@@ -111,13 +114,16 @@ class TrainingSetup:
         targets = self.lora_targets
         if isinstance(targets, str):
             targets = targets.strip()
-            if targets != "all-linear":
-                targets = tuple(t.strip() for t in targets.split(",") if t.strip())
+            if "," in targets:
+                names = deprecated_csv(targets, "lora_targets", "['q_proj', 'v_proj']")
+                targets = tuple(t for t in names if t)
+            elif targets != "all-linear":
+                targets = (targets,) if targets else ()
         else:
             targets = tuple(str(t) for t in targets)
         if not targets:
             raise ConfigError(
-                "lora_targets is empty: name modules (e.g. 'q_proj,v_proj') or use 'all-linear'"
+                "lora_targets is empty: name modules to adapt (e.g. q_proj and v_proj) or use 'all-linear'"
             )
         object.__setattr__(self, "lora_targets", targets)
 
