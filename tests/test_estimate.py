@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import gradckpt
-from gradckpt.errors import ConfigError, PolicyError
+from gradckpt.errors import BlockError, ConfigError, GradCkptError, PlanError, PolicyError
 from gradckpt.estimate import (
     BREAKDOWN_KEYS,
     GPU,
@@ -373,6 +373,8 @@ def test_gpu_presets_and_sizes() -> None:
         ({"model": "gpt2", "gpu": "rtx-4080"}, ConfigError, "unknown GPU 'rtx-4080'"),
         ({"model": "gpt2", "method": "qlora4"}, ConfigError, "did you mean 'qlora'"),
         ({"model": "gpt2", "policies": ["ful"]}, PolicyError, "did you mean 'full'"),
+        # a size typo is a bad setting (it was a BudgetError: no budget involved)
+        ({"model": "gpt2", "overhead": "1GiX"}, ConfigError, "overhead '1GiX' is not a size"),
     ],
 )
 def test_bad_input_is_refused_with_a_clear_message(kwargs: dict, error: type, match: str) -> None:
@@ -430,3 +432,54 @@ def test_setup_module_is_a_deprecated_alias_of_training() -> None:
         old = importlib.import_module("gradckpt.estimate.setup")
     assert old.TrainingSetup is training.TrainingSetup is TrainingSetup
     assert old.apply_method is training.apply_method
+
+
+def test_auto_without_a_plan_is_an_answer_for_sweep_and_a_plan_error_for_estimate() -> None:
+    from gradckpt.estimate.estimator import estimate_one
+
+    # gpt2's AdamW states (0.46 GiB in bf16) exceed what 0.9 GiB leaves after the 0.5 GiB CUDA
+    # allowance: the planner has no budget to plan for
+    with pytest.raises(PlanError, match="no policy could be estimated: .*optimizer states alone"):
+        estimate("gpt2", seq=64, policies=["auto"], gpu="0.9GiB")
+    assert estimate_one("gpt2", "auto", batch=1, seq=64, gpu="0.9GiB") is None
+    full = estimate_one("gpt2", "full", batch=1, seq=64, gpu="0.9GiB")
+    assert full == estimate("gpt2", seq=64, policies=["full"], gpu="0.9GiB").result("full")
+    # with another policy the report stands, and says why 'auto' is missing
+    r = estimate("gpt2", seq=64, policies=["auto", "full"], gpu="0.9GiB", alternatives=False)
+    assert [p.policy for p in r.results] == ["full"]
+    assert any("optimizer states alone exceed 0.9GiB" in n for n in r.notes)
+
+
+def test_blocks_that_are_not_the_layers_raise_block_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gradckpt.estimate import fake_model
+
+    monkeypatch.setattr(fake_model, "find_blocks", lambda model: [])
+    cfg = build_bench_model("llama", layers=2).model.config
+    cfg.hidden_size, cfg.intermediate_size = 40, 72  # a config no earlier test cached
+    with pytest.raises(BlockError, match="found 0 blocks in a 2-layer") as info:
+        estimate(cfg, seq=8, policies=["none"], alternatives=False)
+    assert type(info.value) is not GradCkptError
+
+
+def test_alternatives_leave_out_changes_that_cannot_be_estimated() -> None:
+    from gradckpt.estimate.alternatives import alternatives
+    from gradckpt.estimate.report import PolicyEstimate
+
+    def run(st: TrainingSetup) -> PolicyEstimate | None:
+        if st.method == "lora" or st.batch == 4:  # e.g. 'auto' without a plan for that setup
+            return None
+        peak = 100 if st.method == "qlora" else 10 * st.batch + st.seq // 64
+        return PolicyEstimate(
+            policy="auto", plan="", peak_bytes=peak, breakdown={}, peak_phase="backward",
+            activation_bytes=0, step_peak_bytes=0, forward_flops=0, backward_flops=0,
+            recompute_flops=0, recompute_bytes=0, speed_cost=0.0, step_time_s=1.0,
+            tokens_per_s=1.0, fits=peak <= 40, headroom_bytes=40 - peak,
+        )  # fmt: skip
+
+    alts = alternatives(TrainingSetup(batch=8), "auto", run)
+    assert [(a.settings, a.peak_bytes, a.fits) for a in alts] == [
+        ({"optimizer": "adamw-8bit"}, 112, False),
+        ({"method": "qlora"}, 100, False),  # LoRA left out
+        ({"batch": 1, "grad_accum": 8}, 42, False),  # halving went on past batch 4
+        ({"seq": 1024, "batch": 1}, 26, True),
+    ]

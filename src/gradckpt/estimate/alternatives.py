@@ -14,7 +14,7 @@ __all__ = ["alternatives"]
 def alternatives(
     st: TrainingSetup,
     policy: str,
-    run: Callable[[TrainingSetup], PolicyEstimate],
+    run: Callable[[TrainingSetup], PolicyEstimate | None],
     *,
     fixed_fits: bool = True,
 ) -> list[Alternative]:
@@ -26,7 +26,8 @@ def alternatives(
     Args:
         st: the setup that does not fit.
         policy: the policy to estimate each change with (the most memory-frugal one asked).
-        run: estimates ``policy`` for a changed setup on the same model and GPU.
+        run: estimates ``policy`` for a changed setup on the same model and GPU; None when
+            it cannot (``"auto"`` without a plan for that setup): the change is left out.
         fixed_fits: whether weights, gradients and optimizer states alone fit the GPU.
 
     Returns:
@@ -55,8 +56,10 @@ def alternatives(
         )
     out: list[Alternative] = []
 
-    def try_(change: str, settings: dict[str, Any]) -> Alternative:
+    def try_(change: str, settings: dict[str, Any]) -> Alternative | None:
         pe = run(st.with_(**settings))
+        if pe is None:
+            return None
         return Alternative(
             change=change,
             settings=settings,
@@ -67,7 +70,9 @@ def alternatives(
         )
 
     for change, settings in cands:
-        out.append(try_(change, settings))
+        alt = try_(change, settings)
+        if alt is not None:
+            out.append(alt)
     if not fixed_fits:
         return out
     # The same setup with a smaller micro-batch (more accumulation keeps tokens per step), then
@@ -76,11 +81,12 @@ def alternatives(
     while b > 1:
         b //= 2
         accum = st.grad_accum * (st.batch // b)
-        last = try_(
+        alt = try_(
             f"micro-batch {b} with {accum}x gradient accumulation (same tokens per step)",
             {"batch": b, "grad_accum": accum},
         )
-        if last.fits:
+        last = alt or last
+        if alt is not None and alt.fits:
             break
     if last is not None:
         out.append(last)
@@ -88,8 +94,9 @@ def alternatives(
         s, last_s = st.seq, None
         while s > 128:
             s //= 2
-            last_s = try_(f"sequence length {s} (batch 1)", {"seq": s, "batch": 1})
-            if last_s.fits:
+            alt = try_(f"sequence length {s} (batch 1)", {"seq": s, "batch": 1})
+            last_s = alt or last_s
+            if alt is not None and alt.fits:
                 break
         if last_s is not None:
             out.append(last_s)

@@ -16,16 +16,23 @@ import gc
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
-from ..errors import ConfigError, GradCkptError
-from ..policies import get_policy
+import torch
+
+from ..errors import ConfigError, GradCkptError, PlanError
+from ..plan import Decision, Plan
+from ..planner.api import plan as planner_plan
+from ..policies import get_policy, make_plan
 from ..units import format_bytes, parse_bytes
+from . import fake_model, periodic
 from .alternatives import alternatives as _alternatives
 from .compat import deprecated_csv
 from .gpus import GPU, GPU_PRESETS, MATH_EFFICIENCY, MEMORY_EFFICIENCY, get_gpu
 from .presets import ModelSpec, resolve_model
 from .report import Alternative, EstimateReport, PolicyEstimate
+from .timeline import ACT, BWD, GRAD, HEAD, replay
 from .training import TrainingSetup
 
 __all__ = [
@@ -34,6 +41,7 @@ __all__ = [
     "DEFAULT_POLICIES",
     "REFERENCE_GPU",
     "estimate",
+    "estimate_one",
     "policy_list",
 ]
 
@@ -171,6 +179,95 @@ def estimate(
         >>> r.result("full").fits, f"{r.result('full').speed_cost:.0%}"
     """
     t0 = time.perf_counter()
+    inputs = _inputs(
+        model,
+        method=method,
+        batch=batch,
+        seq=seq,
+        policies=policies,
+        gpu=gpu,
+        precision=precision,
+        optimizer=optimizer,
+        grad_accum=grad_accum,
+        attention=attention,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        lora_targets=lora_targets,
+        setup=setup,
+        overhead=overhead,
+        alternatives=alternatives,
+        full_depth=full_depth,
+    )
+    report, skipped = _estimate(inputs, t0)
+    if report is None:
+        raise PlanError("no policy could be estimated: " + "; ".join(skipped))
+    return report
+
+
+def estimate_one(
+    model: Any, policy: str, *, batch: int, seq: int, gpu: str | GPU | None, **settings: Any
+) -> PolicyEstimate | None:
+    """One policy's estimate at one batch and sequence length on one GPU: what a sweep probes.
+
+    Args:
+        model, batch, seq, gpu: as ``estimate`` takes them.
+        policy: one policy name, or ``"auto"``.
+        **settings: the rest of ``estimate``'s keyword arguments, ``alternatives`` aside.
+
+    Returns:
+        The ``PolicyEstimate``, or None when ``policy`` is ``"auto"`` and the planner finds no
+        plan for ``gpu`` (an answer, not a mistake: the sweep leaves that point out).
+    """
+    inputs = _inputs(
+        model, batch=batch, seq=seq, policies=[policy], gpu=gpu, alternatives=False, **settings
+    )
+    report, _ = _estimate(inputs, time.perf_counter())
+    return None if report is None else report.results[0]
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """One estimate's inputs, checked: what ``_estimate`` runs."""
+
+    spec: ModelSpec
+    setup: TrainingSetup
+    policies: list[str]
+    gpu: GPU | None
+    #: the CUDA allowance in bytes; None: CUDA_CONTEXT_BYTES + ALLOCATOR_SLACK of the peak
+    overhead: int | None
+    alternatives: bool
+    full_depth: bool
+
+    @property
+    def speed_gpu(self) -> GPU:
+        """The GPU the speed figures are for: ``gpu``, or ``REFERENCE_GPU`` without throughput."""
+        g = self.gpu
+        return g if g is not None and g.has_speed else GPU_PRESETS[REFERENCE_GPU]
+
+
+def _inputs(
+    model: Any,
+    *,
+    method: str | None = None,
+    batch: int | None = None,
+    seq: int | None = None,
+    policies: Sequence[str] | str | None = None,
+    gpu: str | GPU | None = None,
+    precision: str | None = None,
+    optimizer: str | None = None,
+    grad_accum: int | None = None,
+    attention: str | None = None,
+    lora_rank: int | None = None,
+    lora_alpha: int | None = None,
+    lora_dropout: float | None = None,
+    lora_targets: Sequence[str] | str | None = None,
+    setup: TrainingSetup | None = None,
+    overhead: int | str | None = None,
+    alternatives: bool = True,
+    full_depth: bool = False,
+) -> _Inputs:
+    """``estimate``'s arguments checked and resolved (setup, GPU, policies, allowance, model)."""
     changes = {
         k: v
         for k, v in dict(
@@ -191,40 +288,34 @@ def estimate(
     if setup is not None and not isinstance(setup, TrainingSetup):
         raise ConfigError(f"setup must be a TrainingSetup, got {type(setup).__name__}")
     st = (setup or TrainingSetup()).with_(**changes) if changes or setup is None else setup
-    if st is None:  # pragma: no cover
-        st = TrainingSetup()
     the_gpu = get_gpu(gpu) if gpu is not None else None
-    speed_gpu = the_gpu if the_gpu is not None and the_gpu.has_speed else GPU_PRESETS[REFERENCE_GPU]
     names = policy_list(policies)
-    if policies is None and the_gpu is not None and _planner_available():
+    if policies is None and the_gpu is not None:
         names.append("auto")  # the cheapest plan that fits the GPU
-    fixed_overhead = (
-        None
-        if overhead is None
-        else (0 if overhead == 0 else parse_bytes(overhead, what="overhead"))
+    fixed_overhead = None
+    if overhead is not None:
+        try:
+            fixed_overhead = 0 if overhead == 0 else parse_bytes(overhead, what="overhead")
+        except (ValueError, GradCkptError) as e:  # a size typo is a bad setting, not a budget
+            raise ConfigError(str(e)) from None
+    return _Inputs(
+        spec=resolve_model(model),
+        setup=st,
+        policies=names,
+        gpu=the_gpu,
+        overhead=fixed_overhead,
+        alternatives=alternatives,
+        full_depth=full_depth,
     )
-    spec = resolve_model(model)
-    return _estimate(
-        spec, st, names, the_gpu, speed_gpu, fixed_overhead, alternatives, full_depth, t0
-    )
 
 
-def _estimate(
-    spec: ModelSpec,
-    st: TrainingSetup,
-    names: list[str],
-    the_gpu: GPU | None,
-    speed_gpu: GPU,
-    fixed_overhead: int | None,
-    alternatives: bool,
-    full_depth: bool,
-    t0: float,
-) -> EstimateReport:
-    from ..plan import Decision, Plan
-    from ..policies import make_plan
-    from . import fake_model, periodic
-    from .timeline import replay
+def _estimate(inp: _Inputs, t0: float) -> tuple[EstimateReport | None, list[str]]:
+    """Run every policy of ``inp``: ``(report, why policies were skipped)``.
 
+    The report is None when no policy could be estimated (``"auto"`` alone, with no plan).
+    """
+    spec, st, names, the_gpu = inp.spec, inp.setup, inp.policies, inp.gpu
+    speed_gpu, fixed_overhead, full_depth = inp.speed_gpu, inp.overhead, inp.full_depth
     cfg = spec.config
     L = fake_model.num_layers(cfg)
     types = fake_model.layer_types(cfg)
@@ -251,6 +342,7 @@ def _estimate(
     notes.extend(probe.notes)
 
     results: list[PolicyEstimate] = []
+    skipped: list[str] = []
     totals_full = None
     replayed: set[str] = set()
     offloaded: list[str] = []
@@ -258,7 +350,7 @@ def _estimate(
         if policy == "auto":
             plan, why = _planner_plan(cfg, st, L, types, the_gpu, fixed_overhead)
             if plan is None:
-                notes.append(str(why))
+                skipped.append(str(why))
                 continue
         else:
             plan = make_plan(policy, full_names)
@@ -311,7 +403,8 @@ def _estimate(
         )
 
     if totals_full is None:
-        raise GradCkptError("no policy could be estimated")
+        return None, skipped
+    notes.extend(skipped)
     if offloaded:
         notes.append(
             f"{', '.join(offloaded)}: estimated as on a CPU-only run, where offloaded block inputs "
@@ -338,22 +431,13 @@ def _estimate(
                 f"no checkpointing policy can make this fit {the_gpu.name}: weights, gradients and "
                 f"optimizer states alone take {format_bytes(fixed)} of {format_bytes(the_gpu.memory_bytes)}"
             )
-        if alternatives:
+        if inp.alternatives:
             frugal = min(results, key=lambda r: (r.peak_bytes, r.activation_bytes)).policy
 
-            def run(alt: TrainingSetup) -> PolicyEstimate:
-                r = _estimate(
-                    spec,
-                    alt,
-                    [frugal],
-                    the_gpu,
-                    speed_gpu,
-                    fixed_overhead,
-                    False,
-                    full_depth,
-                    time.perf_counter(),
-                )
-                return r.results[0]
+            def run(alt: TrainingSetup) -> PolicyEstimate | None:
+                changed = replace(inp, setup=alt, policies=[frugal], alternatives=False)
+                report, _ = _estimate(changed, time.perf_counter())
+                return None if report is None else report.results[0]
 
             report_alts = _alternatives(
                 st, frugal, run, fixed_fits=fixed + CUDA_CONTEXT_BYTES < the_gpu.memory_bytes
@@ -379,7 +463,7 @@ def _estimate(
         alternatives=report_alts,
         notes=notes,
         elapsed_s=time.perf_counter() - t0,
-    )
+    ), skipped
 
 
 def _policy_estimate(
@@ -392,8 +476,6 @@ def _policy_estimate(
     speed_gpu: GPU,
     fixed_overhead: int | None,
 ) -> PolicyEstimate:
-    from .timeline import ACT, BWD, GRAD, HEAD
-
     parts = prof.peak_parts
     accum_grads = tot.grad_bytes if st.grad_accum > 1 else 0
     breakdown = {
@@ -477,22 +559,13 @@ def _static_notes(
     return notes
 
 
-def _planner_available() -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec("gradckpt.planner.api") is not None
-    except ImportError:
-        return False
-
-
 def _planner_plan(
     cfg: Any, st: TrainingSetup, L: int, types: Any, gpu: GPU | None, fixed_overhead: int | None
 ) -> tuple[Any, str | None]:
     """Hook for the memory-budget planner (``gradckpt.planner``): the cheapest plan that fits ``gpu``.
 
-    Returns ``(plan, None)``, or ``(None, why)`` when there is no GPU, no planner in this build,
-    or the planner cannot plan this model. The planner profiles the full-depth fake model; its
+    Returns ``(plan, None)``, or ``(None, why)`` when there is no GPU or the planner cannot plan
+    this model. The planner profiles the full-depth fake model; its
     budget is what the GPU leaves for the step: memory minus the CUDA allowance (context and
     allocator slack) minus the optimizer states, which the fake step does not hold. The planner
     counts every live CPU tensor of the process as already in memory (as ``gradckpt.measure``
@@ -501,17 +574,6 @@ def _planner_plan(
     """
     if gpu is None:
         return None, "policy 'auto' needs a GPU (--gpu): the memory it plans for"
-    try:
-        from ..planner.api import plan as planner_plan
-    except ImportError:
-        return (
-            None,
-            "policy 'auto' skipped: the memory-budget planner (gradckpt.planner) is not in this build",
-        )
-    import torch
-
-    from . import fake_model
-
     sess = fake_model.get_session(cfg, st, L, types)
     # The planner measures like gradckpt.measure: every live tensor of the process is baseline.
     # Fake models cached from earlier estimates would count as weights: let them go.

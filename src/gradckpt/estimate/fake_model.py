@@ -17,10 +17,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_flatten
 
+from ..blocks import find_blocks
 from ..checkpoint import is_recomputing
-from ..errors import ConfigError, GradCkptError
+from ..errors import BlockError, ConfigError
 from ..plan import Plan
 from .presets import hf_transformers
 from .timeline import GRAD, HEAD, Timeline, TimelineTracker
@@ -209,10 +211,6 @@ class FakeSession:
     def __init__(
         self, cfg: Any, setup: TrainingSetup, n_layers: int, types: list[Any] | None
     ) -> None:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        from ..blocks import find_blocks
-
         t = hf_transformers()
         self.setup = setup
         self.mode = FakeTensorMode(allow_non_fake_inputs=False)
@@ -239,7 +237,7 @@ class FakeSession:
         self.max_positions = _max_positions(small)
         self.blocks = find_blocks(model)
         if len(self.blocks) != n_layers:
-            raise GradCkptError(
+            raise BlockError(
                 f"found {len(self.blocks)} blocks in a {n_layers}-layer {cls.__name__}; "
                 "this model's blocks are not its layers, cannot estimate it"
             )

@@ -11,7 +11,7 @@ import difflib
 import re
 from dataclasses import dataclass
 
-from ..errors import ConfigError
+from ..errors import ConfigError, GradCkptError
 from ..units import parse_bytes
 
 __all__ = ["GPU", "GPU_PRESETS", "MATH_EFFICIENCY", "MEMORY_EFFICIENCY", "get_gpu"]
@@ -126,7 +126,7 @@ def get_gpu(gpu: str | GPU) -> GPU:
                 parse_bytes(gpu, what="GPU memory"),
                 source="memory size given by the user",
             )
-        except Exception as e:  # BudgetError: re-raise as a config mistake with the same message
+        except (ValueError, GradCkptError) as e:  # a size typo: a bad setting, same message
             raise ConfigError(str(e)) from None
     close = difflib.get_close_matches(key, list(GPU_PRESETS) + list(_ALIASES), n=1, cutoff=0.5)
     hint = f"did you mean {_ALIASES.get(close[0], close[0])!r}? " if close else ""

@@ -21,9 +21,9 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..errors import ConfigError, GradCkptError
+from ..errors import ConfigError
 from .compat import deprecated_csv, deprecated_prices, warn_deprecated
-from .estimator import REFERENCE_GPU, estimate, policy_list
+from .estimator import REFERENCE_GPU, estimate_one, policy_list
 from .gpus import GPU, GPU_PRESETS, get_gpu
 from .presets import resolve_model
 from .report import GpuOption, LargestFit, PolicyEstimate, SweepPoint, SweepReport
@@ -247,7 +247,7 @@ def _cost_per_mtok(price: float | None, tokens_per_s: float | None) -> float | N
 
 
 class _Estimator:
-    """Memoized ``estimate()`` calls, one policy at a time, for one model and training setup."""
+    """Memoized ``estimate_one`` calls, one policy at a time, for one model and training setup."""
 
     def __init__(self, model: Any, settings: dict[str, Any]) -> None:
         self.model = model
@@ -260,23 +260,8 @@ class _Estimator:
         key = (policy, batch, seq, "" if gpu is None else gpu.name)
         if key not in self._results:
             self.calls += 1
-            try:
-                rep = estimate(
-                    self.model,
-                    batch=batch,
-                    seq=seq,
-                    policies=[policy],
-                    gpu=gpu,
-                    alternatives=False,
-                    **self.settings,
-                )
-            except GradCkptError as e:
-                # 'auto' alone with no plan for this GPU: estimate() has nothing to report and
-                # says so with the base error; its subclasses are real mistakes
-                if policy != "auto" or type(e) is not GradCkptError:
-                    raise
-                rep = None
-            res = rep.results[0] if rep is not None and rep.results else None
+            # None: 'auto' found no plan for this GPU at this setting (left out of the point)
+            res = estimate_one(self.model, policy, batch=batch, seq=seq, gpu=gpu, **self.settings)
             self._results[key] = res
             self._peaks[self._peak_key(policy, batch, seq, gpu)] = (
                 None if res is None else res.peak_bytes
