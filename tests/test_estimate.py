@@ -483,3 +483,24 @@ def test_alternatives_leave_out_changes_that_cannot_be_estimated() -> None:
         ({"batch": 1, "grad_accum": 8}, 42, False),  # halving went on past batch 4
         ({"seq": 1024, "batch": 1}, 26, True),
     ]
+
+
+def test_setup_in_words_and_report_schemas() -> None:
+    from gradckpt.estimate.report import BREAKDOWN, BREAKDOWN_HELP, setup_words
+
+    accum = TrainingSetup(batch=4, grad_accum=2).to_dict()
+    assert (
+        setup_words(accum)
+        == "full fine-tune, bf16, adamw, batch 4 x seq 2048 x2 accum, sdpa attention"
+    )
+    assert (
+        setup_words(accum, shape=False) == "full fine-tune, bf16, adamw, sdpa attention, x2 accum"
+    )
+    qlora = TrainingSetup(method="qlora", lora_rank=8, lora_targets=["q_proj"]).to_dict()
+    assert setup_words(qlora, shape=False) == "QLoRA r=8, bf16, adamw, sdpa attention"
+    assert qlora["lora_targets"] == ["q_proj"] and "extra" not in qlora
+    # one table of breakdown rows: the keys, their order and their help are views of it
+    assert tuple(BREAKDOWN) == BREAKDOWN_KEYS and set(BREAKDOWN_HELP) == set(BREAKDOWN)
+    assert GPU_PRESETS["l4"].to_dict() == {
+        "name": "l4", "memory_bytes": 23034 * 2**20, "bf16_tflops": 121.0, "bandwidth_gbs": 300.0,
+    }  # fmt: skip

@@ -10,6 +10,7 @@ from ..errors import ConfigError
 from ..estimate import estimate
 from ..estimate.sweep import sweep
 from ..estimate.training import ATTENTION, METHODS, OPTIMIZERS, PRECISIONS
+from ..plot import png_path
 from ._args import gpu_names, int_list, lora_targets, parse_prices, policy_names
 from .render import plot_sweep, presets_data, render_estimate, render_presets, render_sweep
 
@@ -194,16 +195,13 @@ def _is_sweep(args: argparse.Namespace, gpus: list[str]) -> bool:
 
 
 def _sweep(args: argparse.Namespace, gpus: list[str], policies: list[str] | None) -> int:
-    from pathlib import Path
-
     searching = args.max_batch or args.max_seq
     several_points = len(args.seq) > 1 or len(args.batch) > 1
     if args.plot:
-        out = Path(args.plot)
-        if out.suffix.lower() != ".png":
-            raise ConfigError(f"--plot file must end in .png, got {args.plot!r}")
-        if not out.parent.exists():
-            raise ConfigError(f"--plot: directory {str(out.parent)!r} does not exist")
+        try:  # checked before the sweep runs, not after
+            png_path(args.plot)
+        except ConfigError as e:
+            raise ConfigError(f"--plot: {e}") from None
         if not several_points:
             raise ConfigError(
                 "--plot draws a sweep: give several --seq values (e.g. 512,1024,2048,4096) "

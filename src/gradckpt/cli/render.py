@@ -6,19 +6,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..estimate import GPU_PRESETS, MODEL_PRESETS
+from ..estimate.report import BREAKDOWN, setup_words
 from ..units import format_bytes
 
 __all__ = ["plot_sweep", "presets_data", "render_estimate", "render_presets", "render_sweep"]
-
-_ROWS = (
-    ("weights", "weights"),
-    ("gradients", "gradients"),
-    ("optimizer_states", "optimizer states"),
-    ("activations", "activations kept"),
-    ("logits_loss", "logits & loss"),
-    ("backward_transient", "backward transient"),
-    ("cuda_overhead", "CUDA overhead"),
-)
 
 
 def plot_sweep(report: Any, path: str) -> Path:
@@ -40,7 +32,9 @@ def plot_sweep(report: Any, path: str) -> Path:
     fixed = f"batch {batches[0]}" if len(seqs) > 1 and len(batches) == 1 else ""
     if len(seqs) == 1:
         fixed = f"seq {seqs[0]}"
-    title = f"{report.model}: {_setup_words(report.setup)}" + (f", {fixed}" if fixed else "")
+    title = f"{report.model}: {setup_words(report.setup, shape=False)}" + (
+        f", {fixed}" if fixed else ""
+    )
     return plot_peak_sweep(
         lines,
         path,
@@ -50,38 +44,15 @@ def plot_sweep(report: Any, path: str) -> Path:
     )
 
 
-def _setup_words(setup: dict[str, Any]) -> str:
-    what = {
-        "full": "full fine-tune",
-        "lora": f"LoRA r={setup['lora_rank']}",
-        "qlora": f"QLoRA r={setup['lora_rank']}",
-    }[setup["method"]]
-    acc = f", x{setup['grad_accum']} accum" if setup["grad_accum"] > 1 else ""
-    return (
-        f"{what}, {setup['precision']}, {setup['optimizer']}, {setup['attention']} attention{acc}"
-    )
-
-
 def presets_data(models: bool, gpus: bool) -> dict[str, Any]:
     """The model and GPU presets as JSON-ready data (``--list-models``/``--list-gpus --json``)."""
-    from ..estimate import GPU_PRESETS, MODEL_PRESETS
-
     data: dict[str, Any] = {}
     if models:
         data["models"] = [
             {"name": p.name, "source": p.source, "params": p.params} for p in MODEL_PRESETS.values()
         ]
     if gpus:
-        data["gpus"] = [
-            {
-                "name": g.name,
-                "memory_bytes": g.memory_bytes,
-                "bf16_tflops": g.bf16_tflops,
-                "bandwidth_gbs": g.bandwidth_gbs,
-                "source": g.source,
-            }
-            for g in GPU_PRESETS.values()
-        ]
+        data["gpus"] = [{**g.to_dict(), "source": g.source} for g in GPU_PRESETS.values()]
     return data
 
 
@@ -89,8 +60,6 @@ def render_presets(models: bool, gpus: bool, file: Any = None) -> None:
     """Print the model and GPU presets as tables."""
     from rich.console import Console
     from rich.table import Table
-
-    from ..estimate import GPU_PRESETS, MODEL_PRESETS
 
     console = Console(file=file or sys.stdout)
     if models:
@@ -128,13 +97,13 @@ def render_estimate(report: Any, file: Any = None) -> None:
     )
     console.print(head)
     where = f"on {gpu['name']} ({format_bytes(gpu['memory_bytes'])})" if gpu else "no GPU given"
-    console.print(f"{report.setup_line()}, {report.setup['attention']} attention; {where}")
+    console.print(f"{report.setup_line()}; {where}")
 
     t = Table(show_edge=False, pad_edge=False)
     t.add_column("")
     for r in report.results:
         t.add_column(r.policy, justify="right")
-    for key, label in _ROWS:
+    for key, (label, _help) in BREAKDOWN.items():
         t.add_row(label, *(_gib(r.breakdown[key]) for r in report.results))
     t.add_row(
         "[bold]peak[/bold]",
@@ -218,7 +187,9 @@ def render_sweep(report: Any, file: Any = None, *, grid: bool = True) -> None:
     from rich.table import Table
 
     console = Console(file=file or sys.stdout)
-    console.print(f"[bold]{report.model}[/bold]: {_setup_words(report.setup)}", highlight=False)
+    console.print(
+        f"[bold]{report.model}[/bold]: {setup_words(report.setup, shape=False)}", highlight=False
+    )
 
     if grid and report.points:
         _render_grid(console, report)

@@ -15,6 +15,7 @@ from .estimator import CUDA_CONTEXT_BYTES, DEFAULT_POLICIES, REFERENCE_GPU, esti
 from .gpus import GPU, GPU_PRESETS, get_gpu
 from .presets import MODEL_PRESETS, ModelPreset, ModelSpec, resolve_model
 from .report import (
+    BREAKDOWN,
     BREAKDOWN_HELP,
     BREAKDOWN_KEYS,
     Alternative,
@@ -28,6 +29,7 @@ from .report import (
 from .training import METHODS, OPTIMIZERS, PRECISIONS, TrainingSetup
 
 __all__ = [
+    "BREAKDOWN",
     "BREAKDOWN_HELP",
     "BREAKDOWN_KEYS",
     "CUDA_CONTEXT_BYTES",

@@ -33,6 +33,7 @@ from .gpus import GPU, GPU_PRESETS, MATH_EFFICIENCY, MEMORY_EFFICIENCY, get_gpu
 from .presets import ModelSpec, resolve_model
 from .report import Alternative, EstimateReport, PolicyEstimate
 from .timeline import ACT, BWD, GRAD, HEAD, replay
+from .totals import TensorTotals, replayed_totals
 from .training import TrainingSetup
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "CUDA_CONTEXT_BYTES",
     "DEFAULT_POLICIES",
     "REFERENCE_GPU",
+    "check_positions",
     "estimate",
     "estimate_one",
     "policy_list",
@@ -104,7 +106,7 @@ def _phase_seconds(costs: Counter[tuple[str, int, int]], gpu: GPU) -> dict[str, 
     return out
 
 
-def _optimizer_step_bytes(totals: Any, optimizer: str) -> int:
+def _optimizer_step_bytes(totals: TensorTotals) -> int:
     """Bytes a fused optimizer step moves: read+write params and states, read gradients."""
     return 2 * totals.grad_bytes + totals.grad_bytes + 2 * totals.optimizer_bytes
 
@@ -203,6 +205,23 @@ def estimate(
     if report is None:
         raise PlanError("no policy could be estimated: " + "; ".join(skipped))
     return report
+
+
+def check_positions(spec: ModelSpec, seq: int) -> int | None:
+    """The model's maximum sequence length (None when its config states none), checked against ``seq``.
+
+    Raises:
+        ConfigError: ``seq`` is longer. Memory does not depend on the limit, so a fine-tune that
+            extends the context gives a config.json with a larger ``max_position_embeddings``.
+    """
+    max_pos = fake_model.max_positions(spec.config)
+    if max_pos is not None and seq > max_pos:
+        raise ConfigError(
+            f"sequence length {seq} exceeds {spec.name}'s maximum of {max_pos} positions "
+            f"(max_position_embeddings); use at most {max_pos} tokens, or a config.json with a "
+            "larger max_position_embeddings to estimate a context extension"
+        )
+    return max_pos
 
 
 def estimate_one(
@@ -321,12 +340,7 @@ def _estimate(inp: _Inputs, t0: float) -> tuple[EstimateReport | None, list[str]
     types = fake_model.layer_types(cfg)
     if L < 1:
         raise ConfigError(f"{spec.name} has {L} layers; nothing to estimate")
-    max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    if isinstance(max_pos, int) and st.seq > max_pos:
-        raise ConfigError(
-            f"sequence length {st.seq} exceeds {spec.name}'s maximum of {max_pos} positions "
-            "(max_position_embeddings); use --seq <= that"
-        )
+    check_positions(spec, st.seq)
     notes = list(spec.notes)
     force_full = full_depth or bool(fake_model.per_layer_lists(cfg))
 
@@ -390,8 +404,7 @@ def _estimate(inp: _Inputs, t0: float) -> tuple[EstimateReport | None, list[str]
             timeline = sess.run(run_plan, st.batch, st.seq, grad_accum=st.grad_accum)
             prof = replay(timeline, order)
             whole, per_block = sess.totals(st.optimizer)
-            outside = whole - sum(per_block[1:], per_block[0])
-            tot = sum((per_block[k] for k in order[1:]), outside + per_block[order[0]])
+            tot = replayed_totals(whole, per_block, order)
             cached = (sess, prof, tot)
         _PROFILES[key] = cached  # most recent last
         while len(_PROFILES) > _PROFILES_SIZE:
@@ -450,14 +463,7 @@ def _estimate(inp: _Inputs, t0: float) -> tuple[EstimateReport | None, list[str]
         trainable_params=totals_full.trainable,
         layers=L,
         setup=st.to_dict(),
-        gpu=None
-        if the_gpu is None
-        else {
-            "name": the_gpu.name,
-            "memory_bytes": the_gpu.memory_bytes,
-            "bf16_tflops": the_gpu.bf16_tflops,
-            "bandwidth_gbs": the_gpu.bandwidth_gbs,
-        },
+        gpu=None if the_gpu is None else the_gpu.to_dict(),
         speed_gpu=speed_gpu.name,
         results=results,
         alternatives=report_alts,
@@ -495,7 +501,7 @@ def _policy_estimate(
     peak = tensors + overhead
 
     secs = _phase_seconds(prof.costs, speed_gpu)
-    opt_s = speed_gpu.op_seconds(0, _optimizer_step_bytes(tot, st.optimizer))
+    opt_s = speed_gpu.op_seconds(0, _optimizer_step_bytes(tot))
     base_s = st.grad_accum * (secs["forward"] + secs["backward"]) + opt_s
     step_s = base_s + st.grad_accum * secs["recompute"]
     fits = headroom = None

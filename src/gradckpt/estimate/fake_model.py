@@ -26,15 +26,15 @@ from ..errors import BlockError, ConfigError
 from ..plan import Plan
 from .presets import hf_transformers
 from .timeline import GRAD, HEAD, Timeline, TimelineTracker
-from .totals import TensorTotals, tensor_totals
+from .totals import TensorTotals, replayed_totals, tensor_totals
 from .training import TrainingSetup, apply_method
 
 __all__ = [
     "FakeSession",
-    "clear_cache",
     "get_session",
     "keep_only",
     "layer_types",
+    "max_positions",
     "model_totals",
     "num_layers",
     "per_layer_lists",
@@ -234,7 +234,6 @@ class FakeSession:
         _to_fake(model, self.mode)
         self.model: nn.Module = model
         self.vocab = int(small.vocab_size)
-        self.max_positions = _max_positions(small)
         self.blocks = find_blocks(model)
         if len(self.blocks) != n_layers:
             raise BlockError(
@@ -408,7 +407,8 @@ def _one_sequence_per_row() -> Iterator[None]:
         mu.find_packed_sequence_indices = orig  # type: ignore[attr-defined]
 
 
-def _max_positions(cfg: Any) -> int | None:
+def max_positions(cfg: Any) -> int | None:
+    """The longest sequence the config states (``max_position_embeddings``/``n_positions``), if any."""
     for key in ("max_position_embeddings", "n_positions"):
         v = getattr(cfg, key, None)
         if isinstance(v, int) and v > 0:
@@ -463,16 +463,10 @@ def model_totals(cfg: Any, setup: TrainingSetup) -> TensorTotals:
         idx, order = list(range(L)), list(range(L))
     sess = get_session(cfg, setup, len(idx), None if types is None else [types[i] for i in idx])
     whole, per_block = sess.totals(setup.optimizer)
-    outside = whole - sum(per_block[1:], per_block[0])
-    return sum((per_block[k] for k in order[1:]), outside + per_block[order[0]])
+    return replayed_totals(whole, per_block, order)
 
 
 def keep_only(session: FakeSession) -> None:
     """Forget every cached fake model but ``session``."""
     for key in [k for k, v in _CACHE.items() if v is not session]:
         del _CACHE[key]
-
-
-def clear_cache() -> None:
-    """Forget the fake models kept between calls."""
-    _CACHE.clear()

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
 from ..units import format_bytes
 
 __all__ = [
+    "BREAKDOWN",
     "BREAKDOWN_HELP",
     "BREAKDOWN_KEYS",
     "Alternative",
@@ -18,27 +20,65 @@ __all__ = [
     "PolicyEstimate",
     "SweepPoint",
     "SweepReport",
+    "setup_words",
 ]
 
-#: Breakdown entries, in print order. They add up to ``peak_bytes``.
-BREAKDOWN_KEYS = (
-    "weights",
-    "gradients",
-    "optimizer_states",
-    "activations",
-    "logits_loss",
-    "backward_transient",
-    "cuda_overhead",
-)
-BREAKDOWN_HELP = {
-    "weights": "parameters and buffers (NF4 codes and constants under QLoRA)",
-    "gradients": "gradients alive at the peak (all of them when accumulating)",
-    "optimizer_states": "optimizer states of the trainable parameters (steady state)",
-    "activations": "tensors kept for backward by the blocks and embeddings, alive at the peak",
-    "logits_loss": "logits, their fp32 copy and the loss's saved tensors, alive at the peak",
-    "backward_transient": "recomputed activations and gradient temporaries of the block in backward",
-    "cuda_overhead": "allowance: CUDA context and workspaces + caching-allocator slack",
+#: What is alive at the peak, in print order: key -> (table label, what it counts). The
+#: entries add up to ``peak_bytes``.
+BREAKDOWN: dict[str, tuple[str, str]] = {
+    "weights": ("weights", "parameters and buffers (NF4 codes and constants under QLoRA)"),
+    "gradients": ("gradients", "gradients alive at the peak (all of them when accumulating)"),
+    "optimizer_states": (
+        "optimizer states",
+        "optimizer states of the trainable parameters (steady state)",
+    ),
+    "activations": (
+        "activations kept",
+        "tensors kept for backward by the blocks and embeddings, alive at the peak",
+    ),
+    "logits_loss": (
+        "logits & loss",
+        "logits, their fp32 copy and the loss's saved tensors, alive at the peak",
+    ),
+    "backward_transient": (
+        "backward transient",
+        "recomputed activations and gradient temporaries of the block in backward",
+    ),
+    "cuda_overhead": (
+        "CUDA overhead",
+        "allowance: CUDA context and workspaces + caching-allocator slack",
+    ),
 }
+#: The breakdown's keys, in print order.
+BREAKDOWN_KEYS = tuple(BREAKDOWN)
+#: key -> what it counts.
+BREAKDOWN_HELP = {key: help for key, (_label, help) in BREAKDOWN.items()}
+
+
+def setup_words(setup: Mapping[str, Any], *, shape: bool = True) -> str:
+    """A setup (``TrainingSetup.to_dict()``) in words, for headers and titles.
+
+    Example:
+        >>> setup_words(TrainingSetup(batch=4).to_dict())
+        'full fine-tune, bf16, adamw, batch 4 x seq 2048, sdpa attention'
+        >>> setup_words(TrainingSetup(method="lora", grad_accum=2).to_dict(), shape=False)
+        'LoRA r=16, bf16, adamw, sdpa attention, x2 accum'
+    """
+    what = {
+        "full": "full fine-tune",
+        "lora": f"LoRA r={setup['lora_rank']}",
+        "qlora": f"QLoRA r={setup['lora_rank']}",
+    }[setup["method"]]
+    accum = f"x{setup['grad_accum']} accum" if setup["grad_accum"] > 1 else ""
+    parts = [what, setup["precision"], setup["optimizer"]]
+    if shape:  # batch and sequence, with the accumulation
+        parts.append(
+            f"batch {setup['batch']} x seq {setup['seq']}" + (f" {accum}" if accum else "")
+        )
+    parts.append(f"{setup['attention']} attention")
+    if accum and not shape:
+        parts.append(accum)
+    return ", ".join(parts)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,24 +133,8 @@ class PolicyEstimate:
         return f"does not fit {gpu_name}: {format_bytes(-self.headroom_bytes)} short"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "policy": self.policy,
-            "plan": self.plan,
-            "peak_bytes": self.peak_bytes,
-            "breakdown": dict(self.breakdown),
-            "peak_phase": self.peak_phase,
-            "activation_bytes": self.activation_bytes,
-            "step_peak_bytes": self.step_peak_bytes,
-            "forward_flops": self.forward_flops,
-            "backward_flops": self.backward_flops,
-            "recompute_flops": self.recompute_flops,
-            "recompute_bytes": self.recompute_bytes,
-            "speed_cost": self.speed_cost,
-            "step_time_s": self.step_time_s,
-            "tokens_per_s": self.tokens_per_s,
-            "fits": self.fits,
-            "headroom_bytes": self.headroom_bytes,
-        }
+        """The fields as JSON-ready data."""
+        return asdict(self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,14 +158,8 @@ class Alternative:
     speed_cost: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "change": self.change,
-            "settings": dict(self.settings),
-            "policy": self.policy,
-            "peak_bytes": self.peak_bytes,
-            "fits": self.fits,
-            "speed_cost": self.speed_cost,
-        }
+        """The fields as JSON-ready data."""
+        return asdict(self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -221,14 +239,8 @@ class EstimateReport:
         return f"{self.model} {what} b{s['batch']}{acc}x{s['seq']}"
 
     def setup_line(self) -> str:
-        s = self.setup
-        what = {
-            "full": "full fine-tune",
-            "lora": f"LoRA r={s['lora_rank']}",
-            "qlora": f"QLoRA r={s['lora_rank']}",
-        }
-        acc = f" x{s['grad_accum']} accum" if s["grad_accum"] > 1 else ""
-        return f"{what[s['method']]}, {s['precision']}, {s['optimizer']}, batch {s['batch']} x seq {s['seq']}{acc}"
+        """The setup in words: ``"full fine-tune, bf16, adamw, batch 4 x seq 2048, sdpa attention"``."""
+        return setup_words(self.setup)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -334,26 +346,8 @@ class LargestFit:
     probes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "policy": self.policy,
-            "gpu": self.gpu,
-            "vary": self.vary,
-            "batch": self.batch,
-            "seq": self.seq,
-            "found": self.found,
-            "peak_bytes": self.peak_bytes,
-            "headroom_bytes": self.headroom_bytes,
-            "next_peak_bytes": self.next_peak_bytes,
-            "limited_by": self.limited_by,
-            "tokens_per_step": self.tokens_per_step,
-            "step_time_s": self.step_time_s,
-            "tokens_per_s": self.tokens_per_s,
-            "speed_cost": self.speed_cost,
-            "batch1_tokens_per_s": self.batch1_tokens_per_s,
-            "price_per_hour": self.price_per_hour,
-            "cost_per_mtok": self.cost_per_mtok,
-            "probes": self.probes,
-        }
+        """The fields as JSON-ready data."""
+        return asdict(self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -388,21 +382,8 @@ class GpuOption:
     cost_per_mtok: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "gpu": self.gpu,
-            "memory_bytes": self.memory_bytes,
-            "policy": self.policy,
-            "batch": self.batch,
-            "seq": self.seq,
-            "fits": self.fits,
-            "peak_bytes": self.peak_bytes,
-            "headroom_bytes": self.headroom_bytes,
-            "step_time_s": self.step_time_s,
-            "tokens_per_s": self.tokens_per_s,
-            "speed_cost": self.speed_cost,
-            "price_per_hour": self.price_per_hour,
-            "cost_per_mtok": self.cost_per_mtok,
-        }
+        """The fields as JSON-ready data."""
+        return asdict(self)
 
 
 @dataclass(frozen=True, kw_only=True)

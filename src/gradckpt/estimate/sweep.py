@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .compat import deprecated_csv, deprecated_prices, warn_deprecated
-from .estimator import REFERENCE_GPU, estimate_one, policy_list
+from .estimator import REFERENCE_GPU, check_positions, estimate_one, policy_list
 from .gpus import GPU, GPU_PRESETS, get_gpu
 from .presets import resolve_model
 from .report import GpuOption, LargestFit, PolicyEstimate, SweepPoint, SweepReport
@@ -443,14 +443,8 @@ def sweep(
     st = base.with_(**{k: v for k, v in settings.items() if k in fields and v is not None})
     accum = st.grad_accum
     spec = resolve_model(model)
-    cfg = spec.config
-    max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    if isinstance(max_pos, int) and seqs[-1] > max_pos:
-        raise ConfigError(
-            f"sequence length {seqs[-1]} exceeds {spec.name}'s maximum of {max_pos} positions "
-            "(max_position_embeddings)"
-        )
-    if max_seq and isinstance(max_pos, int) and max_pos < seq_step:
+    max_pos = check_positions(spec, seqs[-1])
+    if max_seq and max_pos is not None and max_pos < seq_step:
         raise ConfigError(f"seq_step {seq_step} is longer than {spec.name}'s {max_pos} positions")
 
     # The model goes to estimate() as given (a preset's name labels the reports); its config
@@ -487,8 +481,8 @@ def sweep(
     if max_batch:
         searches.append(("batch", seqs, batch_limit, "search limit"))
     if max_seq:
-        k_max = (max_pos if isinstance(max_pos, int) else SEQ_LIMIT) // seq_step
-        why = "max_position_embeddings" if isinstance(max_pos, int) else "search limit"
+        k_max = (max_pos if max_pos is not None else SEQ_LIMIT) // seq_step
+        why = "max_position_embeddings" if max_pos is not None else "search limit"
         searches.append(("seq", batches, k_max, why))
     largest: list[LargestFit] = []
     for vary, fixed_values, limit, why in searches:  # rows: per GPU, then setting, then policy
@@ -563,16 +557,7 @@ def sweep(
         model=spec.name,
         setup={k: v for k, v in st.to_dict().items() if k not in ("batch", "seq")},
         policies=names,
-        gpus=[
-            {
-                "name": g.name,
-                "memory_bytes": g.memory_bytes,
-                "bf16_tflops": g.bf16_tflops,
-                "bandwidth_gbs": g.bandwidth_gbs,
-                "price_per_hour": price_of.get(g.name),
-            }
-            for g in gpus
-        ],
+        gpus=[{**g.to_dict(), "price_per_hour": price_of.get(g.name)} for g in gpus],
         prices=dict(price_of),
         speed_gpu=speed_gpu.name,
         points=points,
@@ -581,10 +566,3 @@ def sweep(
         notes=notes,
         elapsed_s=time.perf_counter() - t0,
     )
-
-
-def _with_fit(res: PolicyEstimate, gpu: GPU) -> PolicyEstimate:
-    from dataclasses import replace
-
-    head = gpu.memory_bytes - res.peak_bytes
-    return replace(res, fits=head >= 0, headroom_bytes=head)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 from .timeline import storage_of
 from .training import optimizer_state_bytes
 
-__all__ = ["TensorTotals", "tensor_totals"]
+__all__ = ["TensorTotals", "replayed_totals", "tensor_totals"]
 
 
 def _logical_numel(mod: nn.Module, p: torch.Tensor, name: str) -> int:
@@ -80,3 +81,16 @@ def tensor_totals(module: nn.Module, optimizer: str) -> TensorTotals:
     tot.optimizer_bytes = optimizer_state_bytes(trainable, optimizer)
     tot.trainable_tensors = trainable
     return tot
+
+
+def replayed_totals(
+    whole: TensorTotals, per_block: Sequence[TensorTotals], order: Sequence[int]
+) -> TensorTotals:
+    """Totals of the full-depth model from a small build's: its tensors outside the blocks, plus
+    block ``order[i]`` of the small build for each block ``i`` of the deep one.
+
+    Example:
+        >>> replayed_totals(whole, [first, middle, last], [0, 1, 1, 1, 2])  # a 5-block model
+    """
+    outside = whole - sum(per_block[1:], per_block[0])
+    return sum((per_block[k] for k in order[1:]), outside + per_block[order[0]])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -92,7 +92,6 @@ class TrainingSetup:
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] | str = "all-linear"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", _choice(self.method, METHODS, "method"))
@@ -152,35 +151,12 @@ class TrainingSetup:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
 
-    def describe(self) -> str:
-        """One line: ``"full fine-tune, bf16, adamw, batch 1 x seq 2048"``."""
-        what = {
-            "full": "full fine-tune",
-            "lora": f"LoRA r={self.lora_rank}",
-            "qlora": f"QLoRA (NF4) r={self.lora_rank}",
-        }
-        acc = f" x accum {self.grad_accum}" if self.grad_accum > 1 else ""
-        return (
-            f"{what[self.method]}, {self.precision}, {self.optimizer}, {self.attention} attention, "
-            f"batch {self.batch} x seq {self.seq}{acc}"
-        )
-
     def to_dict(self) -> dict[str, Any]:
-        targets = (
-            self.lora_targets if isinstance(self.lora_targets, str) else list(self.lora_targets)
-        )
+        """The fields as JSON-ready data (``lora_targets`` a list, or ``"all-linear"``)."""
+        targets = self.lora_targets
         return {
-            "method": self.method,
-            "batch": self.batch,
-            "seq": self.seq,
-            "grad_accum": self.grad_accum,
-            "precision": self.precision,
-            "optimizer": self.optimizer,
-            "attention": self.attention,
-            "lora_rank": self.lora_rank,
-            "lora_alpha": self.lora_alpha,
-            "lora_dropout": self.lora_dropout,
-            "lora_targets": targets,
+            **asdict(self),
+            "lora_targets": targets if isinstance(targets, str) else list(targets),
         }
 
 
