@@ -11,7 +11,7 @@ Example:
 
 from __future__ import annotations
 
-from .estimator import CUDA_CONTEXT_BYTES, DEFAULT_POLICIES, REFERENCE_GPU, estimate
+from .estimator import DEFAULT_POLICIES, REFERENCE_GPU, estimate
 from .gpus import GPU, GPU_PRESETS, get_gpu
 from .presets import MODEL_PRESETS, ModelPreset, ModelSpec, resolve_model
 from .report import (
@@ -26,6 +26,7 @@ from .report import (
     SweepPoint,
     SweepReport,
 )
+from .step_cost import CUDA_CONTEXT_BYTES
 from .training import METHODS, OPTIMIZERS, PRECISIONS, TrainingSetup
 
 __all__ = [
