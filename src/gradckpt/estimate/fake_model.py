@@ -10,6 +10,7 @@ activations have shapes, dtypes and storages but no data, so a 70B model costs n
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -423,8 +424,6 @@ _CACHE_SIZE = 4
 
 
 def _cache_key(cfg: Any, setup: TrainingSetup, n: int, types: list[Any] | None) -> Any:
-    import json
-
     # batch, sequence, accumulation and optimizer do not change the model: one build serves all
     setup_key = setup.with_(batch=1, seq=1, grad_accum=1, optimizer="sgd").to_dict()
     return (
