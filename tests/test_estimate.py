@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import gradckpt
+from gradckpt.bench.models import build_bench_model, make_batch
 from gradckpt.errors import BlockError, ConfigError, GradCkptError, PlanError, PolicyError
 from gradckpt.estimate import (
     BREAKDOWN_KEYS,
@@ -31,7 +32,6 @@ from gradckpt.estimate import (
 )
 from gradckpt.estimate.nf4 import NF4_CODE, NF4Linear, nf4_bytes, quantize_nf4
 from gradckpt.estimate.training import TrainingSetup, apply_method, optimizer_state_bytes
-from gradckpt.models import build_bench_model, make_batch
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import PolicyError
-from .plan import Decision, Plan
+from .plans import Decision, Plan
 
 __all__ = ["PolicySpec", "make_plan", "policy_names", "register_policy"]
 

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, GradCkptError, PlanError
-from ..plan import Decision, Plan
 from ..planner.api import plan as planner_plan
+from ..plans import Decision, Plan
 from ..policies import get_policy, make_plan
-from ..units import format_bytes, parse_bytes
+from ..units import format_bytes, parse_size
 from . import fake_model, periodic
 from .alternatives import alternatives as _alternatives
 from .compat import deprecated_csv
@@ -296,8 +296,8 @@ def _inputs(
     fixed_overhead = None
     if overhead is not None:
         try:
-            fixed_overhead = 0 if overhead == 0 else parse_bytes(overhead, what="overhead")
-        except (ValueError, GradCkptError) as e:  # a size typo is a bad setting, not a budget
+            fixed_overhead = 0 if overhead == 0 else parse_size(overhead, what="overhead")
+        except ValueError as e:  # a size typo is a bad setting, not a budget
             raise ConfigError(str(e)) from None
     return _Inputs(
         spec=resolve_model(model),

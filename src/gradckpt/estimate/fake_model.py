@@ -22,9 +22,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_flatten
 
 from ..blocks import find_blocks
-from ..checkpoint import is_recomputing
 from ..errors import BlockError, ConfigError
-from ..plan import Plan
+from ..plans import Plan
+from ..state import is_recomputing
 from .presets import hf_transformers
 from .timeline import GRAD, HEAD, Timeline, TimelineTracker
 from .totals import TensorTotals, replayed_totals, tensor_totals
@@ -254,7 +254,7 @@ class FakeSession:
         self, plan: Plan, batch: int, seq: int, *, grad_accum: int = 1, seed: int = 0
     ) -> Timeline:
         """Run one forward+backward with ``plan`` installed and return its timeline."""
-        from ..apply import disable, enable
+        from ..enable import disable, enable
 
         model, mode, setup = self.model, self.mode, self.setup
         with mode:

@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigError, GradCkptError
-from ..units import parse_bytes
+from ..errors import ConfigError
+from ..units import parse_size
 
 __all__ = ["GPU", "GPU_PRESETS", "MATH_EFFICIENCY", "MEMORY_EFFICIENCY", "get_gpu"]
 
@@ -133,10 +133,10 @@ def get_gpu(gpu: str | GPU) -> GPU:
         try:
             return GPU(
                 gpu.strip(),
-                parse_bytes(gpu, what="GPU memory"),
+                parse_size(gpu, what="GPU memory"),
                 source="memory size given by the user",
             )
-        except (ValueError, GradCkptError) as e:  # a size typo: a bad setting, same message
+        except ValueError as e:  # a size typo: a bad setting, same message
             raise ConfigError(str(e)) from None
     close = difflib.get_close_matches(key, list(GPU_PRESETS) + list(_ALIASES), n=1, cutoff=0.5)
     hint = f"did you mean {_ALIASES.get(close[0], close[0])!r}? " if close else ""

@@ -14,7 +14,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from ..plan import Decision, Plan
+from ..plans import Decision, Plan
 
 __all__ = ["MAX_PERIOD", "block_names_at_depth", "period_of", "reduced_layout"]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from ..plan import Plan
+from ..plans import Plan
 from ..units import format_bytes
 from .gpus import GPU, MATH_EFFICIENCY, MEMORY_EFFICIENCY
 from .report import PolicyEstimate

@@ -21,8 +21,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from ..checkpoint import is_recomputing
 from ..measure import count_flops
+from ..state import is_recomputing
 
 __all__ = [
     "ACT",
