@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._optional import require
 from ..errors import ConfigError
 
 __all__ = ["BENCH_PRESETS", "BenchModel", "build_bench_model", "make_batch"]
@@ -27,12 +28,7 @@ _Builder = Callable[[int | None, float | None, str], nn.Module]
 
 
 def _hf() -> Any:
-    try:
-        import transformers
-    except ImportError as e:  # pragma: no cover - exercised only without the hf extra
-        raise ConfigError(
-            "this model needs Hugging Face transformers: pip install 'gradckpt[hf]'"
-        ) from e
+    transformers = require("transformers", "hf", purpose="this bench model")
     transformers.logging.set_verbosity_error()
     return transformers
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._optional import require
 from ..errors import ConfigError, PolicyError
 from ..plans import Plan
 
@@ -56,15 +57,10 @@ def peak_memory_logs(model: nn.Module) -> dict[str, int]:
 
 
 def _make_callback() -> type:
-    try:
-        from transformers import TrainerCallback
-    except ImportError as e:  # pragma: no cover - exercised only without the hf extra
-        raise ConfigError(
-            "GradCkptCallback needs Hugging Face transformers: pip install 'gradckpt[hf]'"
-        ) from e
+    TrainerCallback = require("transformers", "hf", purpose="GradCkptCallback").TrainerCallback
     from ..enable import applied_plan, disable, enable
 
-    class GradCkptCallback(TrainerCallback):  # type: ignore[misc]
+    class GradCkptCallback(TrainerCallback):  # type: ignore[misc,valid-type]
         """Apply a gradckpt plan when training starts; log the plan and peak memory.
 
         Use it with ``gradient_checkpointing=False`` in the Trainer's arguments (gradckpt
