@@ -23,7 +23,14 @@ from .errors import BlockError, GradCkptError, PlanError, PolicyError
 from .plan import Decision, Plan
 from .policies import make_plan
 
-__all__ = ["BlockWrapper", "applied_plan", "disable", "enable", "register_decision"]
+__all__ = [
+    "BlockWrapper",
+    "applied_plan",
+    "disable",
+    "early_stop_option",
+    "enable",
+    "register_decision",
+]
 
 #: ``wrapper(name, block, forward, plan_options) -> new_forward`` for one decision.
 BlockWrapper = Callable[[str, nn.Module, Callable[..., Any], Mapping[str, Any]], Callable[..., Any]]
@@ -49,13 +56,15 @@ def run_checkpointed(
     stateful: list[nn.Module],
     context_fn: ck.ContextFn | None = None,
     name: str | None = None,
+    early_stop: bool = True,
 ) -> Any:
     """Checkpoint ``forward(*args, **kwargs)``, passing keyword tensors positionally.
 
     torch infers the device whose RNG it replays from positional tensors only, and its own
     keyword arguments (``debug``, ``context_fn``...) could collide with a block's; so keyword
     values travel as positional arguments and are put back by name inside. ``name`` (the
-    block's qualified name) is what errors about this block say.
+    block's qualified name) is what errors about this block say; ``early_stop`` is torch's
+    (the plan option ``early_stop``, see ``early_stop_option``).
     """
     names = tuple(kwargs)
     n = len(args)
@@ -66,12 +75,35 @@ def run_checkpointed(
     if torch.compiler.is_compiling():
         # No per-block label here: dynamo would guard on the name it is built from and compile
         # every block separately, falling back to eager after recompile_limit (8) blocks.
-        return ck.checkpoint(call, *args, *kwargs.values(), context_fn=context_fn)
+        return ck.checkpoint(
+            call, *args, *kwargs.values(), context_fn=context_fn, early_stop=early_stop
+        )
     label = f"block {name!r}" if name else ck.describe(forward)
     call._gradckpt_label = label  # type: ignore[attr-defined]
-    out = ck.checkpoint(call, *args, *kwargs.values(), stateful=stateful, context_fn=context_fn)
+    out = ck.checkpoint(
+        call,
+        *args,
+        *kwargs.values(),
+        stateful_modules=stateful,
+        context_fn=context_fn,
+        early_stop=early_stop,
+    )
     _refuse_lazy_output(label, out)
     return out
+
+
+def early_stop_option(options: Mapping[str, Any]) -> bool:
+    """The plan option ``early_stop`` (default True): whether a recompute stops early.
+
+    torch stops a recompute once every tensor the forward saved exists again, by raising
+    through the rest of the block's forward; module post-hooks inside the block (other
+    libraries' cleanup, e.g. bitsandbytes freeing dequantized weights) then never run during
+    the recompute. ``enable(model, policy=..., early_stop=False)`` re-runs whole blocks instead.
+    """
+    value = options.get("early_stop", True)
+    if not isinstance(value, bool):
+        raise PolicyError(f"early_stop must be True or False, got {value!r}")
+    return value
 
 
 def _refuse_lazy_output(label: str, out: Any) -> None:
@@ -90,11 +122,14 @@ def _recompute(
     name: str, block: nn.Module, forward: Callable[..., Any], options: Mapping[str, Any]
 ) -> Callable[..., Any]:
     stateful = ck.stateful_modules([block])
+    early_stop = early_stop_option(options)
 
     def checkpointed_forward(*args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
-        return run_checkpointed(forward, args, kwargs, stateful=stateful, name=name)
+        return run_checkpointed(
+            forward, args, kwargs, stateful=stateful, name=name, early_stop=early_stop
+        )
 
     return checkpointed_forward
 
@@ -160,6 +195,7 @@ class _SegmentRun:
     names: list[str]
     forwards: list[Callable[..., Any]]
     stateful: list[nn.Module]
+    early_stop: bool = True
     gen: Generator[None, None, None] | None = None
     prev: Any = None
     expect: int = 0
@@ -187,7 +223,14 @@ class _SegmentRun:
 
             self.records = records
             label = f"segment of blocks {self.names[0]!r} to {self.names[-1]!r}"
-            self.gen = ck.open_region(replay, args, kwargs, stateful=self.stateful, name=label)
+            self.gen = ck.open_region(
+                replay,
+                args,
+                kwargs,
+                stateful=self.stateful,
+                name=label,
+                early_stop=self.early_stop,
+            )
         elif self.gen is None:
             return fwd(*args, **kwargs)
         else:
@@ -291,7 +334,8 @@ def enable(
         **options: policy options (e.g. ``save_ops`` for ``selective``), and for any policy:
             ``offload_saved=True`` moves the tensors that non-recomputed (SAVE) blocks keep for
             backward to host memory; ``offload_min_bytes`` (default 1 MiB) is the smallest
-            tensor moved by it and by OFFLOAD blocks.
+            tensor moved by it and by OFFLOAD blocks; ``early_stop=False`` re-runs whole blocks
+            in the recompute (default True: torch stops once the saved tensors exist again).
 
     Returns:
         The installed ``Plan``. A second ``enable`` replaces the first.
@@ -367,6 +411,7 @@ def enable(
                 names=[n for n, _ in found[a:b]],
                 forwards=[blk.forward for blk in seg_blocks],
                 stateful=ck.stateful_modules(seg_blocks),
+                early_stop=early_stop_option(plan.options),
             )
             state.segments.append(run)
             for j, blk in enumerate(seg_blocks):
@@ -409,7 +454,9 @@ def _segment_forward(run: _SegmentRun, j: int) -> Callable[..., Any]:
             # (the memory of policy 'full', same gradients).
             if not torch.is_grad_enabled():
                 return own_forward(*args, **kwargs)
-            return run_checkpointed(own_forward, args, kwargs, stateful=[])
+            return run_checkpointed(
+                own_forward, args, kwargs, stateful=[], early_stop=run.early_stop
+            )
         return run.forward(j, args, kwargs)
 
     return segment_forward
