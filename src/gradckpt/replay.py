@@ -67,14 +67,20 @@ def _tags(func: Any) -> tuple[Any, ...]:
     return tuple(getattr(func, "tags", ()))
 
 
+_KNOWN: dict[Any, bool] = {}  # per op overload; every op of a checkpointed forward asks
+
+
 def is_data_dependent(func: Any) -> bool:
     """Whether aten op ``func`` makes a decision from its input's values (kept and replayed)."""
-    tags = _tags(func)
-    return (
-        getattr(func, "overloadpacket", None) in _DATA_DEPENDENT
-        or torch.Tag.dynamic_output_shape in tags
-        or torch.Tag.data_dependent_output in tags
-    )
+    known = _KNOWN.get(func)
+    if known is None:
+        tags = _tags(func)
+        known = _KNOWN[func] = (
+            getattr(func, "overloadpacket", None) in _DATA_DEPENDENT
+            or torch.Tag.dynamic_output_shape in tags
+            or torch.Tag.data_dependent_output in tags
+        )
+    return known
 
 
 def _is_decision(x: Any) -> bool:
@@ -198,7 +204,15 @@ class _ReplayDecisions(TorchDispatchMode):
 
     def __enter__(self) -> Any:
         self.log.rewind()  # every recompute (retain_graph, double backward) starts over
+        if not self.log.kept:
+            # Nothing to hand back (a dense block): no mode, no per-op cost in the recompute.
+            # A recompute that now makes decisions the forward did not is left to torch's check.
+            return self
         return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.log.kept:
+            super().__exit__(*exc)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kw: Mapping[str, Any] = kwargs or {}
