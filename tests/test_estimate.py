@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import gradckpt
+from gradckpt.bench.models import build_bench_model, make_batch
 from gradckpt.errors import ConfigError, PolicyError
 from gradckpt.estimate import (
     BREAKDOWN_KEYS,
@@ -30,7 +31,6 @@ from gradckpt.estimate import (
 )
 from gradckpt.estimate.nf4 import NF4_CODE, NF4Linear, nf4_bytes, quantize_nf4
 from gradckpt.estimate.setup import TrainingSetup, apply_method, optimizer_state_bytes
-from gradckpt.models import build_bench_model, make_batch
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")

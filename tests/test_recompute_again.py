@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradckpt
-from gradckpt.offload import emulate_host_on_cpu
+from gradckpt.runtime.offload import emulate_host_on_cpu
 
 POLICIES = ["full", "every:2", "sqrt", "selective", "offload", "selective-megatron"]
 

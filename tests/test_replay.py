@@ -23,8 +23,8 @@ import torch.utils.checkpoint as tuc
 from torch import nn
 
 import gradckpt
-from gradckpt.checkpoint import is_recomputing
-from gradckpt.offload import emulate_host_on_cpu
+from gradckpt.runtime.offload import emulate_host_on_cpu
+from gradckpt.state import is_recomputing
 
 DIM, EXPERTS, TOP_K, TOKENS = 8, 4, 2, 12
 

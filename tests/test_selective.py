@@ -21,10 +21,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradckpt
 from conftest import run_step
+from gradckpt.bench.models import build_bench_model, make_batch
 from gradckpt.errors import CheckpointMismatchError, PolicyError
-from gradckpt.models import build_bench_model, make_batch
-from gradckpt.plan import Decision, Plan
-from gradckpt.selective import normalize_save_ops, resolve_save_ops
+from gradckpt.plans import Decision, Plan
+from gradckpt.runtime.selective import normalize_save_ops, resolve_save_ops
 
 aten = torch.ops.aten
 

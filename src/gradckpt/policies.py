@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import PolicyError
-from .plan import Decision, Plan
+from .plans import Decision, Plan
 
 __all__ = ["PolicySpec", "make_plan", "policy_names", "register_policy"]
 
@@ -44,7 +44,7 @@ _REGISTRY: dict[str, PolicySpec] = {}
 
 #: Options every policy takes, stored in ``Plan.options`` and read by the decision wrappers.
 #: ``early_stop`` (bool, default True): torch's early stop of a recompute; False re-runs whole
-#: blocks, so module hooks inside them run in the recompute too (see ``apply.early_stop_option``).
+#: blocks, so module hooks inside them run in the recompute too (see ``runtime.decisions.early_stop_option``).
 COMMON_OPTIONS: tuple[str, ...] = ("early_stop",)
 
 

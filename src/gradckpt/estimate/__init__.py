@@ -214,7 +214,7 @@ def _estimate(
     full_depth: bool,
     t0: float,
 ) -> EstimateReport:
-    from ..plan import Decision, Plan
+    from ..plans import Decision, Plan
     from ..policies import make_plan
     from . import fake
 

@@ -35,10 +35,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from ..checkpoint import is_recomputing
 from ..errors import ConfigError, GradCkptError
 from ..measure import count_flops
-from ..plan import Decision, Plan
+from ..plans import Decision, Plan
+from ..state import is_recomputing
 from .setup import TrainingSetup, apply_method, optimizer_state_bytes
 
 __all__ = [
@@ -636,7 +636,7 @@ class FakeSession:
         self, plan: Plan, batch: int, seq: int, *, grad_accum: int = 1, seed: int = 0
     ) -> Timeline:
         """Run one forward+backward with ``plan`` installed and return its timeline."""
-        from ..apply import disable, enable
+        from ..enable import disable, enable
 
         model, mode, setup = self.model, self.mode, self.setup
         with mode:

@@ -25,7 +25,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .errors import CheckpointMismatchError
+from ..errors import CheckpointMismatchError
 
 __all__ = ["DecisionLog", "Kept", "decision_contexts", "is_data_dependent"]
 

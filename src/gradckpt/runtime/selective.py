@@ -49,11 +49,10 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from .apply import early_stop_option, register_decision, run_checkpointed
+from ..errors import CheckpointMismatchError, PolicyError
+from ..plans import Decision, Plan
 from .checkpoint import checkpoint, stateful_modules
-from .errors import CheckpointMismatchError, PolicyError
-from .plan import Decision, Plan
-from .policies import register_policy
+from .decisions import early_stop_option, run_checkpointed
 from .replay import DecisionLog, is_data_dependent
 
 __all__ = [
@@ -215,13 +214,15 @@ def _selective_options(options: Mapping[str, Any]) -> dict[str, Any]:
     return {"preset": "default", "save_ops": normalize_save_ops(options.get("save_ops"))}
 
 
-@register_policy(
-    "selective",
+#: The ``selective`` policy's help line and options (registered by ``runtime.builtin``).
+POLICY_HELP = (
     "checkpoint every block but keep matmul and attention outputs (recompute only pointwise "
-    "ops, norms, softmax); save_ops=[...] or preset='megatron'",
-    options=("save_ops", "preset"),
+    "ops, norms, softmax); save_ops=[...] or preset='megatron'"
 )
-def _selective_policy(names: Sequence[str], arg: str | None, options: dict[str, Any]) -> Plan:
+POLICY_OPTIONS = ("save_ops", "preset")
+
+
+def selective_policy(names: Sequence[str], arg: str | None, options: dict[str, Any]) -> Plan:
     return Plan(
         tuple(names),
         tuple(Decision.SELECTIVE for _ in names),
@@ -591,8 +592,7 @@ _LEARNED: weakref.WeakKeyDictionary[nn.Module, dict[frozenset[Any], _Unreached]]
 )
 
 
-@register_decision(Decision.SELECTIVE)
-def _selective_block(
+def selective_block(
     name: str, block: nn.Module, forward: Callable[..., Any], options: Mapping[str, Any]
 ) -> Callable[..., Any]:
     opts = _selective_options(options)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import threading
 import warnings
 from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import AbstractContextManager, ExitStack
@@ -14,28 +13,13 @@ import torch
 import torch.utils.checkpoint as tuc
 from torch import nn
 
-from .errors import CheckpointMismatchError, ConfigError, GradCkptError
+from ..errors import CheckpointMismatchError, ConfigError, GradCkptError
+from ..state import is_recomputing, recompute_flag
 from .replay import decision_contexts
 
-__all__ = ["checkpoint", "is_recomputing"]
+__all__ = ["checkpoint", "is_recomputing", "stateful_modules"]
 
 ContextFn = Callable[[], tuple[AbstractContextManager[Any], AbstractContextManager[Any]]]
-
-_tls = threading.local()
-
-
-def is_recomputing() -> bool:
-    """True while a checkpointed region is being recomputed during backward (this thread)."""
-    return getattr(_tls, "depth", 0) > 0
-
-
-@contextlib.contextmanager
-def _recompute_flag() -> Iterator[None]:
-    _tls.depth = getattr(_tls, "depth", 0) + 1
-    try:
-        yield
-    finally:
-        _tls.depth -= 1
 
 
 def stateful_modules(modules: Iterable[nn.Module]) -> list[nn.Module]:
@@ -126,7 +110,7 @@ def _context_fn(
         forward_cms.append(lambda: fwd)
         # Entered when a recompute starts, in this order: flag, buffer guard, decisions, user's.
         recompute_cms: list[Callable[[], AbstractContextManager[Any]]] = [
-            _recompute_flag,
+            recompute_flag,
             lambda: _restore_buffers(stateful),
         ]
         if replayer is not None:
@@ -281,11 +265,9 @@ def checkpoint(
         >>> y = gradckpt.checkpoint(block, x, attention_mask=mask)
     """
     if not callable(fn):
-        raise GradCkptError(
-            f"checkpoint needs a function or module to run, got {type(fn).__name__}"
-        )
+        raise ConfigError(f"checkpoint needs a function or module to run, got {type(fn).__name__}")
     if use_reentrant:
-        raise GradCkptError(
+        raise ConfigError(
             "gradckpt.checkpoint does not run the reentrant variant: it silently gives no "
             "gradients to adapters when the input does not require grad, breaks DDP and "
             "ignores keyword arguments; drop use_reentrant=True"
