@@ -133,6 +133,7 @@ def install(model: nn.Module, plan: Plan, found: Sequence[tuple[str, nn.Module]]
                 names=[n for n, _ in found[a:b]],
                 forwards=[blk.forward for blk in seg_blocks],
                 stateful=stateful_modules(seg_blocks),
+                early_stop=decisions.early_stop_option(plan.options),
             )
             state.segments.append(run)
             for j, blk in enumerate(seg_blocks):

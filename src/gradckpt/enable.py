@@ -40,7 +40,8 @@ def enable(
         **options: policy options (e.g. ``save_ops`` for ``selective``), and for any policy:
             ``offload_saved=True`` moves the tensors that non-recomputed (SAVE) blocks keep for
             backward to host memory; ``offload_min_bytes`` (default 1 MiB) is the smallest
-            tensor moved by it and by OFFLOAD blocks.
+            tensor moved by it and by OFFLOAD blocks; ``early_stop=False`` re-runs whole blocks
+            in the recompute (default True: torch stops once the saved tensors exist again).
 
     Returns:
         The installed ``Plan``. A second ``enable`` replaces the first.

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import BlockError
+from ..errors import BlockError, PolicyError
 from ..plans import Decision
 from .checkpoint import ContextFn, checkpoint, describe, stateful_modules
 
@@ -23,6 +23,7 @@ __all__ = [
     "WRAPPERS",
     "BlockWrapper",
     "available",
+    "early_stop_option",
     "recompute_block",
     "refuse_lazy_output",
     "register_decision",
@@ -60,13 +61,15 @@ def run_checkpointed(
     stateful: list[nn.Module],
     context_fn: ContextFn | None = None,
     name: str | None = None,
+    early_stop: bool = True,
 ) -> Any:
     """Checkpoint ``forward(*args, **kwargs)``, passing keyword tensors positionally.
 
     torch infers the device whose RNG it replays from positional tensors only, and its own
     keyword arguments (``debug``, ``context_fn``...) could collide with a block's; so keyword
     values travel as positional arguments and are put back by name inside. ``name`` (the
-    block's qualified name) is what errors about this block say.
+    block's qualified name) is what errors about this block say; ``early_stop`` is torch's
+    (the plan option ``early_stop``, see ``early_stop_option``).
     """
     names = tuple(kwargs)
     n = len(args)
@@ -77,12 +80,35 @@ def run_checkpointed(
     if torch.compiler.is_compiling():
         # No per-block label here: dynamo would guard on the name it is built from and compile
         # every block separately, falling back to eager after recompile_limit (8) blocks.
-        return checkpoint(call, *args, *kwargs.values(), context_fn=context_fn)
+        return checkpoint(
+            call, *args, *kwargs.values(), context_fn=context_fn, early_stop=early_stop
+        )
     label = f"block {name!r}" if name else describe(forward)
     call._gradckpt_label = label  # type: ignore[attr-defined]
-    out = checkpoint(call, *args, *kwargs.values(), stateful=stateful, context_fn=context_fn)
+    out = checkpoint(
+        call,
+        *args,
+        *kwargs.values(),
+        stateful_modules=stateful,
+        context_fn=context_fn,
+        early_stop=early_stop,
+    )
     refuse_lazy_output(label, out)
     return out
+
+
+def early_stop_option(options: Mapping[str, Any]) -> bool:
+    """The plan option ``early_stop`` (default True): whether a recompute stops early.
+
+    torch stops a recompute once every tensor the forward saved exists again, by raising
+    through the rest of the block's forward; module post-hooks inside the block (other
+    libraries' cleanup, e.g. bitsandbytes freeing dequantized weights) then never run during
+    the recompute. ``enable(model, policy=..., early_stop=False)`` re-runs whole blocks instead.
+    """
+    value = options.get("early_stop", True)
+    if not isinstance(value, bool):
+        raise PolicyError(f"early_stop must be True or False, got {value!r}")
+    return value
 
 
 def refuse_lazy_output(label: str, out: Any) -> None:
@@ -100,10 +126,13 @@ def recompute_block(
     name: str, block: nn.Module, forward: Callable[..., Any], options: Mapping[str, Any]
 ) -> Callable[..., Any]:
     stateful = stateful_modules([block])
+    early_stop = early_stop_option(options)
 
     def checkpointed_forward(*args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
-        return run_checkpointed(forward, args, kwargs, stateful=stateful, name=name)
+        return run_checkpointed(
+            forward, args, kwargs, stateful=stateful, name=name, early_stop=early_stop
+        )
 
     return checkpointed_forward

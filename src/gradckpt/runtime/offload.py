@@ -48,7 +48,7 @@ from ..plans import Decision, Plan
 from ..state import host_empty_strided
 from ..units import parse_size
 from .checkpoint import stateful_modules
-from .decisions import run_checkpointed
+from .decisions import early_stop_option, run_checkpointed
 
 __all__ = [
     "DEFAULT_MIN_BYTES",
@@ -474,6 +474,7 @@ def offload_block(
 ) -> Callable[..., Any]:
     stateful = stateful_modules([block])
     min_bytes = _option_min_bytes(options)
+    early = early_stop_option(options)
 
     def offloaded_forward(*args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
@@ -482,15 +483,21 @@ def offload_block(
         copier = copier_for(device)
         if copier is None:
             if device.type != "cpu":  # fake or meta tensors (estimates): nothing to move
-                return run_checkpointed(forward, args, kwargs, stateful=stateful, name=name)
+                return run_checkpointed(
+                    forward, args, kwargs, stateful=stateful, name=name, early_stop=early
+                )
             _note_once(
                 "offload",
                 "gradckpt: OFFLOAD on a CPU-only run: block inputs already live in host memory, "
                 "so they stay where they are and the blocks are recomputed (same as RECOMPUTE)",
             )
-            return run_checkpointed(forward, args, kwargs, stateful=stateful, name=name)
+            return run_checkpointed(
+                forward, args, kwargs, stateful=stateful, name=name, early_stop=early
+            )
         with _Group().hooks(copier, min_bytes):
-            return run_checkpointed(forward, args, kwargs, stateful=stateful, name=name)
+            return run_checkpointed(
+                forward, args, kwargs, stateful=stateful, name=name, early_stop=early
+            )
 
     return offloaded_forward
 

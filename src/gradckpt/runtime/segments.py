@@ -79,6 +79,7 @@ class SegmentRun:
     names: list[str]
     forwards: list[Callable[..., Any]]
     stateful: list[nn.Module]
+    early_stop: bool = True
     gen: Generator[None, None, None] | None = None
     prev: Any = None
     expect: int = 0
@@ -106,7 +107,14 @@ class SegmentRun:
 
             self.records = records
             label = f"segment of blocks {self.names[0]!r} to {self.names[-1]!r}"
-            self.gen = open_region(replay, args, kwargs, stateful=self.stateful, name=label)
+            self.gen = open_region(
+                replay,
+                args,
+                kwargs,
+                stateful=self.stateful,
+                name=label,
+                early_stop=self.early_stop,
+            )
         elif self.gen is None:
             return fwd(*args, **kwargs)
         else:
@@ -165,7 +173,9 @@ def segment_forward(run: SegmentRun, j: int) -> Callable[..., Any]:
             # (the memory of policy 'full', same gradients).
             if not torch.is_grad_enabled():
                 return own_forward(*args, **kwargs)
-            return run_checkpointed(own_forward, args, kwargs, stateful=[])
+            return run_checkpointed(
+                own_forward, args, kwargs, stateful=[], early_stop=run.early_stop
+            )
         return run.forward(j, args, kwargs)
 
     return forward

@@ -34,10 +34,11 @@ call), which is what Megatron-LM's ``--recompute-granularity selective`` does by
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,12 +49,13 @@ import torch.utils.checkpoint as tuc
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten
 
 from ..errors import CheckpointMismatchError, PolicyError
 from ..plans import Decision, Plan
 from .checkpoint import checkpoint, stateful_modules
-from .decisions import run_checkpointed
+from .decisions import early_stop_option, run_checkpointed
+from .replay import DecisionLog, is_data_dependent
 
 __all__ = [
     "DEFAULT_SAVE_OPS",
@@ -103,32 +105,6 @@ DEFAULT_SAVE_OPS: tuple[str, ...] = ("mm", "attention")
 #: ``default``: keep ``save_ops`` (matmuls and attention), recompute the rest.
 #: ``megatron``: keep everything except the attention core, which is recomputed.
 PRESETS: tuple[str, ...] = ("default", "megatron")
-
-# Ops whose results are decisions made from the data (which expert, which index): their integer
-# outputs are kept and replayed. Ops tagged dynamic_output_shape (nonzero, unique, masked_select)
-# or data_dependent_output (.item()) are added by tag.
-_DATA_DEPENDENT = tuple(
-    getattr(aten, n)
-    for n in (
-        "topk",
-        "sort",
-        "argsort",
-        "argmax",
-        "argmin",
-        "max",
-        "min",
-        "kthvalue",
-        "mode",
-        "median",
-        "nanmedian",
-        "msort",
-        "bincount",
-        "searchsorted",
-        "bucketize",
-    )
-    if hasattr(aten, n)
-)
-
 
 # -- naming the ops to keep (pure; plans store names, not op objects) -----------------------
 
@@ -268,15 +244,6 @@ def _is_random(func: Any) -> bool:
     return torch.Tag.nondeterministic_seeded in _tags(func)
 
 
-def _is_data_dependent(func: Any) -> bool:
-    tags = _tags(func)
-    return (
-        getattr(func, "overloadpacket", None) in _DATA_DEPENDENT
-        or torch.Tag.dynamic_output_shape in tags
-        or torch.Tag.data_dependent_output in tags
-    )
-
-
 _NO_REPLAY = object()  # fake or meta tensors: no real random numbers to reproduce
 
 
@@ -320,52 +287,6 @@ def _rng_snapshot(args: Any, kwargs: Mapping[str, Any]) -> Any:
         return gen, gen.get_state()
     except RuntimeError:
         return None
-
-
-def _is_decision(x: Any) -> bool:
-    return isinstance(x, torch.Tensor) and not (x.is_floating_point() or x.is_complex())
-
-
-@dataclass
-class _Kept:
-    """Integer outputs of one data-dependent op (None where the output is recomputed)."""
-
-    leaves: list[Any]
-    spec: Any
-
-    @classmethod
-    def of(cls, out: Any) -> _Kept:
-        leaves, spec = tree_flatten(out)
-        kept: list[Any] = []
-        for x in leaves:
-            if _is_decision(x):
-                kept.append(x.clone())
-            elif isinstance(x, (bool, int, float)):
-                kept.append(x)  # .item() results
-            else:
-                kept.append(None)
-        return cls(kept, spec)
-
-    @property
-    def complete(self) -> bool:
-        return all(x is not None for x in self.leaves)
-
-    def materialize(self) -> Any:
-        return tree_unflatten([_fresh(x) for x in self.leaves], self.spec)
-
-    def substitute(self, out: Any) -> Any:
-        leaves, spec = tree_flatten(out)
-        if len(leaves) != len(self.leaves):
-            return out
-        return tree_unflatten(
-            [o if k is None else _fresh(k) for o, k in zip(leaves, self.leaves)], spec
-        )
-
-
-def _fresh(x: Any) -> Any:
-    # A copy each time: the block may modify what it gets back in place, and a second backward
-    # (retain_graph) must see the forward's values again.
-    return x.clone() if isinstance(x, torch.Tensor) else x
 
 
 class _Learned:
@@ -516,9 +437,8 @@ class _BlockRun:
     learned: _Learned
     caching: Any = None  # torch's forward (caching) mode, whose storage holds what is kept
     rng: list[Any] = field(default_factory=list)
-    kept: list[_Kept] = field(default_factory=list)
+    decisions: DecisionLog = field(default_factory=lambda: DecisionLog("block"))
     rng_i: int = 0
-    kept_i: int = 0
     kept_on: dict[int, list[tuple[Any, int]]] = field(default_factory=dict)  # storage -> calls
     aliases: dict[tuple[Any, int], list[tuple[torch.Tensor, int]]] = field(default_factory=dict)
 
@@ -656,8 +576,8 @@ class _Record(_Stacked):
             run.written(func, args, kwargs)
         out = func(*args, **kwargs)
         run.noted(func, args, out, writes)
-        if _is_data_dependent(func):
-            run.kept.append(_Kept.of(out))
+        if is_data_dependent(func):
+            run.decisions.record(func, out)
         return out
 
 
@@ -665,7 +585,8 @@ class _Replay(_Stacked):
     """Recompute: restore generator states, hand back kept decisions, name mutation errors."""
 
     def __enter__(self) -> Any:
-        self.run.rng_i = self.run.kept_i = 0
+        self.run.rng_i = 0
+        self.run.decisions.rewind()
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
@@ -682,20 +603,15 @@ class _Replay(_Stacked):
             run.rng_i += 1
             if isinstance(snap, tuple):
                 snap[0].set_state(snap[1])
-        if _is_data_dependent(func):
-            if run.kept_i >= len(run.kept):
-                raise run.mismatch("more data-dependent ops (topk, sort, nonzero...)")
-            kept = run.kept[run.kept_i]
-            run.kept_i += 1
-            if kept.complete:
-                return kept.materialize()
-            return kept.substitute(self._call(func, args, kwargs))
+        if is_data_dependent(func):
+            return run.decisions.replay(func, lambda: self._call(func, args, kwargs))
         return self._call(func, args, kwargs)
 
     def _call(self, func: Any, args: Any, kwargs: Any) -> Any:
         self.run.before_cached(self.inner, func, args)
         try:
-            return func(*args, **kwargs)
+            with self._recompute_if_consumed(func, args):
+                return func(*args, **kwargs)
         except RuntimeError as e:
             if isinstance(e, CheckpointMismatchError):
                 raise
@@ -703,6 +619,34 @@ class _Replay(_Stacked):
             if "not found in storage" in msg:
                 raise self.run.mismatch(f"an op ({func}) more often") from e
             raise
+
+    @contextlib.contextmanager
+    def _recompute_if_consumed(self, func: Any, args: Any) -> Iterator[None]:
+        """Recompute a kept output that an earlier backward of this region already used.
+
+        torch hands each kept output to the first recompute only (and frees it), then refuses
+        any further backward through the region ("backward an extra time"). A second backward
+        (``retain_graph=True``, several ``autograd.grad`` calls, a double backward) re-runs
+        those ops instead, from the same recomputed inputs, with random ops and decisions
+        replayed as in every recompute: the gradients of a full recompute, no memory held.
+        """
+        consumed = getattr(tuc, "_CONSUMED", None)
+        storage = getattr(self.inner, "storage", None)
+        counter = getattr(self.inner, "func_counter", None)
+        key_of = getattr(tuc, "_sac_storage_key", lambda f, a: f)
+        entries = None
+        if consumed is not None and isinstance(storage, Mapping) and counter is not None:
+            key = key_of(func, args)
+            entries = storage.get(key)
+            idx = counter.get(key, 0)
+        if entries is None or entries.get(idx) is not consumed:
+            yield
+            return
+        entries[idx] = tuc._RECOMPUTE  # torch's cached mode then simply runs the op
+        try:
+            yield
+        finally:
+            entries[idx] = consumed
 
 
 def selective_context_fn(
@@ -732,7 +676,13 @@ def selective_context_fn(
             return tuc.create_selective_checkpoint_contexts(policy)  # type: ignore[no-any-return]
         policy = _Policy(save, known)
         caching, cached = tuc.create_selective_checkpoint_contexts(policy)
-        run = _BlockRun(name=name, policy=policy, learned=known, caching=caching)
+        run = _BlockRun(
+            name=name,
+            policy=policy,
+            learned=known,
+            caching=caching,
+            decisions=DecisionLog(f"block {name!r}"),
+        )
         return _Record(run, caching), _Replay(run, cached)  # type: ignore[arg-type]
 
     return make
@@ -804,12 +754,19 @@ def selective_block(
     learned = _LEARNED.setdefault(block, {}).setdefault(save, _Learned())
     context_fn = selective_context_fn(name, save, learned)
     stateful = stateful_modules([block])
+    early_stop = early_stop_option(options)
 
     def selective_forward(*args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
         return run_checkpointed(
-            forward, args, kwargs, stateful=stateful, context_fn=context_fn, name=name
+            forward,
+            args,
+            kwargs,
+            stateful=stateful,
+            context_fn=context_fn,
+            name=name,
+            early_stop=early_stop,
         )
 
     return selective_forward
