@@ -56,7 +56,6 @@ def uniform(n: int, *, base: int = 100 * MiB, head: int = 40 * MiB) -> StepProfi
         tail_peak=base + 8 * MiB * n,
         batch=4,
         fixed_bytes=base,
-        per_sample_bytes=10 * MiB,
     )
 
 
