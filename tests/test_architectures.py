@@ -54,7 +54,6 @@ ITEM1 = "issue 13 item 1: selective keeps a bmm output that is then modified in 
 ITEM3 = "issue 13 item 3: sqrt with LayerDrop between blocks (random draws outside the blocks)"
 ITEM4 = "issue 13 item 4: sqrt groups encoder and decoder blocks in one segment"
 ITEM5 = "issue 13 item 5: find_blocks picks the wrong blocks"
-ITEM6 = "issue 13 item 6: default selective refuses a mainstream model"
 
 # (architecture, policy) -> reason, for cases that fail on main today.
 KNOWN: dict[tuple[str, str], str] = {
@@ -62,11 +61,9 @@ KNOWN: dict[tuple[str, str], str] = {
     ("wav2vec2", "sqrt"): ITEM3,
     ("whisper", "sqrt"): ITEM3,
     ("t5", "sqrt"): ITEM4,
-    ("gpt_oss", "selective"): ITEM6,
-    ("funnel", "selective"): ITEM6,
     **{("jamba", p): ITEM5 for p in POLICIES},  # find_blocks finds no blocks: enable refuses
     # Funnel's nested block lists: the plan checkpoints blocks that never recompute
-    **{("funnel", p): ITEM5 for p in POLICIES if p not in ("none", "selective")},
+    **{("funnel", p): ITEM5 for p in POLICIES if p != "none"},
 }
 KNOWN_FIND_BLOCKS: dict[str, str] = {"jamba": ITEM5, "wav2vec2": ITEM5}
 
