@@ -242,12 +242,26 @@ def test_list_of_lists_gives_the_inner_modules_as_blocks() -> None:
         "decoder.layers.0",
         "decoder.layers.1",
     ]
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+
+    def step() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        loss = model(input_ids=ids).last_hidden_state.pow(2).mean()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    model.train()
+    ref = step()
     gradckpt.enable(model, policy="full")
     try:
         layers = [m for m in model.modules() if type(m).__name__ == "FunnelLayer"]
         assert len(layers) == 5 and all("forward" in m.__dict__ for m in layers)
+        got = step()
     finally:
         gradckpt.disable(model)
+    assert torch.equal(ref[0], got[0])
+    assert len(ref[1]) == len(got[1]) and all(map(torch.equal, ref[1], got[1]))
 
 
 def test_weight_norm_parametrization_is_not_a_block_list() -> None:
