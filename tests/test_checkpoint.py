@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradckpt
-from gradckpt.checkpoint import is_recomputing
+from gradckpt.state import is_recomputing
 
 
 def _f(

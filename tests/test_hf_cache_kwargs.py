@@ -104,7 +104,7 @@ def test_prefilled_cache_given_as_cache_is_refused() -> None:
 def test_dict_cache_of_transformers_4_is_read() -> None:
     # XLM/Flaubert before transformers 5 kept {"slen": tokens, layer_id: (k, v)}; it was read
     # as empty, so a prefilled one was dropped silently instead of refused.
-    from gradckpt.integrations.hf import _cached_tokens
+    from gradckpt.guards.hf import cached_tokens as _cached_tokens
 
     k = torch.zeros(1, 4, 3, 8)
     assert _cached_tokens({"slen": 3, 0: (k, k)}) == 3

@@ -10,7 +10,7 @@ from typing import Any
 
 from .blocks import block_groups
 from .errors import PolicyError
-from .plan import Decision, Plan
+from .plans import Decision, Plan
 
 __all__ = ["PolicySpec", "make_plan", "policy_names", "register_policy"]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import threading
 from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import AbstractContextManager, ExitStack
 from typing import Any
@@ -13,27 +12,12 @@ import torch
 import torch.utils.checkpoint as tuc
 from torch import nn
 
-from .errors import CheckpointMismatchError, GradCkptError
+from ..errors import CheckpointMismatchError, ConfigError, GradCkptError
+from ..state import is_recomputing, recompute_flag
 
-__all__ = ["checkpoint", "is_recomputing"]
+__all__ = ["checkpoint", "is_recomputing", "stateful_modules"]
 
 ContextFn = Callable[[], tuple[AbstractContextManager[Any], AbstractContextManager[Any]]]
-
-_tls = threading.local()
-
-
-def is_recomputing() -> bool:
-    """True while a checkpointed region is being recomputed during backward (this thread)."""
-    return getattr(_tls, "depth", 0) > 0
-
-
-@contextlib.contextmanager
-def _recompute_flag() -> Iterator[None]:
-    _tls.depth = getattr(_tls, "depth", 0) + 1
-    try:
-        yield
-    finally:
-        _tls.depth -= 1
 
 
 def stateful_modules(modules: Iterable[nn.Module]) -> list[nn.Module]:
@@ -87,7 +71,7 @@ def _context_fn(
             fwd, rec = contextlib.nullcontext(), contextlib.nullcontext()
         stack = ExitStack()
         # Entered lazily when the recompute starts, in this order: flag, buffer guard, user context.
-        recompute = _Chain([_recompute_flag(), _restore_buffers(stateful), rec], stack)
+        recompute = _Chain([recompute_flag(), _restore_buffers(stateful), rec], stack)
         return _Chain([_NamedMismatch(name), fwd], ExitStack()), recompute
 
     return make
@@ -223,11 +207,9 @@ def checkpoint(
         >>> y = gradckpt.checkpoint(block, x, attention_mask=mask)
     """
     if not callable(fn):
-        raise GradCkptError(
-            f"checkpoint needs a function or module to run, got {type(fn).__name__}"
-        )
+        raise ConfigError(f"checkpoint needs a function or module to run, got {type(fn).__name__}")
     if use_reentrant:
-        raise GradCkptError(
+        raise ConfigError(
             "gradckpt.checkpoint does not run the reentrant variant: it silently gives no "
             "gradients to adapters when the input does not require grad, breaks DDP and "
             "ignores keyword arguments; drop use_reentrant=True"
@@ -259,7 +241,7 @@ def checkpoint(
         # (ValueError "debug=True is incompatible with non-default context_fn"), so it runs as
         # plain torch: the op traces are what matters then, not the BatchNorm fix.
         if context_fn is not None:
-            raise GradCkptError(
+            raise ConfigError(
                 "debug=True cannot be combined with context_fn: torch's debug mode installs its "
                 "own contexts; drop one of them"
             )

@@ -1,0 +1,240 @@
+"""Segments: several consecutive blocks checkpointed as one region (policy ``sqrt``).
+
+The region opens when the segment's first block that runs starts and closes when its last block
+returns; each later block's inputs are recorded with placeholders for the previous block's
+output tensors, with the RNG state it saw, so the recompute replays the blocks that ran one
+after another from the first input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import GradCkptError
+from .checkpoint import (
+    RngState,
+    abort_region,
+    close_region,
+    fork_rng,
+    open_region,
+    pause_region,
+    pushed_since,
+    resume_region,
+    saved_hooks_top,
+)
+from .decisions import refuse_lazy_output, run_checkpointed
+
+__all__ = ["SegmentRun", "closer", "segment_forward"]
+
+
+class _Ref:
+    """Placeholder for a tensor of the previous block's output, found again at recompute time."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: tuple[Any, ...]) -> None:
+        self.path = path
+
+
+def _tensor_paths(obj: Any, path: tuple[Any, ...] = ()) -> dict[int, tuple[Any, ...]]:
+    if isinstance(obj, torch.Tensor):
+        return {id(obj): path}
+    out: dict[int, tuple[Any, ...]] = {}
+    if isinstance(obj, (tuple, list)):
+        for i, v in enumerate(obj):
+            out.update(_tensor_paths(v, (*path, i)))
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            out.update(_tensor_paths(v, (*path, k)))
+    return out
+
+
+def _get(obj: Any, path: tuple[Any, ...]) -> Any:
+    for p in path:
+        obj = obj[p]
+    return obj
+
+
+def _substitute(obj: Any, paths: dict[int, tuple[Any, ...]], found: list[int]) -> Any:
+    if isinstance(obj, torch.Tensor) and id(obj) in paths:
+        found.append(1)
+        return _Ref(paths[id(obj)])
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(_substitute(v, paths, found) for v in obj)
+    if isinstance(obj, list):
+        return [_substitute(v, paths, found) for v in obj]
+    if type(obj) is dict:
+        return {k: _substitute(v, paths, found) for k, v in obj.items()}
+    return obj
+
+
+def _fill(obj: Any, out: Any) -> Any:
+    if isinstance(obj, _Ref):
+        return _get(out, obj.path)
+    if isinstance(obj, tuple):
+        return tuple(_fill(v, out) for v in obj)
+    if isinstance(obj, list):
+        return [_fill(v, out) for v in obj]
+    if type(obj) is dict:
+        return {k: _fill(v, out) for k, v in obj.items()}
+    return obj
+
+
+@dataclass
+class SegmentRun:
+    """The blocks of one segment: one checkpointed region from the first block that runs to the
+    last, whose recompute replays the blocks that ran, each from the RNG state it saw.
+
+    Between two blocks the region steps aside (its saved-tensor hooks come off the stack), so
+    the model's own code there is not part of the region, and a block the model skips
+    (LayerDrop: ``if self.training and torch.rand([]) < self.layerdrop: continue`` in BART,
+    OPT, Whisper, wav2vec2...) is skipped by the replay too. The model's random draws between
+    blocks advance the RNG in forward only, so each replayed block restores its own entry
+    state instead of running on from the previous block's (without that, OPT's dropout masks
+    differed in the recompute: wrong gradients, no error).
+    """
+
+    names: list[str]
+    forwards: list[Callable[..., Any]]
+    stateful: list[nn.Module]
+    gen: Generator[None, None, None] | None = None
+    hooks: list[Any] = field(default_factory=list)  # what the open region pushed, bottom first
+    paused: bool = False
+    prev: Any = None  # the output of the last block that ran
+    last: int = -1  # its index
+    records: list[tuple[int, Any, Any, RngState]] = field(default_factory=list)
+
+    def _resume(self) -> None:
+        if self.paused:
+            resume_region(self.hooks)
+            self.paused = False
+
+    def abort(self) -> None:
+        """Close the region after an error: nothing it saved will be used."""
+        if self.gen is not None:
+            self._resume()
+            abort_region(self.gen)
+        self._reset()
+
+    def finish(self) -> None:
+        """Close a region whose last blocks did not run (skipped, or the forward ended early)."""
+        gen = self.gen
+        if gen is not None:
+            self._resume()
+        self._reset()
+        if gen is not None:
+            close_region(gen)
+
+    def _reset(self) -> None:
+        self.gen, self.hooks, self.paused, self.prev, self.last = None, [], False, None, -1
+
+    def _open(self, j: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        records: list[tuple[int, Any, Any, RngState]] = [
+            (j, None, None, RngState(*args, *kwargs.values()))
+        ]
+        forwards = self.forwards
+
+        def replay(*a: Any, **kw: Any) -> Any:
+            # torch restored the RNG of the first block's positional inputs; this restores each
+            # block's own (keyword tensors' devices included) and forks what it touches.
+            with fork_rng(r[3] for r in records):
+                k, _, _, rng = records[0]
+                rng.restore()
+                out = forwards[k](*a, **kw)
+                for k, ra, rkw, rng in records[1:]:
+                    rng.restore()
+                    out = forwards[k](*_fill(ra, out), **_fill(rkw, out))
+            return out
+
+        self.records = records
+        label = f"segment of blocks {self.names[j]!r} to {self.names[-1]!r}"
+        below = saved_hooks_top()
+        self.gen = open_region(replay, args, kwargs, stateful=self.stateful, name=label)
+        try:
+            self.hooks = pushed_since(below)
+        except BaseException:
+            self.abort()
+            raise
+
+    def forward(self, j: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        fwd = self.forwards[j]
+        if self.gen is not None and j <= self.last:
+            if j != 0:
+                after = self.names[self.last]
+                self.abort()
+                raise GradCkptError(
+                    f"block {self.names[j]!r} ran out of order inside a checkpointed segment "
+                    f"(after {after!r}); the sqrt policy needs its blocks called one after "
+                    "another, each at most once: use policy='full' for this model"
+                )
+            self.finish()  # a new forward: the previous one's region is complete as it is
+        if self.gen is None:
+            if not torch.is_grad_enabled():
+                return fwd(*args, **kwargs)
+            self._open(j, args, kwargs)
+        else:
+            found: list[int] = []
+            paths = _tensor_paths(self.prev)
+            rec = (_substitute(args, paths, found), _substitute(kwargs, paths, found))
+            if not found:
+                before = self.names[self.last]
+                self.abort()
+                raise GradCkptError(
+                    f"block {self.names[j]!r} does not take block {before!r}'s output as "
+                    "input, so they cannot be checkpointed as one segment: use policy='full' "
+                    "or 'every:K' for this model"
+                )
+            self.records.append((j, *rec, RngState(*args, *kwargs.values())))
+            self._resume()
+        self.prev = None
+        try:
+            out = fwd(*args, **kwargs)
+            refuse_lazy_output(f"block {self.names[j]!r}", out)
+        except BaseException:
+            self.abort()
+            raise
+        if j == len(self.forwards) - 1:
+            self.finish()
+        else:
+            self.prev, self.last = out, j
+            self.paused = pause_region(self.hooks)
+            if not self.paused:
+                self.abort()
+                raise GradCkptError(
+                    f"block {self.names[j]!r} left saved-tensor hooks of its own open when it "
+                    "returned, so it cannot be part of a checkpointed segment: use "
+                    "policy='full' for this model"
+                )
+        return out
+
+
+def closer(runs: list[SegmentRun]) -> Callable[..., None]:
+    def close_open_segments(_model: nn.Module, _args: Any, _out: Any) -> None:
+        for run in runs:
+            # A segment whose last blocks did not run (LayerDrop skipped them) is complete
+            # as it is; after an exception inside a block its region is already aborted.
+            run.finish()
+
+    return close_open_segments
+
+
+def segment_forward(run: SegmentRun, j: int) -> Callable[..., Any]:
+    own_forward = run.forwards[j]  # bound here: indexing by j inside would make dynamo guard on j
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            # A segment's region stays open across blocks, which compiled frames (one per block)
+            # cannot share: its recompute would replay eager code against a compiled forward's
+            # saved tensors. Under torch.compile each block of a segment is checkpointed alone
+            # (the memory of policy 'full', same gradients).
+            if not torch.is_grad_enabled():
+                return own_forward(*args, **kwargs)
+            return run_checkpointed(own_forward, args, kwargs, stateful=[])
+        return run.forward(j, args, kwargs)
+
+    return forward
