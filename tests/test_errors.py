@@ -10,8 +10,8 @@ Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_errors.py -q
 from __future__ import annotations
 
 import contextlib
-import logging
 import copy
+import logging
 from collections.abc import Iterator
 from typing import Any
 
