@@ -101,7 +101,9 @@ def test_torch_debug_mode_works_through_gradckpt(monkeypatch: pytest.MonkeyPatch
     # torch's debug mode logs each op to the "LoggingTensor" logger with arguments its message
     # has no placeholders for; when an earlier test left INFO records enabled (pytest's log
     # capture), formatting that record raises TypeError inside torch. Keep it at WARNING here.
-    monkeypatch.setattr(logging.getLogger("LoggingTensor"), "level", logging.WARNING)
+    log = logging.getLogger("LoggingTensor")
+    monkeypatch.setattr(log, "level", log.level)  # restored after the test
+    log.setLevel(logging.WARNING)  # setLevel, not the attribute: it clears the enabled cache
     x = torch.randn(4, requires_grad=True)
     gradckpt.checkpoint(torch.sin, x, debug=True).sum().backward()
     assert torch.equal(x.grad, torch.cos(x.detach()))
