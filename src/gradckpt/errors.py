@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 __all__ = [
     "BlockError",
     "BudgetError",
@@ -10,6 +12,7 @@ __all__ = [
     "GradCkptError",
     "PlanError",
     "PolicyError",
+    "warn_once",
 ]
 
 
@@ -39,3 +42,17 @@ class ConfigError(GradCkptError, ValueError):
 
 class CheckpointMismatchError(GradCkptError, RuntimeError):
     """A recompute produced different tensors from the forward pass (non-determinism)."""
+
+
+_WARNED: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """``warnings.warn(message)`` the first time ``key`` is seen in this process, then never again.
+
+    The warning points at the caller's caller (``stacklevel=3``): the user code whose call
+    reached the gradckpt function that warns.
+    """
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, stacklevel=3)

@@ -7,7 +7,6 @@ output and softmax statistics recomputed), the rest of the block saves as withou
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -15,18 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from ..errors import warn_once
 from .checkpoint import checkpoint
 
 __all__ = ["attention_recomputed"]
 
 _SDPA = F.scaled_dot_product_attention
-_warned: set[str] = set()
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, stacklevel=3)
 
 
 class _AttentionCore(TorchFunctionMode):
@@ -56,7 +49,7 @@ def attention_recomputed(name: str, forward: Callable[..., Any]) -> Callable[...
         with mode:
             out = forward(*args, **kwargs)
         if mode.calls == 0:
-            _warn_once(
+            warn_once(
                 f"megatron:{name}",
                 f"gradckpt: block {name!r} calls no scaled_dot_product_attention, so the "
                 "megatron preset recomputes nothing there (same as Decision.SAVE); use "

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
@@ -43,7 +42,7 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..errors import PolicyError
+from ..errors import PolicyError, warn_once
 from ..plans import Decision, Plan
 from ..state import host_empty_strided
 from ..units import parse_size
@@ -387,15 +386,6 @@ def copier_for(device: torch.device) -> Copier | None:
     return copier
 
 
-_noted: set[str] = set()
-
-
-def _note_once(key: str, message: str) -> None:
-    if key not in _noted:
-        _noted.add(key)
-        warnings.warn(message, stacklevel=3)
-
-
 # -- saved-tensor hooks, one group per block call ----------------------------------------------
 
 _tls = threading.local()
@@ -486,7 +476,7 @@ def offload_block(
                 return run_checkpointed(
                     forward, args, kwargs, stateful=stateful, name=name, early_stop=early
                 )
-            _note_once(
+            warn_once(
                 "offload",
                 "gradckpt: OFFLOAD on a CPU-only run: block inputs already live in host memory, "
                 "so they stay where they are and the blocks are recomputed (same as RECOMPUTE)",
@@ -523,7 +513,7 @@ def save_block(
         if copier is None:
             if device.type != "cpu":  # fake or meta tensors (estimates): nothing to move
                 return forward(*args, **kwargs)
-            _note_once(
+            warn_once(
                 "offload_saved",
                 "gradckpt: offload_saved on a CPU-only run: saved tensors already live in host "
                 "memory, so they stay where they are (nothing is copied)",
