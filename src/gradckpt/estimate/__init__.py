@@ -230,7 +230,7 @@ def _estimate(
             "(max_position_embeddings); use --seq <= that"
         )
     notes = list(spec.notes)
-    force_full = full_depth or bool(fake._per_layer_lists(cfg))
+    force_full = full_depth or bool(fake._per_layer_lists(cfg)) or fake.layers_differ_by_index(cfg)
 
     # A small build tells the block names; the full-depth names follow their pattern.
     n0 = min(L, 3)
