@@ -14,7 +14,7 @@ from torch import nn
 
 import gradckpt
 from conftest import run_step
-from gradckpt.models import build_bench_model, make_batch
+from gradckpt.bench.models import build_bench_model, make_batch
 
 
 def _policies() -> list[str]:

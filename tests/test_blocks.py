@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import gradckpt
+from gradckpt.bench.models import MLPStack, build_bench_model
 from gradckpt.blocks import resolve_blocks
-from gradckpt.models import MLPStack, build_bench_model
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradckpt
-from gradckpt.checkpoint import is_recomputing
+from gradckpt.state import is_recomputing
 
 
 def _f(
@@ -105,3 +105,32 @@ def test_recompute_flag_is_visible_only_during_recompute() -> None:
     x = torch.randn(3, requires_grad=True)
     gradckpt.checkpoint(fn, x).sum().backward()
     assert seen == [False, True]
+
+
+def test_stateful_modules_keyword_and_the_deprecated_stateful() -> None:
+    bn = nn.BatchNorm1d(4)
+    x = torch.randn(8, 4, requires_grad=True)
+
+    def fn(t: torch.Tensor) -> torch.Tensor:  # a plain function: gradckpt cannot see bn
+        return bn(t).sin()
+
+    gradckpt.checkpoint(fn, x, stateful_modules=[bn]).sum().backward()
+    assert int(bn.num_batches_tracked) == 1
+    # the old name still works where fn cannot take it, and says it is deprecated
+    with pytest.warns(DeprecationWarning, match="stateful_modules"):
+        gradckpt.checkpoint(fn, x, stateful=[bn]).sum().backward()
+    assert int(bn.num_batches_tracked) == 2
+    with pytest.raises(gradckpt.ConfigError, match="both stateful= and stateful_modules="):
+        gradckpt.checkpoint(fn, x, stateful=[bn], stateful_modules=[bn])
+
+
+def test_a_function_with_its_own_stateful_keyword_gets_it() -> None:
+    x = torch.randn(3, requires_grad=True)
+    seen = []
+
+    def fn(t: torch.Tensor, stateful: bool = False) -> torch.Tensor:
+        seen.append(stateful)
+        return t.sin()
+
+    gradckpt.checkpoint(fn, x, stateful=True).sum().backward()
+    assert seen == [True, True]  # forward and recompute

@@ -14,6 +14,7 @@ import pytest
 
 from gradckpt.bench import run_bench
 from gradckpt.cli import main
+from gradckpt.errors import ConfigError
 
 
 def test_bench_writes_table_json_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -108,3 +109,63 @@ def test_malformed_config_json(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     bad.write_text('{"hidden_size": 8}')
     assert main(["bench", "--model", str(bad), "--quiet"]) == 2
     assert "no 'model_type'" in capsys.readouterr().err
+
+
+def test_old_models_module_warns_and_reexports_the_bench_models() -> None:
+    import importlib
+
+    import gradckpt.bench.models as new
+
+    sys.modules.pop("gradckpt.models", None)
+    with pytest.warns(DeprecationWarning, match=r"gradckpt\.bench\.models"):
+        old = importlib.import_module("gradckpt.models")
+    for name in ("BENCH_PRESETS", "BenchModel", "MLPStack", "build_bench_model", "make_batch"):
+        assert getattr(old, name) is getattr(new, name)
+
+
+def test_time_interleaved_rotates_the_order_and_leaves_warmup_out() -> None:
+    from gradckpt.bench import time_interleaved
+
+    ran: list[str] = []
+    calls: list[tuple[int, str]] = []
+    prepared: list[str] = []
+    times = time_interleaved(
+        {k: (lambda k=k: ran.append(k)) for k in ("a", "b", "c")},
+        repeats=2,
+        warmup=2,
+        prepare=prepared.append,
+        progress=lambda r, label: calls.append((r, label)),
+    )
+    # round r starts at step r % 3; every step is prepared right before it runs
+    assert ran == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+    assert prepared == ran and [label for _, label in calls] == ran
+    assert [r for r, _ in calls] == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
+    assert {k: len(v) for k, v in times.wall.items()} == {"a": 2, "b": 2, "c": 2}
+    assert {k: len(v) for k, v in times.cpu.items()} == {"a": 2, "b": 2, "c": 2}
+    assert len(times.ratios("b", reference="a", clock="cpu")) == 2
+    with pytest.raises(ConfigError, match="repeats"):
+        time_interleaved({"a": lambda: None}, repeats=0)
+    with pytest.raises(ConfigError, match="warmup"):
+        time_interleaved({"a": lambda: None}, repeats=1, warmup=-1)
+
+
+def test_bench_budgets_are_measured_next_to_policies_or_skipped() -> None:
+    report = run_bench(
+        "mlp",
+        layers=2,
+        batch=1,
+        seq=16,
+        policies=["full"],
+        budgets=["1GiB", "1%"],
+        repeats=1,
+        warmup=0,
+    )
+    assert [r.policy for r in report.results] == ["none", "full", "auto@1GiB"]
+    assert len(report.result("auto@1GiB").times_s) == 1
+    assert [s["policy"] for s in report.skipped] == ["auto@1%"]
+
+
+def test_bench_refuses_two_configurations_with_one_label() -> None:
+    # before: the second 'auto@1GiB' overwrote the first's memory and doubled its timed steps
+    with pytest.raises(ConfigError, match="auto@1GiB"):
+        run_bench("mlp", layers=1, policies=["full"], budgets=["1GiB", "1GiB"])

@@ -6,10 +6,13 @@ Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_cli_plan.py -q
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 
 from gradckpt.cli import main
+from gradckpt.cli._args import gpu_names
+from gradckpt.estimate import GPU_PRESETS
 
 pytest.importorskip("transformers")
 
@@ -73,6 +76,27 @@ def test_no_fit_lists_alternatives(capsys: pytest.CaptureFixture[str]) -> None:
     assert d["results"][0]["fits"] is False and d["results"][0]["headroom_bytes"] < 0
     alts = {a["change"]: a for a in d["alternatives"]}
     assert any("LoRA" in c for c in alts) and any("QLoRA" in c for c in alts)
+
+
+def test_cli_splits_its_strings_and_leaves_the_rules_to_the_library(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, out, err = _run(
+            capsys,
+            *("gpt2", "--lora-targets", "c_attn,c_proj", "--seq", "32,64", "--gpu", "l4,4090"),
+            *("--policy", "none,full", "--price", "4090=0.3", "--json"),
+        )
+    assert code == 0, err
+    # the library got lists: none of its deprecated string forms was used
+    assert not [w for w in caught if "will be refused in the next release" in str(w.message)]
+    d = json.loads(out)
+    assert [g["name"] for g in d["gpus"]] == ["l4", "rtx-4090"]
+    assert d["setup"]["lora_targets"] == ["c_attn", "c_proj"] and d["prices"] == {"rtx-4090": 0.3}
+    # prices imply the GPU table (sweep's rule, not re-decided here): every point x GPU x policy
+    assert len(d["gpu_table"]) == 2 * 2 * 2
+    assert gpu_names("all") == list(GPU_PRESETS) and gpu_names(" l4, ,24GB") == ["l4", "24GB"]
 
 
 @pytest.mark.parametrize(

@@ -12,12 +12,14 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import sys
 
 import pytest
 import torch
 
 import gradckpt
-from gradckpt.errors import ConfigError, PolicyError
+from gradckpt.bench.models import build_bench_model, make_batch
+from gradckpt.errors import BlockError, ConfigError, GradCkptError, PlanError, PolicyError
 from gradckpt.estimate import (
     BREAKDOWN_KEYS,
     GPU,
@@ -29,8 +31,7 @@ from gradckpt.estimate import (
     resolve_model,
 )
 from gradckpt.estimate.nf4 import NF4_CODE, NF4Linear, nf4_bytes, quantize_nf4
-from gradckpt.estimate.setup import TrainingSetup, apply_method, optimizer_state_bytes
-from gradckpt.models import build_bench_model, make_batch
+from gradckpt.estimate.training import TrainingSetup, apply_method, optimizer_state_bytes
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -182,7 +183,7 @@ def _published(params: str) -> tuple[float, float]:
 
 
 def test_presets_build_with_their_published_parameter_counts() -> None:
-    from gradckpt.estimate import fake
+    from gradckpt.estimate import fake_model as fake
 
     required = {
         "mistral-7b", "llama-3-8b", "llama-3.2-1b", "llama-3.2-3b", "qwen2.5-7b",
@@ -375,6 +376,8 @@ def test_gpu_presets_and_sizes() -> None:
         ({"model": "gpt2", "gpu": "rtx-4080"}, ConfigError, "unknown GPU 'rtx-4080'"),
         ({"model": "gpt2", "method": "qlora4"}, ConfigError, "did you mean 'qlora'"),
         ({"model": "gpt2", "policies": ["ful"]}, PolicyError, "did you mean 'full'"),
+        # a size typo is a bad setting (it was a BudgetError: no budget involved)
+        ({"model": "gpt2", "overhead": "1GiX"}, ConfigError, "overhead '1GiX' is not a size"),
     ],
 )
 def test_bad_input_is_refused_with_a_clear_message(kwargs: dict, error: type, match: str) -> None:
@@ -404,3 +407,103 @@ def test_config_files(tmp_path) -> None:
     )  # fmt: skip
     r = estimate(str(good), seq=32, alternatives=False)
     assert r.layers == 3 and r.model == str(good)
+
+
+def test_missing_optional_dependency_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gradckpt._optional import require
+
+    assert require("json", "hf") is json
+    with pytest.raises(
+        ConfigError, match=r"gradckpt_absent cannot be imported .*'gradckpt\[plot\]'"
+    ):
+        require("gradckpt_absent.sub", "plot")
+    # a LoRA estimate without peft: one ConfigError with the install line, from apply_method
+    monkeypatch.setitem(sys.modules, "peft", None)  # makes `import peft` raise ImportError
+    with pytest.raises(
+        ConfigError, match=r"peft is needed for LoRA/QLoRA estimates .*pip install 'gradckpt\[hf\]'"
+    ):
+        apply_method(torch.nn.Linear(2, 2), TrainingSetup(method="lora"))
+
+
+def test_setup_module_is_a_deprecated_alias_of_training() -> None:
+    import importlib
+
+    from gradckpt.estimate import training
+
+    sys.modules.pop("gradckpt.estimate.setup", None)
+    with pytest.warns(DeprecationWarning, match="renamed gradckpt.estimate.training"):
+        old = importlib.import_module("gradckpt.estimate.setup")
+    assert old.TrainingSetup is training.TrainingSetup is TrainingSetup
+    assert old.apply_method is training.apply_method
+
+
+def test_auto_without_a_plan_is_an_answer_for_sweep_and_a_plan_error_for_estimate() -> None:
+    from gradckpt.estimate.estimator import estimate_one
+
+    # gpt2's AdamW states (0.46 GiB in bf16) exceed what 0.9 GiB leaves after the 0.5 GiB CUDA
+    # allowance: the planner has no budget to plan for
+    with pytest.raises(PlanError, match="no policy could be estimated: .*optimizer states alone"):
+        estimate("gpt2", seq=64, policies=["auto"], gpu="0.9GiB")
+    assert estimate_one("gpt2", "auto", batch=1, seq=64, gpu="0.9GiB") is None
+    full = estimate_one("gpt2", "full", batch=1, seq=64, gpu="0.9GiB")
+    assert full == estimate("gpt2", seq=64, policies=["full"], gpu="0.9GiB").result("full")
+    # with another policy the report stands, and says why 'auto' is missing
+    r = estimate("gpt2", seq=64, policies=["auto", "full"], gpu="0.9GiB", alternatives=False)
+    assert [p.policy for p in r.results] == ["full"]
+    assert any("optimizer states alone exceed 0.9GiB" in n for n in r.notes)
+
+
+def test_blocks_that_are_not_the_layers_raise_block_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gradckpt.estimate import fake_model
+
+    monkeypatch.setattr(fake_model, "find_blocks", lambda model: [])
+    cfg = build_bench_model("llama", layers=2).model.config
+    cfg.hidden_size, cfg.intermediate_size = 40, 72  # a config no earlier test cached
+    with pytest.raises(BlockError, match="found 0 blocks in a 2-layer") as info:
+        estimate(cfg, seq=8, policies=["none"], alternatives=False)
+    assert type(info.value) is not GradCkptError
+
+
+def test_alternatives_leave_out_changes_that_cannot_be_estimated() -> None:
+    from gradckpt.estimate.alternatives import alternatives
+    from gradckpt.estimate.report import PolicyEstimate
+
+    def run(st: TrainingSetup) -> PolicyEstimate | None:
+        if st.method == "lora" or st.batch == 4:  # e.g. 'auto' without a plan for that setup
+            return None
+        peak = 100 if st.method == "qlora" else 10 * st.batch + st.seq // 64
+        return PolicyEstimate(
+            policy="auto", plan="", peak_bytes=peak, breakdown={}, peak_phase="backward",
+            activation_bytes=0, step_peak_bytes=0, forward_flops=0, backward_flops=0,
+            recompute_flops=0, recompute_bytes=0, speed_cost=0.0, step_time_s=1.0,
+            tokens_per_s=1.0, fits=peak <= 40, headroom_bytes=40 - peak,
+        )  # fmt: skip
+
+    alts = alternatives(TrainingSetup(batch=8), "auto", run)
+    assert [(a.settings, a.peak_bytes, a.fits) for a in alts] == [
+        ({"optimizer": "adamw-8bit"}, 112, False),
+        ({"method": "qlora"}, 100, False),  # LoRA left out
+        ({"batch": 1, "grad_accum": 8}, 42, False),  # halving went on past batch 4
+        ({"seq": 1024, "batch": 1}, 26, True),
+    ]
+
+
+def test_setup_in_words_and_report_schemas() -> None:
+    from gradckpt.estimate.report import BREAKDOWN, BREAKDOWN_HELP, setup_words
+
+    accum = TrainingSetup(batch=4, grad_accum=2).to_dict()
+    assert (
+        setup_words(accum)
+        == "full fine-tune, bf16, adamw, batch 4 x seq 2048 x2 accum, sdpa attention"
+    )
+    assert (
+        setup_words(accum, shape=False) == "full fine-tune, bf16, adamw, sdpa attention, x2 accum"
+    )
+    qlora = TrainingSetup(method="qlora", lora_rank=8, lora_targets=["q_proj"]).to_dict()
+    assert setup_words(qlora, shape=False) == "QLoRA r=8, bf16, adamw, sdpa attention"
+    assert qlora["lora_targets"] == ["q_proj"] and "extra" not in qlora
+    # one table of breakdown rows: the keys, their order and their help are views of it
+    assert tuple(BREAKDOWN) == BREAKDOWN_KEYS and set(BREAKDOWN_HELP) == set(BREAKDOWN)
+    assert GPU_PRESETS["l4"].to_dict() == {
+        "name": "l4", "memory_bytes": 23034 * 2**20, "bf16_tflops": 121.0, "bandwidth_gbs": 300.0,
+    }  # fmt: skip

@@ -5,7 +5,7 @@ functional), attention (SDPA with dropout and masks, nn.MultiheadAttention), res
 ops (on whole tensors and on slices), tied weights (inside a block, across blocks, head and
 embedding), multiple outputs, keyword tensor and non-tensor arguments, frozen sub-modules and
 inputs with or without grad. Plans mix every decision registered at test time (SAVE, RECOMPUTE,
-and whatever else ``apply._WRAPPERS`` holds) with random multi-block segments.
+and whatever else ``runtime.decisions.WRAPPERS`` holds) with random multi-block segments.
 
 Checked with ``torch.equal`` in fp32: loss, outputs, every parameter gradient, input gradients,
 every buffer; then ``disable`` and the model again gives the reference results.
@@ -27,7 +27,7 @@ from torch import nn
 
 import gradckpt
 from gradckpt import CheckpointMismatchError, Decision, Plan
-from gradckpt.apply import _WRAPPERS
+from gradckpt.runtime.decisions import WRAPPERS
 
 DIM = 8
 HEADS = 2
@@ -268,7 +268,7 @@ def model_specs(draw: Any) -> ModelSpec:
 
 def draw_plan(data: Any, names: list[str]) -> Plan:
     """Random decisions from every registered decision, then random segments of RECOMPUTE runs."""
-    choices = sorted({Decision.SAVE, *_WRAPPERS}, key=lambda d: d.value)
+    choices = sorted({Decision.SAVE, *WRAPPERS}, key=lambda d: d.value)
     decisions = [data.draw(st.sampled_from(choices)) for _ in names]
     if data.draw(st.booleans()):  # a run of RECOMPUTE blocks, so that segments are common
         a = data.draw(st.integers(0, len(names) - 2))
@@ -461,7 +461,7 @@ def test_random_models_and_plans_give_identical_gradients() -> None:
     _exact_gradients()
     assert CASES["exact"] >= 200
     # Every registered decision and segments were really exercised.
-    for d in {Decision.SAVE, *_WRAPPERS}:
+    for d in {Decision.SAVE, *WRAPPERS}:
         assert CASES.get(d.value, 0) >= 20, (d, CASES)
     assert CASES["segments"] >= 20, CASES
     print(f"\ngenerated cases: {CASES}")

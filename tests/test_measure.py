@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradckpt
-from gradckpt.models import build_bench_model, make_batch
+from gradckpt.bench.models import build_bench_model, make_batch
 
 B, D, H, OUT = 8, 16, 64, 4
 

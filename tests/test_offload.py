@@ -21,11 +21,11 @@ from torch import nn
 
 import gradckpt
 from conftest import run_step
-from gradckpt import offload
+from gradckpt.bench.models import build_bench_model, make_batch
 from gradckpt.errors import PolicyError
-from gradckpt.models import build_bench_model, make_batch
-from gradckpt.offload import HostCopy, emulate_host_on_cpu, offload_options
-from gradckpt.plan import Decision, Plan
+from gradckpt.plans import Decision, Plan
+from gradckpt.runtime import offload
+from gradckpt.runtime.offload import HostCopy, emulate_host_on_cpu, offload_options
 
 HF_MODELS = ("llama", "gpt2", "bert", "mixtral")
 SMALL = 1024  # offload_min_bytes for the tiny test models

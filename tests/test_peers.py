@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/peers.py's logic on a tiny Llama (1 round, no torch.compile): no timing asserted.
+"""Smoke test of the benchmarks.peers package's logic on a tiny Llama (1 round, no torch.compile): no timing asserted.
 
 Checks the invariants that make the side-by-side table trustworthy: every peer and policy is
 measured or listed as skipped with a reason; gradients equal no checkpointing's (torch.equal);
@@ -11,17 +11,12 @@ Run: .venv/bin/python -m pytest tests/test_peers.py -q
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-
-import peers
-import render_readme
+from benchmarks import peers, render_readme
 
 pytest.importorskip("transformers")
 
@@ -191,3 +186,23 @@ def test_markdown_and_readme_section(res: dict[str, Any], tmp_path: Path) -> Non
     assert "old" not in text and "m-2026-01-01.json" in text
     with pytest.raises(ValueError, match="once each"):
         render_readme.replace_between_markers("no markers", "body")
+
+
+def test_rows_in_the_json_have_exactly_the_row_fields(res: dict[str, Any]) -> None:
+    from dataclasses import fields
+
+    names = [f.name for f in fields(peers.Row)]
+    for r in res["rows"]:
+        assert list(r) == names
+
+
+def test_gradients_are_compared_with_verifys_rule() -> None:
+    from gradckpt.verify import compare_grads
+
+    a = {"w": torch.tensor([1.0, 2.0]), "b": torch.zeros(3)}
+    assert compare_grads(a, {k: v.clone() for k, v in a.items()}) == (True, 0.0)
+    assert compare_grads(a, {"w": torch.tensor([1.0, 2.5]), "b": torch.zeros(3)}) == (False, 0.5)
+    assert compare_grads(a, {"w": a["w"], "b": None}) == (False, float("inf"))
+    assert compare_grads(a, {"w": a["w"]}) == (False, float("inf"))  # a name missing: no grad
+    ok, diff = compare_grads(a, {"w": torch.tensor([1.0, 2.5]), "b": a["b"]}, atol=0.5)
+    assert ok and diff == 0.5

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import gradckpt
-from gradckpt.models import build_bench_model, make_batch
+from gradckpt.bench.models import build_bench_model, make_batch
 from gradckpt.planner import min_peak, predict_cost, predict_peak
 from gradckpt.planner.api import auto_plan, profile_model
 
@@ -114,4 +114,52 @@ def test_infeasible_budget_is_refused_and_model_untouched() -> None:
         gradckpt.enable(model, budget="lots")
     with pytest.raises(gradckpt.BudgetError, match="percentage, but of nothing"):
         gradckpt.enable(model, budget="50%")
+    gradckpt.disable(model)
+
+
+def test_planner_recompute_bytes_equal_measure_for_a_recompute_block() -> None:
+    # One tracker counts bytes moved by recompute for both: the planner's isolated run of a
+    # block under RECOMPUTE and gradckpt.measure of the same block (issue 12; they differed 8x,
+    # 747,520 vs 93,184, when the planner's tracker counted every tensor again, views included).
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64))
+    model = torch.nn.Sequential(block)
+    x = torch.randn(8, 64, requires_grad=True)
+    prof = profile_model(model, (x,), blocks=[("0", block)])
+    planned = prof.options[0][gradckpt.Decision.RECOMPUTE].recompute_bytes
+
+    gradckpt.enable(model, policy="full", blocks=["0"])
+    stats = gradckpt.measure(lambda: model(x).sum().backward(), model=model, blocks=[("0", block)])
+    gradckpt.disable(model)
+    assert stats.recompute_bytes > 0
+    assert planned == stats.recompute_bytes
+
+
+def test_budget_below_the_weights_is_refused_at_enable() -> None:
+    # issue 13 item 9: known before any step, so refused at once (was: at the second step)
+    model, _, _ = _setup("llama")
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    with pytest.raises(gradckpt.BudgetError, match="weights, buffers and gradients"):
+        gradckpt.enable(model, budget=weights)
+    assert gradckpt.applied_plan(model) is None
+
+
+def test_lazy_budget_waits_for_the_optimizer_step_under_gradient_accumulation() -> None:
+    # issue 13 item 9: with 2 micro-steps per optimizer step, the profile must see the step
+    model, batch, _ = _setup("llama")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    gradckpt.enable(model, budget="64GiB")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(2):
+            for _micro in range(2):
+                model(**batch).loss.backward()
+                if step == 0:
+                    assert gradckpt.applied_plan(model).policy == "full"  # type: ignore[union-attr]
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    msgs = [str(w.message) for w in caught if "profiled the first step" in str(w.message)]
+    assert len(msgs) == 1 and "2 micro-steps accumulated" in msgs[0], msgs
+    assert "first block input 2x192x" in msgs[0]
+    assert gradckpt.applied_plan(model).policy == "auto"  # type: ignore[union-attr]
     gradckpt.disable(model)

@@ -3,8 +3,11 @@
 Checks: gradients bit-identical to no checkpointing (fp32, dropout on) on HF Llama, GPT-2, BERT
 and a Mixtral-style MoE for the default save set, a user save set and the megatron preset;
 exact kept bytes, recomputed FLOPs and recomputed bytes on small models; random ops replayed
-from their own generator state; data-dependent ops not re-run; in-place changes to kept
-tensors reported naming the block; options validated and carried by the plan.
+from their own generator state; data-dependent ops not re-run; kept outputs modified in place
+(through the tensor or an alias of its storage, in the block or after it) recomputed instead,
+with exact gradients and exact re-run FLOPs, including tiny HF BigBird (block-sparse),
+Nystromformer, LayoutLMv3, GPT-OSS, Llama 4 (text) and Funnel; options validated and carried
+by the plan.
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_selective.py -q
 """
@@ -21,10 +24,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradckpt
 from conftest import run_step
-from gradckpt.errors import CheckpointMismatchError, PolicyError
-from gradckpt.models import build_bench_model, make_batch
-from gradckpt.plan import Decision, Plan
-from gradckpt.selective import normalize_save_ops, resolve_save_ops
+from gradckpt.bench.models import build_bench_model, make_batch
+from gradckpt.errors import PolicyError
+from gradckpt.plans import Decision, Plan
+from gradckpt.runtime.selective import normalize_save_ops, resolve_save_ops
 
 aten = torch.ops.aten
 
@@ -265,8 +268,9 @@ def test_data_dependent_decisions_are_kept_not_rerun(policy):
     finally:
         gradckpt.disable(model)
     assert all(torch.equal(p.grad, r) for p, r in zip(model.parameters(), ref))
-    # Two blocks, one argmax and one nonzero each: forward only under selective.
-    assert counter.calls == (8 if policy == "full" else 4)
+    # Two blocks, one argmax and one nonzero each: run in forward only, replayed in recompute
+    # (under full too: gradckpt's plain recompute replays decisions, tests/test_replay.py).
+    assert counter.calls == 4
 
 
 def test_mixtral_routing_kept(hf_models):
@@ -278,11 +282,118 @@ def test_mixtral_routing_kept(hf_models):
             run_step(bm.model, batch)
     finally:
         gradckpt.disable(bm.model)
-    # topk's values are recomputed (Mixtral divides them in place), its indices handed back.
-    assert counter.calls == 2 * 2
+    # topk runs in forward only: its indices and values are handed back to the recompute (a
+    # fresh copy each time: Mixtral divides the values in place).
+    assert counter.calls == 2
 
 
 # -- in-place changes to kept tensors ---------------------------------------------------------
+
+
+def grads_under(model, x, policy, steps=2, **options):
+    """Gradients of ``steps`` steps under ``policy`` (``None``: no gradckpt), with the stats."""
+    if policy is not None:
+        gradckpt.enable(model, policy, **options)
+    try:
+        out = []
+        for _ in range(steps):
+            model.zero_grad(set_to_none=True)
+            stats = gradckpt.measure(lambda: model(x).pow(2).sum().backward(), model=model)
+            grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+            out.append((grads, stats))
+        return out
+    finally:
+        if policy is not None:
+            gradckpt.disable(model)
+
+
+def assert_grads_equal(got, ref):
+    assert len(got) == len(ref)
+    for g, r in zip(got, ref):
+        assert (g is None) == (r is None)
+        assert g is None or torch.equal(g, r), (g - r).abs().max().item()
+
+
+class ScoresPlusBias(nn.Module):
+    """Attention scores from a 4-D ``torch.matmul``, then a bias added in place (BigBird's
+    ``first_product += ...``, Nystromformer's ``context_layer += self.conv(...)``).
+
+    A 4-D matmul runs ``bmm`` on 3-D views and returns ``_unsafe_view(bmm_out)``: same storage
+    as the kept ``bmm`` output, but its own version counter, so ``+=`` on it writes into the
+    kept tensor without torch's version check noticing.
+    """
+
+    def __init__(self, d=8, heads=2, mutate=True):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(d, d)
+        self.k = nn.Linear(d, d)
+        self.bias = nn.Parameter(torch.randn(4, 4))
+        self.mutate = mutate
+
+    def split(self, t):
+        b, s, d = t.shape
+        return t.view(b, s, self.heads, d // self.heads).transpose(1, 2)
+
+    def scores(self, x):
+        q, k = self.split(self.q(x)), self.split(self.k(x))
+        return q @ k.transpose(-1, -2), q
+
+    def forward(self, x):
+        a, q = self.scores(x)
+        if self.mutate:
+            a += self.bias
+        out = (a.softmax(-1) @ q).transpose(1, 2).reshape(x.shape)
+        return x + out
+
+
+def test_kept_matmul_modified_through_an_alias_in_the_block_gives_exact_gradients():
+    torch.manual_seed(0)
+    model = nn.Sequential(ScoresPlusBias(), ScoresPlusBias())
+    x = torch.randn(2, 4, 8)
+    ref = grads_under(model, x, None, steps=1)[0][0]
+    (first, _), (second, stats) = grads_under(model, x, "selective")
+    assert_grads_equal(first, ref)
+    assert_grads_equal(second, ref)
+    # From the second step the scores' bmm is not kept (learned from the first): each of the
+    # 2 blocks re-runs it, 2 * (b*h) * s * s * (d/h) FLOPs, and nothing else.
+    assert stats.recompute_flops == 2 * (2 * 4 * 4 * 4 * 4)
+
+
+class ReturnsScores(ScoresPlusBias):
+    def forward(self, x):
+        a, _ = self.scores(x)
+        return a, a.softmax(-1)  # softmax is recomputed from the kept scores
+
+
+class BiasOutside(nn.Module):
+    """The 4-D matmul's result leaves the block, and is modified in place after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([ReturnsScores(), ReturnsScores()])
+        self.bias = nn.Parameter(torch.randn(4, 4))
+        self.proj = nn.Linear(4, 8)
+
+    def forward(self, x):
+        for blk in self.blocks:
+            a, p = blk(x)
+            a += self.bias
+            x = x + self.proj((a.softmax(-1) * p).sum(1))
+        return x
+
+
+def test_kept_matmul_modified_through_an_alias_after_the_block_gives_exact_gradients():
+    torch.manual_seed(0)
+    model = BiasOutside()
+    x = torch.randn(2, 4, 8)
+    ref = grads_under(model, x, None, steps=1)[0][0]
+    (first, _), (second, stats) = grads_under(model, x, "selective")
+    assert_grads_equal(first, ref)
+    assert_grads_equal(second, ref)
+    # Found in the first backward; from the second step it is not kept at all (one bmm per
+    # block re-run in both steps).
+    assert stats.recompute_flops == 2 * (2 * 4 * 4 * 4 * 4)
 
 
 class InplaceRelu(nn.Module):
@@ -294,20 +405,18 @@ class InplaceRelu(nn.Module):
         return torch.relu_(self.lin(x)) + x
 
 
-def test_mutating_a_kept_tensor_in_the_block_fails_in_forward_naming_it():
+def test_kept_tensor_modified_in_the_block_is_recomputed_instead():
+    torch.manual_seed(0)
     model = nn.Sequential(InplaceRelu(), InplaceRelu())
-    gradckpt.enable(model, "selective")
-    try:
-        with pytest.raises(CheckpointMismatchError, match=r"block '0'.*aten\.addmm"):
-            model(torch.randn(4, 8, requires_grad=True))
-    finally:
-        gradckpt.disable(model)
-    # Without addmm in the save set the block is fine.
-    gradckpt.enable(model, "selective", save_ops=["attention"])
-    try:
-        model(torch.randn(4, 8, requires_grad=True)).sum().backward()
-    finally:
-        gradckpt.disable(model)
+    x = torch.randn(4, 8)
+    ref = grads_under(model, x, None, steps=1)[0][0]
+    runs = grads_under(model, x, "selective")
+    for grads, stats in runs:
+        assert_grads_equal(grads, ref)
+        # The Linear's addmm (written by relu_) is re-run, as under full: 2 * n * d * d each.
+        assert stats.recompute_flops == 2 * (2 * 4 * 8 * 8)
+    full = grads_under(model, x, "full", steps=1)[0][1]
+    assert runs[1][1].activation_bytes == full.activation_bytes
 
 
 class ReturnsPreactivation(nn.Module):
@@ -328,17 +437,117 @@ class Outer(nn.Module):
     def forward(self, x):
         for blk in self.blocks:
             x, h = blk(x)
-            h.mul_(2)  # changes what tanh's backward needs; caught during backward
+            h.mul_(2)  # the kept addmm output itself, after the block: seen in backward
+            x = x + h
         return x
 
 
-def test_mutating_a_kept_tensor_after_the_block_fails_in_backward_naming_it():
+def test_kept_tensor_modified_after_the_block_is_recomputed_in_backward():
+    torch.manual_seed(0)
     model = Outer()
+    x = torch.randn(4, 8)
+    ref = grads_under(model, x, None, steps=1)[0][0]
+    (first, stats1), (second, stats2) = grads_under(model, x, "selective")
+    assert_grads_equal(first, ref)
+    assert_grads_equal(second, ref)
+    assert stats1.recompute_flops == stats2.recompute_flops == 2 * (2 * 4 * 8 * 8)
+    # The first step kept it until backward; the second does not keep it.
+    assert stats2.activation_bytes == stats1.activation_bytes - 2 * 4 * 8 * 4
+
+
+# -- Hugging Face models that modify kept outputs in place ------------------------------------
+
+
+def _tiny_hf(name):
+    """Tiny random-weight configs; dropout stays at each config's default (0.1 where it has one)."""
+    t = pytest.importorskip("transformers")
+    t.logging.set_verbosity_error()
+    small = {"vocab_size": 99, "num_attention_heads": 4}
+    enc = {**small, "hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 37}
+    dec = {**enc, "num_key_value_heads": 2, "head_dim": 8, "use_cache": False}
+    if name == "bigbird":  # block-sparse attention: `first_product += ...` on 4-D matmuls
+        # block_sparse needs seq > (5 + 2 * num_random_blocks) * block_size, else it runs full.
+        cfg = t.BigBirdConfig(**enc, max_position_embeddings=64, block_size=2, num_random_blocks=1)
+        return t.BigBirdForMaskedLM(cfg), 16
+    if name == "nystromformer":  # `context_layer += self.conv(value_layer)`
+        cfg = t.NystromformerConfig(
+            **enc, max_position_embeddings=64, num_landmarks=4, segment_means_seq_len=16
+        )
+        return t.NystromformerForMaskedLM(cfg), 16
+    if name == "layoutlmv3":
+        cfg = t.LayoutLMv3Config(
+            **enc,
+            max_position_embeddings=64,
+            input_size=32,
+            patch_size=8,
+            coordinate_size=6,
+            shape_size=4,
+            max_2d_position_embeddings=64,
+            rel_pos_bins=8,
+            max_rel_pos=16,
+            rel_2d_pos_bins=8,
+            max_rel_2d_pos=32,
+        )
+        return t.LayoutLMv3ForTokenClassification(cfg), 16
+    if name == "gpt_oss":  # grouped_mm experts, then `out.add_(bias)`
+        cfg = t.GptOssConfig(
+            **{**dec, "intermediate_size": 32},
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=8,
+            max_position_embeddings=64,
+            layer_types=["sliding_attention", "full_attention"],
+        )
+        return t.GptOssForCausalLM(cfg), 16
+    if name == "llama4":  # `out = self.shared_expert(x); out.add_(routed)`
+        cfg = t.Llama4TextConfig(
+            **dec,
+            intermediate_size_mlp=48,
+            num_local_experts=4,
+            num_experts_per_tok=1,
+            max_position_embeddings=64,
+            interleave_moe_layer_step=1,
+            attention_chunk_size=8,
+        )
+        return t.Llama4ForCausalLM(cfg), 16
+    if name == "funnel":  # relative attention adds into its bmm outputs in place
+        cfg = t.FunnelConfig(
+            vocab_size=99,
+            d_model=32,
+            n_head=4,
+            d_head=8,
+            d_inner=37,
+            block_sizes=[1, 1, 1],
+            num_decoder_layers=1,
+        )
+        return t.FunnelForMaskedLM(cfg), 16
+    raise AssertionError(name)
+
+
+def _hf_batch(model, seq):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 99, (2, seq), generator=g)
+    if type(model).__name__.startswith("LayoutLMv3"):
+        box = torch.randint(0, 30, (2, seq, 4), generator=g)
+        box[..., 2:] += box[..., :2]  # x1 >= x0, y1 >= y0
+        return {"input_ids": ids, "bbox": box, "labels": torch.randint(0, 2, (2, seq), generator=g)}
+    return {"input_ids": ids, "labels": ids}
+
+
+@pytest.mark.parametrize(
+    "name", ["bigbird", "nystromformer", "layoutlmv3", "gpt_oss", "llama4", "funnel"]
+)
+def test_hf_models_that_modify_kept_outputs_get_exact_gradients(name):
+    torch.manual_seed(0)
+    model, seq = _tiny_hf(name)
+    model.train()
+    batch = _hf_batch(model, seq)
+    ref = run_step(model, batch)
     gradckpt.enable(model, "selective")
     try:
-        out = model(torch.randn(4, 8, requires_grad=True))
-        with pytest.raises(CheckpointMismatchError, match=r"block 'blocks\.1'.*after the block"):
-            out.sum().backward()
+        # The first step finds the modified outputs as it goes; the second has learned them.
+        assert_same(run_step(model, batch), ref)
+        assert_same(run_step(model, batch), ref)
     finally:
         gradckpt.disable(model)
 

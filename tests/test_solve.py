@@ -5,6 +5,7 @@ Run: .venv/bin/python -m pytest tests/test_solve.py -q
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 
 import gradckpt
 from gradckpt.planner import BlockOption, StepProfile, min_peak, predict_cost, predict_peak, solve
-from gradckpt.planner.solve import brute_force
+from gradckpt.planner.solve import _ORDER, Solution, _key
 
 S, R, SEL, OFF = (
     gradckpt.Decision.SAVE,
@@ -22,6 +23,20 @@ S, R, SEL, OFF = (
     gradckpt.Decision.OFFLOAD,
 )
 MiB = 1 << 20
+
+
+def brute_force(profile: StepProfile, budget: int) -> Solution | None:
+    """Enumerate every plan (exponential in the block count): the solver's reference."""
+    best: tuple[tuple[int, int, tuple[int, ...]], Solution] | None = None
+    for decs in itertools.product(*[sorted(o, key=_ORDER.__getitem__) for o in profile.options]):
+        peak = predict_peak(profile, decs)
+        if peak > budget:
+            continue
+        cost = predict_cost(profile, decs)
+        k = _key(cost, tuple(decs))
+        if best is None or k < best[0]:
+            best = (k, Solution(tuple(decs), peak, cost))
+    return None if best is None else best[1]
 
 
 def uniform(n: int, *, base: int = 100 * MiB, head: int = 40 * MiB) -> StepProfile:
@@ -41,7 +56,6 @@ def uniform(n: int, *, base: int = 100 * MiB, head: int = 40 * MiB) -> StepProfi
         tail_peak=base + 8 * MiB * n,
         batch=4,
         fixed_bytes=base,
-        per_sample_bytes=10 * MiB,
     )
 
 

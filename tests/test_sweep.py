@@ -4,7 +4,8 @@
 Checks: the search is exact against brute force; peaks grow with batch and sequence length for
 every policy and ``full`` is never above ``none``; the largest batch (sequence) found fits while
 one more does not, by direct ``gradckpt.estimate`` calls; throughput and cost per token follow
-from the estimate and the prices given; bad input exits 2 with one line.
+from the estimate and the prices given; bad input exits 2 with one line; the library takes lists
+(comma strings still work for one release, with a DeprecationWarning at the caller's line).
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_sweep.py -q
 """
@@ -14,13 +15,16 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
+import warnings
 
 import pytest
 
 import gradckpt
 from gradckpt.cli import main
+from gradckpt.cli._args import parse_int_list, parse_prices
 from gradckpt.estimate.gpus import GPU
-from gradckpt.estimate.sweep import largest_fitting, parse_int_list, parse_prices
+from gradckpt.estimate.search import largest_fitting
 
 pytest.importorskip("transformers")
 
@@ -76,6 +80,41 @@ def test_parsers() -> None:
     assert parse_prices("4090=0.35, a100-80gb=1.6") == {"rtx-4090": 0.35, "a100-80gb": 1.6}
     assert parse_prices({"h100": 0}) == {"h100": 0.0}
     assert parse_prices(None) == {}
+
+
+def test_library_takes_lists_comma_strings_warn_for_one_release() -> None:
+    from gradckpt.estimate import GPU_PRESETS, TrainingSetup
+    from gradckpt.estimate.estimator import policy_list
+    from gradckpt.estimate.sweep import gpu_list, gpu_prices, int_values
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # lists and single names: no warning
+        assert int_values([1024, 512, 1024], "seq") == [512, 1024]
+        assert [g.name for g in gpu_list(["4090", "24GB", "rtx-4090"])] == ["rtx-4090", "24GB"]
+        assert gpu_prices({"4090": 0.35}) == {"rtx-4090": 0.35}
+        assert policy_list("full") == ["full"] and policy_list(["none", "every:2"])[1] == "every:2"
+        assert TrainingSetup(lora_targets=["q_proj"]).lora_targets == ("q_proj",)
+        assert TrainingSetup(lora_targets="v_proj").lora_targets == ("v_proj",)
+    cases = [
+        (lambda: int_values("512, 1024", "seq"), [512, 1024], "seq='512, 1024'"),
+        (lambda: [g.name for g in gpu_list("all")], list(GPU_PRESETS), "gpu='all'"),
+        (lambda: [g.name for g in gpu_list("l4,h100")], ["l4", "h100"], "gpu='l4,h100'"),
+        (lambda: gpu_prices("4090=0.5"), {"rtx-4090": 0.5}, "prices='4090=0.5'"),  # type: ignore[arg-type]
+        (lambda: policy_list("none,full"), ["none", "full"], "policies='none,full'"),
+        (
+            lambda: TrainingSetup(lora_targets="q_proj, v_proj").lora_targets,
+            ("q_proj", "v_proj"),
+            "lora_targets='q_proj, v_proj'",
+        ),
+    ]
+    for call, want, what in cases:
+        with pytest.warns(DeprecationWarning, match=re.escape(what)):
+            assert call() == want
+    # the warning points at the caller's line, not at gradckpt's internals
+    refused = pytest.raises(gradckpt.ConfigError, match="max_batch searches what fits a GPU")
+    with pytest.warns(DeprecationWarning) as record, refused:
+        gradckpt.sweep("gpt2", seq="128,256", policies="none,full", max_batch=True)
+    assert [w.filename for w in record] == [__file__, __file__]
 
 
 @pytest.mark.parametrize(

@@ -22,11 +22,11 @@ from torch import nn
 
 import gradckpt
 from gradckpt import Decision, Plan
-from gradckpt.apply import _WRAPPERS
-from gradckpt.checkpoint import is_recomputing
+from gradckpt.bench.models import MLPStack
 from gradckpt.cli import main
 from gradckpt.errors import ConfigError, GradCkptError, PolicyError
-from gradckpt.models import MLPStack
+from gradckpt.runtime.decisions import WRAPPERS
+from gradckpt.state import is_recomputing
 from gradckpt.verify import VerifyReport, format_diff
 
 SMALL = ["--model", "mlp", "--layers", "2", "--batch", "1", "--seq", "8"]
@@ -207,7 +207,7 @@ def _plain_torch(
 def test_detects_parameters_without_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
     model = net()
     model.embed.weight.requires_grad_(False)  # frozen embeddings, as with adapters
-    monkeypatch.setitem(_WRAPPERS, Decision.RECOMPUTE, _reentrant)
+    monkeypatch.setitem(WRAPPERS, Decision.RECOMPUTE, _reentrant)
     with pytest.warns(UserWarning, match="requires_grad"):
         report = gradckpt.verify(model, example(), "full")
     assert not report.passed and report.error is None
@@ -220,7 +220,7 @@ def test_detects_parameters_without_gradient(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_detects_batchnorm_statistics_updated_twice(monkeypatch: pytest.MonkeyPatch) -> None:
     model = net()
-    monkeypatch.setitem(_WRAPPERS, Decision.RECOMPUTE, _plain_torch)
+    monkeypatch.setitem(WRAPPERS, Decision.RECOMPUTE, _plain_torch)
     report = gradckpt.verify(model, example(), "full")
     assert not report.passed
     problems = "\n".join(report.problems)
@@ -371,7 +371,7 @@ def test_cli_all_policies_and_plan_file(capsys: pytest.CaptureFixture[str], tmp_
 def test_cli_exits_1_on_mismatch(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(_WRAPPERS, Decision.RECOMPUTE, _broken_rng)
+    monkeypatch.setitem(WRAPPERS, Decision.RECOMPUTE, _broken_rng)
     assert main(["verify", *SMALL, "--policy", "full,none"]) == 1
     out = capsys.readouterr().out
     assert "FAIL: full changed" in out and "blocks.0" in out and "differs in" in out

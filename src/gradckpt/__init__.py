@@ -11,11 +11,8 @@ Example:
 
 from __future__ import annotations
 
-from . import offload as offload  # registers OFFLOAD, policy 'offload' and offload_saved
-from . import selective as selective  # registers SELECTIVE and policy 'selective'
-from .apply import applied_plan, disable, enable
 from .blocks import find_blocks
-from .checkpoint import checkpoint
+from .enable import applied_plan, disable, enable
 from .errors import (
     BlockError,
     BudgetError,
@@ -28,13 +25,17 @@ from .errors import (
 from .estimate import EstimateReport, estimate
 from .estimate.sweep import SweepReport, sweep
 from .measure import MemoryStats, measure
-from .plan import Decision, Plan
-from .planner.api import plan  # the verb; shadows the module gradckpt.plan (import Plan from here)
+from .planner.api import plan  # the verb; Plan and Decision live in the module gradckpt.plans
+from .plans import Decision, Plan
 from .policies import make_plan, policy_names
+from .runtime.builtin import register_builtin
+from .runtime.checkpoint import checkpoint
 from .units import format_bytes, parse_bytes
 from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
+
+register_builtin()  # decisions and the policies that need runtime code (explicit, not by import)
 
 __all__ = [
     "BlockError",

@@ -8,7 +8,21 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["plot_memory_vs_cost", "plot_peak_sweep"]
+__all__ = ["plot_memory_vs_cost", "plot_peak_sweep", "png_path"]
+
+
+def png_path(path: str | Path) -> Path:
+    """``path`` as a ``Path``, checked before any work: a ``.png`` in a directory that exists.
+
+    Raises:
+        ConfigError: another suffix, or a directory that does not exist.
+    """
+    out = Path(path)
+    if out.suffix.lower() != ".png":
+        raise ConfigError(f"plot file must end in .png, got {str(path)!r}")
+    if not out.parent.exists():
+        raise ConfigError(f"directory {str(out.parent)!r} does not exist")
+    return out
 
 
 def _pyplot() -> Any:
@@ -40,11 +54,7 @@ def plot_memory_vs_cost(
     Returns:
         The path written.
     """
-    out = Path(path)
-    if out.suffix.lower() != ".png":
-        raise ConfigError(f"plot file must end in .png, got {str(path)!r}")
-    if not out.parent.exists():
-        raise ConfigError(f"directory {str(out.parent)!r} does not exist")
+    out = png_path(path)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     xs = [p["speed_cost"] * 100 for p in points]
@@ -101,11 +111,7 @@ def plot_peak_sweep(
         >>> plot_peak_sweep([{"label": "full", "points": [(512, 2**34), (1024, 2**35)]}],
         ...                 "peak.png", capacities=[("rtx-4090", 24 * 2**30)])
     """
-    out = Path(path)
-    if out.suffix.lower() != ".png":
-        raise ConfigError(f"plot file must end in .png, got {str(path)!r}")
-    if not out.parent.exists():
-        raise ConfigError(f"directory {str(out.parent)!r} does not exist")
+    out = png_path(path)
     if not lines or not any(line["points"] for line in lines):
         raise ConfigError("nothing to plot: give at least one line with points")
     plt = _pyplot()

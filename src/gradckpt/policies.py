@@ -5,11 +5,11 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import PolicyError
-from .plan import Decision, Plan
+from .plans import Decision, Plan
 
 __all__ = ["PolicySpec", "make_plan", "policy_names", "register_policy"]
 
@@ -41,6 +41,11 @@ class PolicySpec:
 
 
 _REGISTRY: dict[str, PolicySpec] = {}
+
+#: Options every policy takes, stored in ``Plan.options`` and read by the decision wrappers.
+#: ``early_stop`` (bool, default True): torch's early stop of a recompute; False re-runs whole
+#: blocks, so module hooks inside them run in the recompute too (see ``runtime.decisions.early_stop_option``).
+COMMON_OPTIONS: tuple[str, ...] = ("early_stop",)
 
 
 def register_policy(
@@ -86,13 +91,20 @@ def make_plan(policy: str, block_names: Sequence[str], **options: Any) -> Plan:
         (Decision.RECOMPUTE, Decision.SAVE, Decision.RECOMPUTE)
     """
     spec, arg = get_policy(policy)
+    common = {k: options.pop(k) for k in COMMON_OPTIONS if k in options}
+    for k, v in common.items():
+        if not isinstance(v, bool):
+            raise PolicyError(f"{k} must be True or False, got {v!r}")
     unknown = set(options) - set(spec.options)
     if unknown:
-        allowed = ", ".join(spec.options) or "none"
+        allowed = ", ".join((*spec.options, *COMMON_OPTIONS))
         raise PolicyError(
             f"policy {spec.name!r} does not take option(s) {', '.join(sorted(unknown))}; it takes: {allowed}"
         )
-    return spec.make(list(block_names), arg, dict(options))
+    plan = spec.make(list(block_names), arg, dict(options))
+    if common:
+        plan = replace(plan, options={**plan.options, **common})
+    return plan
 
 
 def _uniform(names: Sequence[str], decision: Decision, policy: str) -> Plan:

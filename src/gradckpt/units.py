@@ -6,7 +6,7 @@ import re
 
 from .errors import BudgetError
 
-__all__ = ["format_bytes", "parse_bytes"]
+__all__ = ["format_bytes", "parse_bytes", "parse_size"]
 
 _UNITS = {
     "": 1,
@@ -27,8 +27,8 @@ _UNITS = {
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*$")
 
 
-def parse_bytes(value: int | float | str, *, what: str = "size") -> int:
-    """Parse a byte size into an int.
+def parse_size(value: int | float | str, *, what: str = "size") -> int:
+    """Parse a byte size into an int; a bad value raises ``ValueError`` (the caller picks the error kind).
 
     Args:
         value: an int number of bytes, or a string such as ``"20GiB"``, ``"20GB"``, ``"512MiB"``.
@@ -39,31 +39,44 @@ def parse_bytes(value: int | float | str, *, what: str = "size") -> int:
         The size in bytes (int, > 0).
 
     Example:
-        >>> parse_bytes("1.5GiB")
+        >>> parse_size("1.5GiB")
         1610612736
     """
     if isinstance(value, bool):
-        raise BudgetError(f"{what} must be a size like '20GiB' or an int of bytes, got {value!r}")
+        raise ValueError(f"{what} must be a size like '20GiB' or an int of bytes, got {value!r}")
     if isinstance(value, int):
         n = value
     elif isinstance(value, float):
         if value != value or value in (float("inf"), float("-inf")):
-            raise BudgetError(f"{what} must be a finite size, got {value!r}")
+            raise ValueError(f"{what} must be a finite size, got {value!r}")
         n = int(value)
     elif isinstance(value, str):
         m = _SIZE.match(value)
         if not m or m.group(2).lower() not in _UNITS:
-            raise BudgetError(
+            raise ValueError(
                 f"{what} {value!r} is not a size: write a number and a unit, e.g. '20GiB', '20GB', '512MiB'"
             )
         n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     else:
-        raise BudgetError(
+        raise ValueError(
             f"{what} must be a size like '20GiB' or an int of bytes, got {type(value).__name__}"
         )
     if n <= 0:
-        raise BudgetError(f"{what} must be positive, got {value!r}")
+        raise ValueError(f"{what} must be positive, got {value!r}")
     return n
+
+
+def parse_bytes(value: int | float | str, *, what: str = "size") -> int:
+    """Parse a byte size into an int (``gradckpt.parse_bytes``): ``parse_size`` raising ``BudgetError``.
+
+    Example:
+        >>> parse_bytes("20GiB")
+        21474836480
+    """
+    try:
+        return parse_size(value, what=what)
+    except ValueError as e:
+        raise BudgetError(str(e)) from None
 
 
 def format_bytes(n: int | float, *, signed: bool = False) -> str:

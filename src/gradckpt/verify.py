@@ -9,21 +9,23 @@ default; ``atol``/``rtol`` loosen it for kernels that are not deterministic (som
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .apply import applied_plan, disable, enable
+from ._model_io import call_model, clone_example, default_loss, output_tensors
+from .apply import Installed
+from .apply import installed as installed_state
 from .blocks import BlockSpec
+from .enable import disable, enable
 from .errors import ConfigError, GradCkptError
-from .plan import Plan
+from .plans import Plan
 
-__all__ = ["GroupDiff", "VerifyReport", "verify"]
+__all__ = ["GroupDiff", "VerifyReport", "compare_grads", "verify"]
 
 #: How many problems a report lists per group before summarising the rest.
 _MAX_PROBLEMS = 5
@@ -153,62 +155,6 @@ def _json_float(x: float) -> float | str:
 # -- running a step ------------------------------------------------------------------------
 
 
-def _call(model: nn.Module, example: Any) -> Any:
-    if isinstance(example, Mapping):
-        return model(**example)
-    if isinstance(example, (tuple, list)):
-        return model(*example)
-    return model(example)
-
-
-def _tensors(obj: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor inside an output (tensors, tuples, lists, dicts, dataclasses, ModelOutput)."""
-    if isinstance(obj, torch.Tensor):
-        yield path or "output", obj
-    elif isinstance(obj, Mapping):
-        for k, v in obj.items():
-            yield from _tensors(v, f"{path}.{k}" if path else str(k))
-    elif isinstance(obj, (tuple, list)):
-        for i, v in enumerate(obj):
-            yield from _tensors(v, f"{path}[{i}]")
-    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        for f in dataclasses.fields(obj):
-            yield from _tensors(getattr(obj, f.name), f"{path}.{f.name}" if path else f.name)
-
-
-def _default_loss(out: Any) -> torch.Tensor:
-    loss = getattr(out, "loss", None)
-    if loss is None and isinstance(out, Mapping):
-        loss = out.get("loss")
-    if isinstance(loss, torch.Tensor):
-        return loss
-    parts = [t.float().sum() for _, t in _tensors(out) if t.requires_grad]
-    if not parts:
-        raise ConfigError(
-            "the model's output has no loss and no tensor that requires grad: pass loss_fn= "
-            "(output -> scalar tensor) or an example that makes the model return a loss"
-        )
-    return torch.stack(parts).sum()
-
-
-def _clone_example(example: Any) -> Any:
-    """A fresh copy of the example's tensors, so the runs cannot affect each other."""
-
-    def c(x: Any) -> Any:
-        if isinstance(x, torch.Tensor):
-            y = x.detach().clone()
-            return y.requires_grad_(x.requires_grad) if y.is_floating_point() else y
-        if isinstance(x, Mapping):
-            return {k: c(v) for k, v in x.items()}
-        if isinstance(x, tuple):
-            return tuple(c(v) for v in x)
-        if isinstance(x, list):
-            return [c(v) for v in x]
-        return x
-
-    return c(example)
-
-
 @dataclass
 class _Run:
     loss: torch.Tensor
@@ -227,10 +173,10 @@ def _step(
 ) -> _Run:
     for _, p in params:
         p.grad = None
-    ex = _clone_example(example)
+    ex = clone_example(example)
     rng.restore()
-    out = _call(model, ex)
-    loss = loss_fn(out) if loss_fn is not None else _default_loss(out)
+    out = call_model(model, ex)
+    loss = loss_fn(out) if loss_fn is not None else default_loss(out)
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise ConfigError(
             f"the loss must be a tensor with one element, got "
@@ -244,12 +190,12 @@ def _step(
     loss.backward()
     return _Run(
         loss=loss.detach().clone(),
-        outputs={k: t.detach().clone() for k, t in _tensors(out) if t is not loss},
+        outputs={k: t.detach().clone() for k, t in output_tensors(out) if t is not loss},
         grads={n: None if p.grad is None else p.grad.detach().clone() for n, p in params},
         buffers={n: b.detach().clone() for n, b in model.named_buffers()},
         input_grads={
             k: None if t.grad is None else t.grad.detach().clone()
-            for k, t in _tensors(ex)
+            for k, t in output_tensors(ex)
             if t.requires_grad
         },
     )
@@ -319,6 +265,37 @@ def _diff(
             ),
         )
     return max_abs, max_rel, None
+
+
+def compare_grads(
+    ref: Mapping[str, torch.Tensor | None],
+    got: Mapping[str, torch.Tensor | None],
+    *,
+    atol: float = 0.0,
+    rtol: float = 0.0,
+) -> tuple[bool, float]:
+    """Compare two sets of gradients by name, with the same per-tensor rule as ``verify``.
+
+    Args:
+        ref: name -> gradient (None: no gradient) of the reference run.
+        got: the same for the run being checked; a name missing on one side counts as None.
+        atol, rtol: allowed difference per value, ``atol + rtol * |ref|`` (default: exact).
+
+    Returns:
+        ``(equal, max_abs)``: whether every gradient is within tolerance, and the largest
+        absolute difference (``inf`` when a gradient exists on one side only or the shapes differ).
+
+    Example:
+        >>> g = {"w": torch.ones(2)}
+        >>> compare_grads(g, {"w": torch.tensor([1.0, 1.5])})
+        (False, 0.5)
+    """
+    equal, max_abs = True, 0.0
+    for name in dict.fromkeys([*got, *ref]):
+        d_abs, _, problem = _diff(ref.get(name), got.get(name), atol, rtol)
+        equal = equal and problem is None
+        max_abs = max(max_abs, d_abs)
+    return equal, max_abs
 
 
 class _Group:
@@ -397,13 +374,14 @@ def _tolerance(x: Any, what: str) -> float:
     return float(x)
 
 
-def _reinstall(model: nn.Module, previous: Plan) -> None:
+def _reinstall(model: nn.Module, previous: Installed) -> None:
     """Put the caller's plan back; a budget plan still waiting for its first step starts over."""
-    budget = previous.notes.get("budget_bytes")
-    if previous.notes.get("pending") and budget is not None:
-        enable(model, budget=budget, blocks=list(previous.blocks), **previous.options)
+    lazy = previous.pending
+    if lazy is not None and lazy.result is None:
+        names = list(previous.plan.blocks)
+        enable(model, budget=lazy.budget, blocks=names, **lazy.options)
     else:
-        enable(model, plan=previous)
+        enable(model, plan=previous.plan)
 
 
 def verify(
@@ -473,7 +451,7 @@ def verify(
     if not torch.is_grad_enabled():
         raise ConfigError("verify runs a backward pass: call it outside torch.no_grad()")
 
-    previous = applied_plan(model)
+    previous = installed_state(model)
     device = next(iter(model.parameters())).device
     saved_grads = {n: p.grad for n, p in model.named_parameters()}
     saved_buffers = {n: b.detach().clone() for n, b in model.named_buffers()}

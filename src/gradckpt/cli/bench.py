@@ -44,7 +44,7 @@ def writable_path(text: str) -> Path:
 
 def add_parser(sub: Any) -> None:
     from ..bench import default_policies
-    from ..models import BENCH_PRESETS
+    from ..bench.models import BENCH_PRESETS
 
     p = sub.add_parser(
         "bench",

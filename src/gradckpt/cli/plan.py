@@ -4,27 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Any
 
 from ..errors import ConfigError
+from ..estimate import estimate
+from ..estimate.sweep import sweep
+from ..estimate.training import ATTENTION, METHODS, OPTIMIZERS, PRECISIONS
+from ..plot import png_path
+from ._args import gpu_names, int_list, lora_targets, parse_prices, policy_names
+from .render import plot_sweep, presets_data, render_estimate, render_presets, render_sweep
 
 __all__ = ["add_parser", "run"]
 
-_ROWS = (
-    ("weights", "weights"),
-    ("gradients", "gradients"),
-    ("optimizer_states", "optimizer states"),
-    ("activations", "activations kept"),
-    ("logits_loss", "logits & loss"),
-    ("backward_transient", "backward transient"),
-    ("cuda_overhead", "CUDA overhead"),
-)
-
 
 def add_parser(subparsers: Any) -> None:
-    from ..estimate.setup import ATTENTION, METHODS, OPTIMIZERS, PRECISIONS
-
     p = subparsers.add_parser(
         "plan",
         help="estimate peak memory and checkpointing cost of a fine-tune (no GPU, no weights)",
@@ -40,13 +33,13 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument(
         "--batch",
-        type=_int_list,
+        type=int_list,
         default=[1],
         help="micro-batch size, or a comma list to sweep, e.g. 1,2,4,8 (default: 1)",
     )
     p.add_argument(
         "--seq",
-        type=_int_list,
+        type=int_list,
         default=[2048],
         help="sequence length in tokens, or a comma list to sweep, e.g. 512,1024,2048 "
         "(default: 2048)",
@@ -149,60 +142,46 @@ def run(args: argparse.Namespace) -> int:
         return _lists(args)
     if not args.model:
         raise ConfigError("name a model: gradckpt plan MODEL (see gradckpt plan --list-models)")
-    from ..estimate import estimate
-
-    alpha = int(args.lora_alpha) if float(args.lora_alpha).is_integer() else args.lora_alpha
-    if _is_sweep(args):
-        return _sweep(args, alpha)
+    gpus = gpu_names(args.gpu) if args.gpu is not None else []
+    policies = policy_names(args.policy) if args.policy is not None else None
+    if _is_sweep(args, gpus):
+        return _sweep(args, gpus, policies)
     report = estimate(
         args.model,
-        method=args.method,
         batch=args.batch[0],
         seq=args.seq[0],
-        grad_accum=args.grad_accum,
-        precision=args.precision,
-        optimizer=args.optimizer,
-        attention=args.attention,
-        lora_rank=args.lora_rank,
-        lora_alpha=alpha,
-        lora_dropout=args.lora_dropout,
-        lora_targets=args.lora_targets,
-        policies=args.policy,
-        gpu=args.gpu,
-        overhead=args.overhead,
+        policies=policies,
+        gpu=gpus[0] if gpus else None,
         alternatives=not args.no_alternatives,
-        full_depth=args.full_depth,
+        **_settings(args),
     )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
-        render(report)
+        render_estimate(report)
     return 0
 
 
-def _int_list(text: str) -> list[int]:
-    """argparse type: ``"512,1024"`` -> ``[512, 1024]`` (values < 1 are left to the library)."""
-    items = [t.strip() for t in text.split(",")]
-    if all(not t for t in items):
-        raise argparse.ArgumentTypeError("empty list: give one or more values, e.g. 512,1024")
-    out = []
-    for t in items:
-        if not t:
-            continue
-        try:
-            out.append(int(t))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid int value: {t!r}") from None
-    return out
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The training setup and estimator options, as ``estimate`` and ``sweep`` take them."""
+    alpha = int(args.lora_alpha) if float(args.lora_alpha).is_integer() else args.lora_alpha
+    return {
+        "method": args.method,
+        "grad_accum": args.grad_accum,
+        "precision": args.precision,
+        "optimizer": args.optimizer,
+        "attention": args.attention,
+        "lora_rank": args.lora_rank,
+        "lora_alpha": alpha,
+        "lora_dropout": args.lora_dropout,
+        "lora_targets": lora_targets(args.lora_targets),
+        "overhead": args.overhead,
+        "full_depth": args.full_depth,
+    }
 
 
-def _gpu_names(args: argparse.Namespace) -> list[str]:
-    return [g.strip() for g in (args.gpu or "").split(",") if g.strip()]
-
-
-def _is_sweep(args: argparse.Namespace) -> bool:
+def _is_sweep(args: argparse.Namespace, gpus: list[str]) -> bool:
     """Anything beyond one setting on at most one GPU goes through ``sweep``."""
-    gpus = _gpu_names(args)
     return bool(
         len(args.seq) > 1
         or len(args.batch) > 1
@@ -212,426 +191,51 @@ def _is_sweep(args: argparse.Namespace) -> bool:
         or args.which_gpu
         or args.price is not None
         or len(gpus) > 1
-        or (gpus and gpus[0].lower() == "all")
     )
 
 
-def _sweep(args: argparse.Namespace, alpha: Any) -> int:
-    from pathlib import Path
-
-    from ..estimate.sweep import sweep
-
+def _sweep(args: argparse.Namespace, gpus: list[str], policies: list[str] | None) -> int:
     searching = args.max_batch or args.max_seq
     several_points = len(args.seq) > 1 or len(args.batch) > 1
     if args.plot:
-        out = Path(args.plot)
-        if out.suffix.lower() != ".png":
-            raise ConfigError(f"--plot file must end in .png, got {args.plot!r}")
-        if not out.parent.exists():
-            raise ConfigError(f"--plot: directory {str(out.parent)!r} does not exist")
+        try:  # checked before the sweep runs, not after
+            png_path(args.plot)
+        except ConfigError as e:
+            raise ConfigError(f"--plot: {e}") from None
         if not several_points:
             raise ConfigError(
                 "--plot draws a sweep: give several --seq values (e.g. 512,1024,2048,4096) "
                 "or several --batch values"
             )
-    if args.gpu is not None and not _gpu_names(args):
-        raise ConfigError("--gpu list is empty: name presets, e.g. rtx-4090,a100-80gb, or 'all'")
-    which = bool(
-        args.which_gpu
-        or (args.price is not None and not searching)
-        or (not several_points and not searching and not args.plot)
-    )
     report = sweep(
         args.model,
         seq=args.seq,
         batch=args.batch,
-        policies=args.policy,
-        gpu=args.gpu,
-        prices=args.price,
+        policies=policies,
+        gpu=gpus or None,
+        prices=parse_prices(args.price) if args.price is not None else None,
         max_batch=args.max_batch,
         max_seq=args.max_seq,
-        which_gpu=which,
+        # one setting on several GPUs compares them (prices alone imply it: sweep's rule)
+        which_gpu=args.which_gpu or not (several_points or searching),
         seq_step=args.seq_step,
-        method=args.method,
-        grad_accum=args.grad_accum,
-        precision=args.precision,
-        optimizer=args.optimizer,
-        attention=args.attention,
-        lora_rank=args.lora_rank,
-        lora_alpha=alpha,
-        lora_dropout=args.lora_dropout,
-        lora_targets=args.lora_targets,
-        overhead=args.overhead,
-        full_depth=args.full_depth,
+        **_settings(args),
     )
-    plot_path = _plot_sweep(report, args.plot) if args.plot else None
+    plot_path = plot_sweep(report, args.plot) if args.plot else None
     if args.json:
         data = report.to_dict()
         data["plot"] = None if plot_path is None else str(plot_path)
         print(json.dumps(data, indent=2))
     else:
-        render_sweep(report, grid=several_points or not (searching or which))
+        render_sweep(report, grid=several_points)
         if plot_path is not None:
             print(f"plot: {plot_path}")
     return 0
 
 
-def _plot_sweep(report: Any, path: str) -> Any:
-    """Peak vs sequence length (one line per policy, per batch when several), or vs batch."""
-    from ..plot import plot_peak_sweep
-
-    seqs, batches = report.seqs, report.batches
-    lines = []
-    if len(seqs) > 1:
-        for b in batches:
-            for p in report.policies:
-                label = p if len(batches) == 1 else f"{p}, batch {b}"
-                lines.append({"label": label, "points": report.series(p, batch=b)})
-        xlabel = "sequence length (tokens)"
-    else:
-        for p in report.policies:
-            lines.append({"label": p, "points": report.series(p, seq=seqs[0])})
-        xlabel = "micro-batch size"
-    fixed = f"batch {batches[0]}" if len(seqs) > 1 and len(batches) == 1 else ""
-    if len(seqs) == 1:
-        fixed = f"seq {seqs[0]}"
-    title = f"{report.model}: {_setup_words(report.setup)}" + (f", {fixed}" if fixed else "")
-    return plot_peak_sweep(
-        lines,
-        path,
-        capacities=[(g["name"], g["memory_bytes"]) for g in report.gpus],
-        xlabel=xlabel,
-        title=title,
-    )
-
-
-def _setup_words(setup: dict[str, Any]) -> str:
-    what = {
-        "full": "full fine-tune",
-        "lora": f"LoRA r={setup['lora_rank']}",
-        "qlora": f"QLoRA r={setup['lora_rank']}",
-    }[setup["method"]]
-    acc = f", x{setup['grad_accum']} accum" if setup["grad_accum"] > 1 else ""
-    return (
-        f"{what}, {setup['precision']}, {setup['optimizer']}, {setup['attention']} attention{acc}"
-    )
-
-
 def _lists(args: argparse.Namespace) -> int:
-    from ..estimate import GPU_PRESETS, MODEL_PRESETS
-    from ..units import format_bytes
-
     if args.json:
-        data: dict[str, Any] = {}
-        if args.list_models:
-            data["models"] = [
-                {"name": p.name, "source": p.source, "params": p.params}
-                for p in MODEL_PRESETS.values()
-            ]
-        if args.list_gpus:
-            data["gpus"] = [
-                {
-                    "name": g.name,
-                    "memory_bytes": g.memory_bytes,
-                    "bf16_tflops": g.bf16_tflops,
-                    "bandwidth_gbs": g.bandwidth_gbs,
-                    "source": g.source,
-                }
-                for g in GPU_PRESETS.values()
-            ]
-        print(json.dumps(data, indent=2))
-        return 0
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    if args.list_models:
-        t = Table(title="model presets (config values from the Hugging Face Hub)")
-        for col in ("name", "params", "source"):
-            t.add_column(col)
-        for p in MODEL_PRESETS.values():
-            t.add_row(p.name, p.params, p.source)
-        console.print(t)
-    if args.list_gpus:
-        t = Table(title="GPU presets (dense bf16 tensor throughput, fp32 accumulate)")
-        for col in ("name", "memory", "bf16 TFLOPS", "GB/s"):
-            t.add_column(col, justify="left" if col == "name" else "right")
-        for g in GPU_PRESETS.values():
-            t.add_row(
-                g.name, format_bytes(g.memory_bytes), f"{g.bf16_tflops:g}", f"{g.bandwidth_gbs:g}"
-            )
-        console.print(t)
+        print(json.dumps(presets_data(args.list_models, args.list_gpus), indent=2))
+    else:
+        render_presets(args.list_models, args.list_gpus)
     return 0
-
-
-def _gib(n: int) -> str:
-    return f"{n / 1024**3:.2f} GiB"
-
-
-def render(report: Any, file: Any = None) -> None:
-    """Print a report as tables: breakdown per policy, the one-glance summary, alternatives, notes."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from ..units import format_bytes
-
-    console = Console(file=file or sys.stdout)
-    gpu = report.gpu
-    head = (
-        f"[bold]{report.model}[/bold]: {report.params / 1e9:.2f}B parameters "
-        f"({report.trainable_params / 1e6:,.1f}M trainable), {report.layers} blocks"
-    )
-    console.print(head)
-    where = f"on {gpu['name']} ({format_bytes(gpu['memory_bytes'])})" if gpu else "no GPU given"
-    console.print(f"{report.setup_line()}, {report.setup['attention']} attention; {where}")
-
-    t = Table(show_edge=False, pad_edge=False)
-    t.add_column("")
-    for r in report.results:
-        t.add_column(r.policy, justify="right")
-    for key, label in _ROWS:
-        t.add_row(label, *(_gib(r.breakdown[key]) for r in report.results))
-    t.add_row(
-        "[bold]peak[/bold]",
-        *(f"[bold]{_gib(r.peak_bytes)}[/bold]" for r in report.results),
-        end_section=True,
-    )
-    t.add_row("peak during", *(r.peak_phase for r in report.results))
-    t.add_row("kept for backward", *(_gib(r.activation_bytes) for r in report.results))
-    t.add_row("recompute FLOPs", *(f"{r.recompute_flops / 1e12:.2f} T" for r in report.results))
-    t.add_row("speed cost", *(f"+{r.speed_cost:.1%}" for r in report.results))
-    t.add_row("step time", *(f"{r.step_time_s:.2f} s" for r in report.results))
-    if gpu:
-        t.add_row(
-            f"fits {gpu['name']}",
-            *(
-                (
-                    f"[green]yes[/green] ({r.headroom_bytes / 1024**3:+.2f})"
-                    if r.fits
-                    else f"[red]no[/red] ({r.headroom_bytes / 1024**3:+.2f})"
-                )
-                for r in report.results
-            ),
-        )
-    console.print(t)
-    console.print(
-        f"[dim]speed on {report.speed_gpu}{'' if gpu and gpu['name'] == report.speed_gpu else ' (reference)'}; "
-        "fits: (GiB to spare, or short when negative)[/dim]"
-    )
-
-    s = report.summary()
-    st = Table(title="summary", show_edge=False)
-    for col in ("workload", "without", "with", "speed cost"):
-        st.add_column(col, justify="left" if col == "workload" else "right")
-    st.add_row(
-        s["workload"],
-        f"{_gib(s['without'])} ({s['without_policy']})",
-        f"{_gib(s['with'])} ({s['with_policy']})",
-        f"+{s['speed_cost']:.1%}",
-    )
-    console.print(st)
-    if gpu:
-        for r in report.results:
-            console.print(f"  {r.policy}: {r.verdict(gpu['name'])}")
-    if report.alternatives:
-        at = Table(title=f"no policy fits {gpu['name']}: what would", show_edge=False)
-        for col in ("change", "policy", "peak", "fits", "speed cost"):
-            at.add_column(col, justify="left" if col in ("change", "policy") else "right")
-        for a in report.alternatives:
-            at.add_row(
-                a.change,
-                a.policy,
-                _gib(a.peak_bytes),
-                "yes" if a.fits else "no",
-                f"+{a.speed_cost:.1%}",
-            )
-        console.print(at)
-    for n in report.notes:
-        console.print(f"[dim]- {n}[/dim]", highlight=False)
-
-
-def _money(x: float | None) -> str:
-    return "" if x is None else f"{x:.3f}"
-
-
-def _rate(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:,.0f}"
-
-
-def _secs(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3g}"
-
-
-def _g(n: int | None) -> str:
-    return "" if n is None else f"{n / 1024**3:.2f}"
-
-
-def render_sweep(report: Any, file: Any = None, *, grid: bool = True) -> None:
-    """Print a ``SweepReport`` as tables: the grid (peak and speed cost per policy and setting),
-    the largest settings that fit each GPU, and the GPU comparison; sizes in GiB."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(file=file or sys.stdout)
-    console.print(f"[bold]{report.model}[/bold]: {_setup_words(report.setup)}", highlight=False)
-
-    if grid and report.points:
-        _render_grid(console, report)
-
-    for vary in ("batch", "seq"):
-        rows = [f for f in report.largest if f.vary == vary]
-        if rows:
-            _render_largest(console, rows, vary)
-
-    if report.gpu_table:
-        several = len({(o.batch, o.seq) for o in report.gpu_table}) > 1
-        priced = any(o.price_per_hour is not None for o in report.gpu_table)
-        t = Table(
-            title="which GPU (peak GiB; spare: GiB left, or short when negative)",
-            show_edge=False,
-            pad_edge=False,
-        )
-        t.add_column("gpu")
-        if several:
-            t.add_column("batch x seq", justify="right")
-        for col in ("policy", "peak", "spare", "step s", "tok/s", "+time"):
-            t.add_column(col, justify="left" if col == "policy" else "right")
-        if priced:
-            t.add_column("$/M tok", justify="right")
-        for o in report.gpu_table:
-            cells = [o.gpu]
-            if several:
-                cells.append(f"{o.batch} x {o.seq}")
-            spare = f"{o.headroom_bytes / 1024**3:+.2f}"
-            cells += [
-                o.policy,
-                _g(o.peak_bytes),
-                f"[green]{spare}[/green]" if o.fits else f"[red]{spare}[/red]",
-                _secs(o.step_time_s) if o.fits else "",
-                _rate(o.tokens_per_s) if o.fits else "",
-                f"{o.speed_cost:.0%}",
-            ]
-            if priced:
-                cells.append(_money(o.cost_per_mtok))
-            t.add_row(*cells)
-        console.print(t)
-    for n in report.notes:
-        console.print(f"[dim]- {n}[/dim]", highlight=False)
-
-
-def _render_grid(console: Any, report: Any) -> None:
-    """The grid: peak (+ speed cost) per policy and setting, then what fits each GPU."""
-    from rich.table import Table
-
-    seqs, batches = report.seqs, report.batches
-    show_b, show_s = len(batches) > 1 or len(seqs) == 1, len(seqs) > 1 or len(batches) == 1
-    fixed = []
-    if not show_b:
-        fixed.append(f"batch {batches[0]}")
-    if not show_s:
-        fixed.append(f"seq {seqs[0]}")
-    console.print(
-        "peak GiB per policy (+ recompute's speed cost on "
-        f"{report.speed_gpu})" + (f", {', '.join(fixed)}" if fixed else "") + ":",
-        highlight=False,
-    )
-    t = Table(show_edge=False, pad_edge=False)
-    if show_b:
-        t.add_column("batch", justify="right")
-    if show_s:
-        t.add_column("seq", justify="right")
-    for p in report.policies:
-        t.add_column(p, justify="right")
-    both = len(seqs) > 1 and len(batches) > 1
-    if both:  # two dimensions: what fits each GPU, per cell
-        for g in report.gpus:
-            t.add_column(g["name"])
-    for pt in report.points:
-        cells = ([str(pt.batch)] if show_b else []) + ([str(pt.seq)] if show_s else [])
-        for p in report.policies:
-            try:
-                r = pt.result(p)
-            except KeyError:
-                cells.append("n/a")
-                continue
-            cost = f" +{r.speed_cost:.0%}" if r.speed_cost >= 0.005 else ""
-            cells.append(f"{_g(r.peak_bytes)}{cost}")
-        if both:
-            for g in report.gpus:
-                ok = [p for p in report.policies if pt.fits.get(p, {}).get(g["name"])]
-                cells.append(",".join(ok) if ok else "-")
-        t.add_row(*cells)
-    console.print(t)
-    if both or not report.gpus:
-        return
-    dim = "seq" if len(seqs) > 1 else "batch"
-    console.print(f"largest {dim} of these that fits, per policy:")
-    width = max(len(g["name"]) for g in report.gpus)
-    for g in report.gpus:
-        parts = []
-        for p in report.policies:
-            fit = [getattr(pt, dim) for pt in report.points if pt.fits.get(p, {}).get(g["name"])]
-            parts.append(f"{p} {max(fit) if fit else '-'}")
-        console.print(
-            f"  {g['name']:<{width}} ({_g(g['memory_bytes'])} GiB): {', '.join(parts)}",
-            highlight=False,
-        )
-
-
-def _render_largest(console: Any, rows: list[Any], vary: str) -> None:
-    """The largest batch (sequence) per GPU, setting and policy, with its throughput."""
-    from rich.table import Table
-
-    gpus = list(dict.fromkeys(f.gpu for f in rows))
-    one_gpu = len(gpus) == 1
-    other = "seq" if vary == "batch" else "batch"
-    others = list(dict.fromkeys(getattr(f, other) for f in rows))
-    one_other = len(others) == 1
-    what = "micro-batch" if vary == "batch" else "sequence"
-    where = (f" {gpus[0]}" if one_gpu else "") + (f", {other} {others[0]}" if one_other else "")
-    t = Table(
-        title=f"largest {what} that fits{where} (peak GiB; next: "
-        + ("batch + 1)" if vary == "batch" else "seq + search step)"),
-        show_edge=False,
-        pad_edge=False,
-    )
-    cols = ([] if one_gpu else ["gpu"]) + ([] if one_other else [other])
-    cols += ["policy", f"max {vary}", "tok/step", "peak", "next"]
-    cols.append("tok/s (b=1)" if vary == "batch" else "tok/s")
-    priced = any(f.price_per_hour is not None for f in rows)
-    if priced:
-        cols.append("$/M tok")
-    for col in cols:
-        left = col in ("gpu", "policy")
-        # on a narrow terminal numbers fold onto a second line rather than lose digits
-        t.add_column(col, justify="left" if left else "right", no_wrap=left, overflow="fold")
-    for f in rows:
-        value = f.batch if vary == "batch" else f.seq
-        found = f.found
-        best = str(value) if found else "[red]-[/red]"
-        if found and f.limited_by:
-            best += "+" if f.limited_by == "search limit" else " (max)"
-        cells = ([] if one_gpu else [f.gpu]) + ([] if one_other else [str(getattr(f, other))])
-        cells += [
-            f.policy,
-            best,
-            f"{f.tokens_per_step:,}" if found else "",
-            _g(f.peak_bytes) if found else f"[red]{_g(f.peak_bytes)}[/red]",
-            _g(f.next_peak_bytes) if f.next_peak_bytes or not found or f.limited_by else "no plan",
-        ]
-        rate = _rate(f.tokens_per_s) if found else ""
-        if vary == "batch" and found and f.tokens_per_s is not None:
-            rate += f" ({_rate(f.batch1_tokens_per_s)})"
-        cells.append(rate)
-        if priced:
-            cells.append(_money(f.cost_per_mtok))
-        t.add_row(*cells)
-    console.print(t)
-    notes = ["-: does not fit even at the smallest (its peak in red)"]
-    if vary == "batch":
-        notes.append("tok/s: predicted at the max batch (and at batch 1)")
-    if any(f.limited_by == "max_position_embeddings" for f in rows):
-        notes.append("(max): the model's max_position_embeddings")
-    if any(f.limited_by == "search limit" for f in rows):
-        notes.append("+: fits at the search limit")
-    console.print(f"[dim]{'; '.join(notes)}[/dim]", highlight=False)

@@ -27,7 +27,7 @@ def _tolerance(text: str) -> float:
 
 
 def add_parser(sub: Any) -> None:
-    from ..models import BENCH_PRESETS
+    from ..bench.models import BENCH_PRESETS
 
     p = sub.add_parser(
         "verify",
@@ -114,7 +114,7 @@ def _policies(given: list[str] | None, have_plans: bool) -> list[str]:
 
 
 def _load_plan(path: Path) -> Any:
-    from ..plan import Plan
+    from ..plans import Plan
 
     try:
         text = path.read_text()
@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.markup import escape
 
-    from ..models import build_bench_model, make_batch
+    from ..bench.models import build_bench_model, make_batch
     from ..verify import verify
 
     plans = [_load_plan(p) for p in args.plan or []]

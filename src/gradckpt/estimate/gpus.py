@@ -10,9 +10,10 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import ConfigError
-from ..units import parse_bytes
+from ..units import parse_size
 
 __all__ = ["GPU", "GPU_PRESETS", "MATH_EFFICIENCY", "MEMORY_EFFICIENCY", "get_gpu"]
 
@@ -46,6 +47,15 @@ class GPU:
     bandwidth_gbs: float | None = None
     source: str = ""
 
+    def to_dict(self) -> dict[str, Any]:
+        """Name, memory and throughput as reports give them (``source`` aside)."""
+        return {
+            "name": self.name,
+            "memory_bytes": self.memory_bytes,
+            "bf16_tflops": self.bf16_tflops,
+            "bandwidth_gbs": self.bandwidth_gbs,
+        }
+
     @property
     def has_speed(self) -> bool:
         return bool(self.bf16_tflops) and bool(self.bandwidth_gbs)
@@ -57,14 +67,14 @@ class GPU:
             >>> round(GPU_PRESETS["a100-80gb"].op_seconds(2 * 4096**3, 3 * 2 * 4096**2) * 1e3, 3)
             0.734
         """
-        if not self.has_speed:
+        tflops, bandwidth = self.bf16_tflops, self.bandwidth_gbs
+        if not tflops or not bandwidth:  # has_speed, spelled out so the types narrow
             raise ConfigError(
                 f"GPU {self.name!r} has no throughput figures; use a preset such as 'a100-80gb'"
             )
-        assert self.bf16_tflops is not None and self.bandwidth_gbs is not None  # for mypy
         return max(
-            flops / (self.bf16_tflops * 1e12 * MATH_EFFICIENCY),
-            nbytes / (self.bandwidth_gbs * 1e9 * MEMORY_EFFICIENCY),
+            flops / (tflops * 1e12 * MATH_EFFICIENCY),
+            nbytes / (bandwidth * 1e9 * MEMORY_EFFICIENCY),
         )
 
 
@@ -123,10 +133,10 @@ def get_gpu(gpu: str | GPU) -> GPU:
         try:
             return GPU(
                 gpu.strip(),
-                parse_bytes(gpu, what="GPU memory"),
+                parse_size(gpu, what="GPU memory"),
                 source="memory size given by the user",
             )
-        except Exception as e:  # BudgetError: re-raise as a config mistake with the same message
+        except ValueError as e:  # a size typo: a bad setting, same message
             raise ConfigError(str(e)) from None
     close = difflib.get_close_matches(key, list(GPU_PRESETS) + list(_ALIASES), n=1, cutoff=0.5)
     hint = f"did you mean {_ALIASES.get(close[0], close[0])!r}? " if close else ""

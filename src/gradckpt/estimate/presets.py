@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._optional import require
 from ..errors import ConfigError
 
-__all__ = ["MODEL_PRESETS", "ModelPreset", "ModelSpec", "resolve_model"]
+__all__ = ["MODEL_PRESETS", "ModelPreset", "ModelSpec", "hf_transformers", "resolve_model"]
 
 
 @dataclass(frozen=True)
@@ -145,19 +146,15 @@ class ModelSpec:
     notes: list[str] = field(default_factory=list)
 
 
-def _transformers() -> Any:
-    try:
-        import transformers
-    except ImportError as e:  # pragma: no cover - exercised only without the hf extra
-        raise ConfigError(
-            "estimating a model needs Hugging Face transformers: pip install 'gradckpt[hf]'"
-        ) from e
-    transformers.logging.set_verbosity_error()
-    return transformers
+def hf_transformers() -> Any:
+    """The ``transformers`` module, its logging quieted (estimates build many models), or ConfigError."""
+    t = require("transformers", "hf", purpose="estimating a model")
+    t.logging.set_verbosity_error()
+    return t
 
 
 def _config_from_dict(data: dict[str, Any], where: str) -> Any:
-    t = _transformers()
+    t = hf_transformers()
     data = dict(data)
     model_type = data.pop("model_type", None)
     if not isinstance(model_type, str):

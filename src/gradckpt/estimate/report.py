@@ -1,33 +1,84 @@
-"""Estimate results as plain data: one ``PolicyEstimate`` per policy inside an ``EstimateReport``."""
+"""Results as plain data: ``PolicyEstimate`` per policy in an ``EstimateReport``; a sweep's ``SweepReport``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..errors import ConfigError
 from ..units import format_bytes
 
-__all__ = ["Alternative", "EstimateReport", "PolicyEstimate", "BREAKDOWN_KEYS"]
+__all__ = [
+    "BREAKDOWN",
+    "BREAKDOWN_HELP",
+    "BREAKDOWN_KEYS",
+    "Alternative",
+    "EstimateReport",
+    "GpuOption",
+    "LargestFit",
+    "PolicyEstimate",
+    "SweepPoint",
+    "SweepReport",
+    "setup_words",
+]
 
-#: Breakdown entries, in print order. They add up to ``peak_bytes``.
-BREAKDOWN_KEYS = (
-    "weights",
-    "gradients",
-    "optimizer_states",
-    "activations",
-    "logits_loss",
-    "backward_transient",
-    "cuda_overhead",
-)
-BREAKDOWN_HELP = {
-    "weights": "parameters and buffers (NF4 codes and constants under QLoRA)",
-    "gradients": "gradients alive at the peak (all of them when accumulating)",
-    "optimizer_states": "optimizer states of the trainable parameters (steady state)",
-    "activations": "tensors kept for backward by the blocks and embeddings, alive at the peak",
-    "logits_loss": "logits, their fp32 copy and the loss's saved tensors, alive at the peak",
-    "backward_transient": "recomputed activations and gradient temporaries of the block in backward",
-    "cuda_overhead": "allowance: CUDA context and workspaces + caching-allocator slack",
+#: What is alive at the peak, in print order: key -> (table label, what it counts). The
+#: entries add up to ``peak_bytes``.
+BREAKDOWN: dict[str, tuple[str, str]] = {
+    "weights": ("weights", "parameters and buffers (NF4 codes and constants under QLoRA)"),
+    "gradients": ("gradients", "gradients alive at the peak (all of them when accumulating)"),
+    "optimizer_states": (
+        "optimizer states",
+        "optimizer states of the trainable parameters (steady state)",
+    ),
+    "activations": (
+        "activations kept",
+        "tensors kept for backward by the blocks and embeddings, alive at the peak",
+    ),
+    "logits_loss": (
+        "logits & loss",
+        "logits, their fp32 copy and the loss's saved tensors, alive at the peak",
+    ),
+    "backward_transient": (
+        "backward transient",
+        "recomputed activations and gradient temporaries of the block in backward",
+    ),
+    "cuda_overhead": (
+        "CUDA overhead",
+        "allowance: CUDA context and workspaces + caching-allocator slack",
+    ),
 }
+#: The breakdown's keys, in print order.
+BREAKDOWN_KEYS = tuple(BREAKDOWN)
+#: key -> what it counts.
+BREAKDOWN_HELP = {key: help for key, (_label, help) in BREAKDOWN.items()}
+
+
+def setup_words(setup: Mapping[str, Any], *, shape: bool = True) -> str:
+    """A setup (``TrainingSetup.to_dict()``) in words, for headers and titles.
+
+    Example:
+        >>> setup_words(TrainingSetup(batch=4).to_dict())
+        'full fine-tune, bf16, adamw, batch 4 x seq 2048, sdpa attention'
+        >>> setup_words(TrainingSetup(method="lora", grad_accum=2).to_dict(), shape=False)
+        'LoRA r=16, bf16, adamw, sdpa attention, x2 accum'
+    """
+    what = {
+        "full": "full fine-tune",
+        "lora": f"LoRA r={setup['lora_rank']}",
+        "qlora": f"QLoRA r={setup['lora_rank']}",
+    }[setup["method"]]
+    accum = f"x{setup['grad_accum']} accum" if setup["grad_accum"] > 1 else ""
+    parts = [what, setup["precision"], setup["optimizer"]]
+    if shape:  # batch and sequence, with the accumulation
+        parts.append(
+            f"batch {setup['batch']} x seq {setup['seq']}" + (f" {accum}" if accum else "")
+        )
+    parts.append(f"{setup['attention']} attention")
+    if accum and not shape:
+        parts.append(accum)
+    return ", ".join(parts)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,24 +133,8 @@ class PolicyEstimate:
         return f"does not fit {gpu_name}: {format_bytes(-self.headroom_bytes)} short"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "policy": self.policy,
-            "plan": self.plan,
-            "peak_bytes": self.peak_bytes,
-            "breakdown": dict(self.breakdown),
-            "peak_phase": self.peak_phase,
-            "activation_bytes": self.activation_bytes,
-            "step_peak_bytes": self.step_peak_bytes,
-            "forward_flops": self.forward_flops,
-            "backward_flops": self.backward_flops,
-            "recompute_flops": self.recompute_flops,
-            "recompute_bytes": self.recompute_bytes,
-            "speed_cost": self.speed_cost,
-            "step_time_s": self.step_time_s,
-            "tokens_per_s": self.tokens_per_s,
-            "fits": self.fits,
-            "headroom_bytes": self.headroom_bytes,
-        }
+        """The fields as JSON-ready data."""
+        return asdict(self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,14 +158,8 @@ class Alternative:
     speed_cost: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "change": self.change,
-            "settings": dict(self.settings),
-            "policy": self.policy,
-            "peak_bytes": self.peak_bytes,
-            "fits": self.fits,
-            "speed_cost": self.speed_cost,
-        }
+        """The fields as JSON-ready data."""
+        return asdict(self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -210,14 +239,8 @@ class EstimateReport:
         return f"{self.model} {what} b{s['batch']}{acc}x{s['seq']}"
 
     def setup_line(self) -> str:
-        s = self.setup
-        what = {
-            "full": "full fine-tune",
-            "lora": f"LoRA r={s['lora_rank']}",
-            "qlora": f"QLoRA r={s['lora_rank']}",
-        }
-        acc = f" x{s['grad_accum']} accum" if s["grad_accum"] > 1 else ""
-        return f"{what[s['method']]}, {s['precision']}, {s['optimizer']}, batch {s['batch']} x seq {s['seq']}{acc}"
+        """The setup in words: ``"full fine-tune, bf16, adamw, batch 4 x seq 2048, sdpa attention"``."""
+        return setup_words(self.setup)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -232,6 +255,211 @@ class EstimateReport:
             "results": [r.to_dict() for r in self.results],
             "summary": self.summary(),
             "alternatives": [a.to_dict() for a in self.alternatives],
+            "notes": list(self.notes),
+            "elapsed_s": self.elapsed_s,
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepPoint:
+    """Every policy's estimate at one (batch, sequence length).
+
+    Attributes:
+        batch: micro-batch size.
+        seq: sequence length in tokens.
+        tokens_per_step: batch x seq x gradient accumulation.
+        results: one ``PolicyEstimate`` per policy (speed and ``fits`` for
+            ``SweepReport.speed_gpu``, or for the first GPU asked when none has throughput figures).
+        fits: policy -> GPU name -> whether the peak fits that GPU's memory.
+    """
+
+    batch: int
+    seq: int
+    tokens_per_step: int
+    results: list[PolicyEstimate]
+    fits: dict[str, dict[str, bool]] = field(default_factory=dict)
+
+    def result(self, policy: str) -> PolicyEstimate:
+        """The estimate for ``policy`` at this point (KeyError when it was not estimated)."""
+        for r in self.results:
+            if r.policy == policy:
+                return r
+        raise KeyError(f"policy {policy!r} not estimated at batch {self.batch} x seq {self.seq}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "batch": self.batch,
+            "seq": self.seq,
+            "tokens_per_step": self.tokens_per_step,
+            "results": [
+                {**r.to_dict(), "fits_gpus": dict(self.fits.get(r.policy, {}))}
+                for r in self.results
+            ],
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class LargestFit:
+    """The largest micro-batch (or sequence length) one policy fits on one GPU.
+
+    Attributes:
+        policy: the policy.
+        gpu: the GPU's name.
+        vary: ``"batch"`` or ``"seq"``: what was searched (the other stays as given).
+        batch, seq: the setting found (``vary`` at its largest fitting value); when nothing fits,
+            the smallest value tried (batch 1, or ``SEQ_STEP`` tokens).
+        found: whether any value fits.
+        peak_bytes: predicted peak at that setting.
+        headroom_bytes: GPU memory minus that peak.
+        next_peak_bytes: predicted peak one step further (batch + 1, or seq + ``seq_step``),
+            which does not fit; None when the search stopped at ``limited_by``.
+        limited_by: None when memory is the limit; else what stopped the search
+            (``"max_position_embeddings"`` or ``"search limit"``).
+        tokens_per_step: batch x seq x gradient accumulation at that setting.
+        step_time_s: predicted time of one optimizer step on the GPU (None without throughput figures).
+        tokens_per_s: predicted tokens per second (None without throughput figures).
+        speed_cost: the policy's recompute time over the step without it (fraction).
+        batch1_tokens_per_s: for a batch search, the same policy's tokens/s at batch 1 (what
+            the larger batch is compared with); None for a sequence search.
+        price_per_hour: the hourly price given for the GPU, if any.
+        cost_per_mtok: price per million tokens at that throughput, if a price was given.
+        probes: settings estimated by the search.
+    """
+
+    policy: str
+    gpu: str
+    vary: str
+    batch: int
+    seq: int
+    found: bool
+    peak_bytes: int
+    headroom_bytes: int
+    next_peak_bytes: int | None
+    limited_by: str | None
+    tokens_per_step: int
+    step_time_s: float | None
+    tokens_per_s: float | None
+    speed_cost: float
+    batch1_tokens_per_s: float | None = None
+    price_per_hour: float | None = None
+    cost_per_mtok: float | None = None
+    probes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON-ready data."""
+        return asdict(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GpuOption:
+    """One policy on one GPU at a fixed setup: does it fit, how fast, at what cost.
+
+    Attributes:
+        gpu: the GPU's name.
+        memory_bytes: its memory.
+        policy: the policy.
+        batch, seq: the setup.
+        fits: whether the peak fits.
+        peak_bytes, headroom_bytes: the peak and the memory left (negative: short).
+        step_time_s, tokens_per_s: predicted on this GPU (None for a bare size without throughput).
+        speed_cost: recompute time over the step without it (fraction).
+        price_per_hour, cost_per_mtok: the price given and the cost per million tokens (only
+            when it fits and a price was given).
+    """
+
+    gpu: str
+    memory_bytes: int
+    policy: str
+    batch: int
+    seq: int
+    fits: bool
+    peak_bytes: int
+    headroom_bytes: int
+    step_time_s: float | None
+    tokens_per_s: float | None
+    speed_cost: float
+    price_per_hour: float | None = None
+    cost_per_mtok: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON-ready data."""
+        return asdict(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepReport:
+    """What ``sweep`` found: the grid, the largest settings that fit, the GPU comparison.
+
+    Attributes:
+        model: the model's name.
+        setup: the training settings besides batch and sequence (``TrainingSetup.to_dict()``
+            at the first grid point).
+        policies: the policies compared.
+        gpus: the GPUs asked for (name, memory, throughput, price per hour or None); the
+            GPU table may cover more (every preset when none was asked).
+        speed_gpu: the GPU the grid's speed figures are for (the first GPU asked with throughput
+            figures, else the estimator's reference).
+        points: one ``SweepPoint`` per (batch, seq), batch-major, in increasing order.
+        prices: the hourly prices given, by GPU preset name.
+        largest: ``LargestFit`` per (searched dimension, GPU, grid value, policy), if asked.
+        gpu_table: ``GpuOption`` per (grid point, GPU, policy), if asked.
+        notes: how the numbers were made.
+        elapsed_s: wall time.
+    """
+
+    model: str
+    setup: dict[str, Any]
+    policies: list[str]
+    gpus: list[dict[str, Any]]
+    speed_gpu: str
+    points: list[SweepPoint]
+    prices: dict[str, float] = field(default_factory=dict)
+    largest: list[LargestFit] = field(default_factory=list)
+    gpu_table: list[GpuOption] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    @property
+    def seqs(self) -> list[int]:
+        return sorted({p.seq for p in self.points})
+
+    @property
+    def batches(self) -> list[int]:
+        return sorted({p.batch for p in self.points})
+
+    def series(
+        self, policy: str, *, batch: int | None = None, seq: int | None = None
+    ) -> list[tuple[int, int]]:
+        """``[(x, peak_bytes), ...]`` for one policy along sequence length (``batch`` fixed) or
+        along batch (``seq`` fixed).
+
+        Example:
+            >>> report.series("full", batch=1)   # [(512, ...), (1024, ...), ...]
+        """
+        if (batch is None) == (seq is None):
+            raise ConfigError("series: fix exactly one of batch= or seq=")
+        out = []
+        for p in self.points:
+            r = next((r for r in p.results if r.policy == policy), None)
+            if r is None:  # 'auto' without a plan there
+                continue
+            if batch is not None and p.batch == batch:
+                out.append((p.seq, r.peak_bytes))
+            elif seq is not None and p.seq == seq:
+                out.append((p.batch, r.peak_bytes))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "setup": dict(self.setup),
+            "policies": list(self.policies),
+            "gpus": [dict(g) for g in self.gpus],
+            "speed_gpu": self.speed_gpu,
+            "prices": dict(self.prices),
+            "points": [p.to_dict() for p in self.points],
+            "largest": [f.to_dict() for f in self.largest],
+            "gpu_table": [g.to_dict() for g in self.gpu_table],
             "notes": list(self.notes),
             "elapsed_s": self.elapsed_s,
         }

@@ -17,13 +17,18 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..errors import ConfigError, GradCkptError
+from ..errors import ConfigError
+from .compat import deprecated_csv, deprecated_prices, warn_deprecated
+from .estimator import REFERENCE_GPU, check_positions, estimate_one, policy_list
 from .gpus import GPU, GPU_PRESETS, get_gpu
-from .report import PolicyEstimate
+from .presets import resolve_model
+from .report import GpuOption, LargestFit, PolicyEstimate, SweepPoint, SweepReport
+from .search import Capacity, largest_fitting
+from .training import TrainingSetup
 
 __all__ = [
     "SWEEP_POLICIES",
@@ -31,6 +36,9 @@ __all__ = [
     "LargestFit",
     "SweepPoint",
     "SweepReport",
+    "gpu_list",
+    "gpu_prices",
+    "int_values",
     "parse_int_list",
     "parse_prices",
     "sweep",
@@ -49,14 +57,17 @@ SEQ_STEP = 128
 SEQ_LIMIT = 1 << 20
 
 
-# -- input parsing --------------------------------------------------------------------------
+# -- inputs -----------------------------------------------------------------------------------
 
 
-def parse_int_list(value: int | str | Sequence[int], what: str) -> list[int]:
-    """Whole numbers >= 1 from an int, a list, or a comma-separated string; sorted, without repeats.
+def int_values(value: int | Sequence[int], what: str) -> list[int]:
+    """Whole numbers >= 1 from an int or a list; sorted, without repeats.
+
+    A comma-separated string (``"512,1024"``) is still split, with a DeprecationWarning, until
+    the next release (``gradckpt.cli._args.parse_int_list`` parses command lines).
 
     Args:
-        value: ``2048``, ``[512, 1024]`` or ``"512,1024"``.
+        value: ``2048`` or ``[512, 1024]``.
         what: the setting's name, for error messages (``"seq"``, ``"batch"``).
 
     Returns:
@@ -66,17 +77,16 @@ def parse_int_list(value: int | str | Sequence[int], what: str) -> list[int]:
         ConfigError: an empty list, something that is not a whole number, or a value < 1.
 
     Example:
-        >>> parse_int_list("1024,512,1024", "seq")
+        >>> int_values([1024, 512, 1024], "seq")
         [512, 1024]
     """
     if isinstance(value, str):
-        items: list[Any] = [t.strip() for t in value.split(",")]
-        if all(not t for t in items):
-            raise ConfigError(f"{what} list is empty: give at least one value, e.g. 512,1024")
-    elif isinstance(value, bool):
+        tokens = deprecated_csv(value, what, "[512, 1024]")
+        value = [] if all(not t for t in tokens) else [_int_token(t) for t in tokens]
+    if isinstance(value, bool):
         raise ConfigError(f"{what} must be a whole number or a list of them, got {value!r}")
-    elif isinstance(value, int):
-        items = [value]
+    if isinstance(value, int):
+        items: list[Any] = [value]
     elif isinstance(value, Sequence):
         items = list(value)
         if not items:
@@ -87,63 +97,51 @@ def parse_int_list(value: int | str | Sequence[int], what: str) -> list[int]:
         )
     out: list[int] = []
     for item in items:
-        if isinstance(item, str):
-            if not item.strip().lstrip("+-").isdigit():
-                raise ConfigError(
-                    f"{what} value {item!r} is not a whole number; write e.g. 512,1024,2048"
-                )
-            n = int(item)
-        elif isinstance(item, int) and not isinstance(item, bool):
-            n = item
-        else:
+        if isinstance(item, bool) or not isinstance(item, int):
             raise ConfigError(f"{what} value {item!r} is not a whole number")
-        if n < 1:
-            raise ConfigError(f"{what} must be >= 1, got {n}")
-        out.append(n)
+        if item < 1:
+            raise ConfigError(f"{what} must be >= 1, got {item}")
+        out.append(item)
     return sorted(set(out))
 
 
-def parse_prices(
-    prices: Mapping[str, float] | str | None, known: Sequence[GPU] = ()
-) -> dict[str, float]:
-    """Hourly GPU prices by preset name, from a mapping or ``"rtx-4090=0.35,a100-80gb=1.6"``.
+def _int_token(token: str) -> int | str:
+    # a token of a deprecated comma string: digits become an int, the rest stays to be refused
+    return int(token) if token.lstrip("+-").isdigit() else token
+
+
+def gpu_prices(prices: Mapping[str, float] | None, known: Sequence[GPU] = ()) -> dict[str, float]:
+    """Hourly GPU prices by preset name, checked; aliases (``"4090"``) resolved.
 
     There are no built-in prices: they differ between providers and change every month.
+    ``"rtx-4090=0.35,a100-80gb=1.6"`` is still parsed, with a DeprecationWarning, until the
+    next release (``gradckpt.cli._args.parse_prices`` parses command lines).
 
     Args:
-        prices: the prices, or None.
+        prices: ``{GPU name: price per hour}``, or None.
         known: ``GPU`` objects whose names count too (custom GPUs passed to ``sweep``).
 
     Returns:
-        ``{preset name: price per hour}`` (aliases such as ``"4090"`` resolved).
+        ``{preset name: price per hour}``.
 
     Raises:
-        ConfigError: empty, malformed (no ``=``, not a number), negative or non-finite price,
-            a GPU named twice, an unknown GPU (with the closest preset), or a bare memory size
-            (a price needs a preset's throughput to become a cost per token).
+        ConfigError: empty, a price that is not a number, negative or non-finite, a GPU named
+            twice, an unknown GPU (with the closest preset), or a bare memory size (a price
+            needs a preset's throughput to become a cost per token).
 
     Example:
-        >>> parse_prices("4090=0.35,a100-80gb=1.6")
+        >>> gpu_prices({"4090": 0.35, "a100-80gb": 1.6})
         {'rtx-4090': 0.35, 'a100-80gb': 1.6}
     """
     if prices is None:
         return {}
     if isinstance(prices, str):
-        pairs: list[tuple[str, Any]] = []
-        for item in prices.split(","):
-            if not item.strip():
-                continue
-            if "=" not in item:
-                raise ConfigError(
-                    f"price {item.strip()!r} is not GPU=PRICE; write e.g. rtx-4090=0.35,a100-80gb=1.6"
-                )
-            name, _, amount = item.partition("=")
-            pairs.append((name.strip(), amount.strip()))
+        pairs: list[tuple[Any, Any]] = list(deprecated_prices(prices))
     elif isinstance(prices, Mapping):
         pairs = list(prices.items())
     else:
         raise ConfigError(
-            f"prices must be a mapping or 'GPU=PRICE,...', got {type(prices).__name__}"
+            f"prices must be a mapping of GPU name to hourly price, got {type(prices).__name__}"
         )
     if not pairs:
         raise ConfigError("price list is empty: write e.g. rtx-4090=0.35,a100-80gb=1.6")
@@ -175,21 +173,35 @@ def parse_prices(
     return out
 
 
-def _gpu_list(gpu: str | GPU | Sequence[str | GPU] | None) -> list[GPU]:
+def gpu_list(gpu: str | GPU | Sequence[str | GPU] | None) -> list[GPU]:
+    """GPUs from a name, a ``GPU``, or a list of them; repeats dropped, in the order given.
+
+    ``"rtx-4090,a100-80gb"`` and ``"all"`` (every preset) are still accepted, with a
+    DeprecationWarning, until the next release.
+
+    Raises:
+        ConfigError: an empty list or an unknown GPU.
+    """
     if gpu is None:
         return []
-    if isinstance(gpu, str):
-        if gpu.strip().lower() == "all":
-            return list(GPU_PRESETS.values())
-        names: list[str | GPU] = [g.strip() for g in gpu.split(",")]
-        if all(not n for n in names):
-            raise ConfigError("GPU list is empty: name presets, e.g. rtx-4090,a100-80gb, or 'all'")
-    elif isinstance(gpu, GPU):
+    names: list[str | GPU]
+    if isinstance(gpu, GPU):
         names = [gpu]
+    elif isinstance(gpu, str) and gpu.strip().lower() == "all":
+        warn_deprecated(
+            "gpu='all' is deprecated and will be refused in the next release; pass "
+            "gpu=list(gradckpt.estimate.GPU_PRESETS) for every preset"
+        )
+        names = list(GPU_PRESETS.values())
+    elif isinstance(gpu, str):
+        if "," in gpu:
+            names = [n for n in deprecated_csv(gpu, "gpu", "['rtx-4090', 'a100-80gb']") if n]
+        else:
+            names = [gpu.strip()] if gpu.strip() else []
     else:
         names = list(gpu)
-        if not names:
-            raise ConfigError("GPU list is empty: name presets, e.g. rtx-4090,a100-80gb, or 'all'")
+    if not names:
+        raise ConfigError("GPU list is empty: name presets, e.g. rtx-4090,a100-80gb, or 'all'")
     out: list[GPU] = []
     for n in names:
         if isinstance(n, str) and not n:
@@ -200,7 +212,28 @@ def _gpu_list(gpu: str | GPU | Sequence[str | GPU] | None) -> list[GPU]:
     return out
 
 
-# -- results as data --------------------------------------------------------------------------
+def parse_int_list(value: int | str | Sequence[int], what: str) -> list[int]:
+    """Deprecated: ``int_values`` (lists) or ``gradckpt.cli._args.parse_int_list`` (strings)."""
+    warn_deprecated(
+        "gradckpt.estimate.sweep.parse_int_list is deprecated: sweep() takes lists; "
+        "gradckpt.cli._args.parse_int_list parses command lines"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return int_values(value, what)  # type: ignore[arg-type]
+
+
+def parse_prices(
+    prices: Mapping[str, float] | str | None, known: Sequence[GPU] = ()
+) -> dict[str, float]:
+    """Deprecated: ``gpu_prices`` (mappings) or ``gradckpt.cli._args.parse_prices`` (strings)."""
+    warn_deprecated(
+        "gradckpt.estimate.sweep.parse_prices is deprecated: sweep() takes a mapping; "
+        "gradckpt.cli._args.parse_prices parses command lines"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return gpu_prices(prices, known)  # type: ignore[arg-type]
 
 
 def _cost_per_mtok(price: float | None, tokens_per_s: float | None) -> float | None:
@@ -210,336 +243,11 @@ def _cost_per_mtok(price: float | None, tokens_per_s: float | None) -> float | N
     return price / 3600.0 / tokens_per_s * 1e6
 
 
-@dataclass(frozen=True, kw_only=True)
-class SweepPoint:
-    """Every policy's estimate at one (batch, sequence length).
-
-    Attributes:
-        batch: micro-batch size.
-        seq: sequence length in tokens.
-        tokens_per_step: batch x seq x gradient accumulation.
-        results: one ``PolicyEstimate`` per policy (speed and ``fits`` for
-            ``SweepReport.speed_gpu``, or for the first GPU asked when none has throughput figures).
-        fits: policy -> GPU name -> whether the peak fits that GPU's memory.
-    """
-
-    batch: int
-    seq: int
-    tokens_per_step: int
-    results: list[PolicyEstimate]
-    fits: dict[str, dict[str, bool]] = field(default_factory=dict)
-
-    def result(self, policy: str) -> PolicyEstimate:
-        """The estimate for ``policy`` at this point (KeyError when it was not estimated)."""
-        for r in self.results:
-            if r.policy == policy:
-                return r
-        raise KeyError(f"policy {policy!r} not estimated at batch {self.batch} x seq {self.seq}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "batch": self.batch,
-            "seq": self.seq,
-            "tokens_per_step": self.tokens_per_step,
-            "results": [
-                {**r.to_dict(), "fits_gpus": dict(self.fits.get(r.policy, {}))}
-                for r in self.results
-            ],
-        }
-
-
-@dataclass(frozen=True, kw_only=True)
-class LargestFit:
-    """The largest micro-batch (or sequence length) one policy fits on one GPU.
-
-    Attributes:
-        policy: the policy.
-        gpu: the GPU's name.
-        vary: ``"batch"`` or ``"seq"``: what was searched (the other stays as given).
-        batch, seq: the setting found (``vary`` at its largest fitting value); when nothing fits,
-            the smallest value tried (batch 1, or ``SEQ_STEP`` tokens).
-        found: whether any value fits.
-        peak_bytes: predicted peak at that setting.
-        headroom_bytes: GPU memory minus that peak.
-        next_peak_bytes: predicted peak one step further (batch + 1, or seq + ``seq_step``),
-            which does not fit; None when the search stopped at ``limited_by``.
-        limited_by: None when memory is the limit; else what stopped the search
-            (``"max_position_embeddings"`` or ``"search limit"``).
-        tokens_per_step: batch x seq x gradient accumulation at that setting.
-        step_time_s: predicted time of one optimizer step on the GPU (None without throughput figures).
-        tokens_per_s: predicted tokens per second (None without throughput figures).
-        speed_cost: the policy's recompute time over the step without it (fraction).
-        batch1_tokens_per_s: for a batch search, the same policy's tokens/s at batch 1 (what
-            the larger batch is compared with); None for a sequence search.
-        price_per_hour: the hourly price given for the GPU, if any.
-        cost_per_mtok: price per million tokens at that throughput, if a price was given.
-        probes: settings estimated by the search.
-    """
-
-    policy: str
-    gpu: str
-    vary: str
-    batch: int
-    seq: int
-    found: bool
-    peak_bytes: int
-    headroom_bytes: int
-    next_peak_bytes: int | None
-    limited_by: str | None
-    tokens_per_step: int
-    step_time_s: float | None
-    tokens_per_s: float | None
-    speed_cost: float
-    batch1_tokens_per_s: float | None = None
-    price_per_hour: float | None = None
-    cost_per_mtok: float | None = None
-    probes: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "policy": self.policy,
-            "gpu": self.gpu,
-            "vary": self.vary,
-            "batch": self.batch,
-            "seq": self.seq,
-            "found": self.found,
-            "peak_bytes": self.peak_bytes,
-            "headroom_bytes": self.headroom_bytes,
-            "next_peak_bytes": self.next_peak_bytes,
-            "limited_by": self.limited_by,
-            "tokens_per_step": self.tokens_per_step,
-            "step_time_s": self.step_time_s,
-            "tokens_per_s": self.tokens_per_s,
-            "speed_cost": self.speed_cost,
-            "batch1_tokens_per_s": self.batch1_tokens_per_s,
-            "price_per_hour": self.price_per_hour,
-            "cost_per_mtok": self.cost_per_mtok,
-            "probes": self.probes,
-        }
-
-
-@dataclass(frozen=True, kw_only=True)
-class GpuOption:
-    """One policy on one GPU at a fixed setup: does it fit, how fast, at what cost.
-
-    Attributes:
-        gpu: the GPU's name.
-        memory_bytes: its memory.
-        policy: the policy.
-        batch, seq: the setup.
-        fits: whether the peak fits.
-        peak_bytes, headroom_bytes: the peak and the memory left (negative: short).
-        step_time_s, tokens_per_s: predicted on this GPU (None for a bare size without throughput).
-        speed_cost: recompute time over the step without it (fraction).
-        price_per_hour, cost_per_mtok: the price given and the cost per million tokens (only
-            when it fits and a price was given).
-    """
-
-    gpu: str
-    memory_bytes: int
-    policy: str
-    batch: int
-    seq: int
-    fits: bool
-    peak_bytes: int
-    headroom_bytes: int
-    step_time_s: float | None
-    tokens_per_s: float | None
-    speed_cost: float
-    price_per_hour: float | None = None
-    cost_per_mtok: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "gpu": self.gpu,
-            "memory_bytes": self.memory_bytes,
-            "policy": self.policy,
-            "batch": self.batch,
-            "seq": self.seq,
-            "fits": self.fits,
-            "peak_bytes": self.peak_bytes,
-            "headroom_bytes": self.headroom_bytes,
-            "step_time_s": self.step_time_s,
-            "tokens_per_s": self.tokens_per_s,
-            "speed_cost": self.speed_cost,
-            "price_per_hour": self.price_per_hour,
-            "cost_per_mtok": self.cost_per_mtok,
-        }
-
-
-@dataclass(frozen=True, kw_only=True)
-class SweepReport:
-    """What ``sweep`` found: the grid, the largest settings that fit, the GPU comparison.
-
-    Attributes:
-        model: the model's name.
-        setup: the training settings besides batch and sequence (``TrainingSetup.to_dict()``
-            at the first grid point).
-        policies: the policies compared.
-        gpus: the GPUs asked for (name, memory, throughput, price per hour or None); the
-            GPU table may cover more (every preset when none was asked).
-        speed_gpu: the GPU the grid's speed figures are for (the first GPU asked with throughput
-            figures, else the estimator's reference).
-        points: one ``SweepPoint`` per (batch, seq), batch-major, in increasing order.
-        prices: the hourly prices given, by GPU preset name.
-        largest: ``LargestFit`` per (searched dimension, GPU, grid value, policy), if asked.
-        gpu_table: ``GpuOption`` per (grid point, GPU, policy), if asked.
-        notes: how the numbers were made.
-        elapsed_s: wall time.
-    """
-
-    model: str
-    setup: dict[str, Any]
-    policies: list[str]
-    gpus: list[dict[str, Any]]
-    speed_gpu: str
-    points: list[SweepPoint]
-    prices: dict[str, float] = field(default_factory=dict)
-    largest: list[LargestFit] = field(default_factory=list)
-    gpu_table: list[GpuOption] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    elapsed_s: float = 0.0
-
-    @property
-    def seqs(self) -> list[int]:
-        return sorted({p.seq for p in self.points})
-
-    @property
-    def batches(self) -> list[int]:
-        return sorted({p.batch for p in self.points})
-
-    def series(
-        self, policy: str, *, batch: int | None = None, seq: int | None = None
-    ) -> list[tuple[int, int]]:
-        """``[(x, peak_bytes), ...]`` for one policy along sequence length (``batch`` fixed) or
-        along batch (``seq`` fixed).
-
-        Example:
-            >>> report.series("full", batch=1)   # [(512, ...), (1024, ...), ...]
-        """
-        if (batch is None) == (seq is None):
-            raise ConfigError("series: fix exactly one of batch= or seq=")
-        out = []
-        for p in self.points:
-            r = next((r for r in p.results if r.policy == policy), None)
-            if r is None:  # 'auto' without a plan there
-                continue
-            if batch is not None and p.batch == batch:
-                out.append((p.seq, r.peak_bytes))
-            elif seq is not None and p.seq == seq:
-                out.append((p.batch, r.peak_bytes))
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "setup": dict(self.setup),
-            "policies": list(self.policies),
-            "gpus": [dict(g) for g in self.gpus],
-            "speed_gpu": self.speed_gpu,
-            "prices": dict(self.prices),
-            "points": [p.to_dict() for p in self.points],
-            "largest": [f.to_dict() for f in self.largest],
-            "gpu_table": [g.to_dict() for g in self.gpu_table],
-            "notes": list(self.notes),
-            "elapsed_s": self.elapsed_s,
-        }
-
-
-# -- the search ---------------------------------------------------------------------------------
-
-
-def largest_fitting(
-    fits: Callable[[int], bool], peak: Callable[[int], float], capacity: float, limit: int
-) -> int:
-    """The largest ``k`` in ``[1, limit]`` with ``fits(k)``, given ``fits(1)`` and peaks that grow with ``k``.
-
-    Exponential search for a bracket, then bisection inside it. Both are steered by the straight
-    line through the last two peaks (peaks are close to linear in batch, and with SDPA in
-    sequence length): the line's largest ``k`` under ``capacity`` is probed together with
-    ``k + 1``, so a good line answers in 2 probes after the first two. A step where the line
-    does not pay off is followed by a plain doubling or bisection step, which keeps the worst
-    case logarithmic. Every answer is checked: ``fits(k)`` and ``k == limit or not fits(k + 1)``.
-    The callables should memoize (``peak(k)`` is read again for probed ``k``).
-
-    Args:
-        fits: whether setting ``k`` fits.
-        peak: the predicted peak at ``k`` (``inf`` when unknown).
-        capacity: the memory ``fits`` compares against (used only to aim).
-        limit: the largest ``k`` to try.
-
-    Returns:
-        The largest fitting ``k``, or ``limit`` when that fits.
-
-    Example:
-        >>> largest_fitting(lambda k: 3 * k + 10 <= 100, lambda k: 3 * k + 10, 100, 1000)
-        30
-    """
-    lo = 1  # fits(lo)
-    hi: int | None = None  # not fits(hi)
-    prev: int | None = None  # an earlier fitting k < lo, for the line before a bracket exists
-    use_line = True
-    while True:
-        if hi is None and lo >= limit:
-            return limit
-        if hi is not None and hi - lo <= 1:
-            return lo
-        top = limit + 1 if hi is None else hi
-        ref: int | None = hi if hi is not None else prev
-        guess = None
-        if use_line and ref is not None:
-            slope = (peak(ref) - peak(lo)) / (ref - lo)
-            if slope > 0 and math.isfinite(slope):
-                guess = lo + math.floor((capacity - peak(lo)) / slope)
-        plain = 2 * lo if hi is None else (lo + hi) // 2
-        cand = plain if guess is None else guess
-        cand = max(lo + 1, min(cand, top - 1))
-        width: int | None = None if hi is None else hi - lo
-        closed = False
-        if fits(cand):
-            prev, lo = lo, cand
-            if guess is not None and cand + 1 < top:
-                # the line says cand is the largest: one more probe settles it
-                if fits(cand + 1):
-                    prev, lo = lo, cand + 1
-                else:
-                    hi, closed = cand + 1, True
-        else:
-            hi = cand
-            if guess is not None and cand - 1 > lo:
-                if fits(cand - 1):
-                    prev, lo = lo, cand - 1
-                    closed = True
-                else:
-                    hi = cand - 1
-        if guess is not None:
-            # the line missed: take a plain step next (doubling, or halving the bracket)
-            use_line = closed or (width is not None and hi is not None and 2 * (hi - lo) <= width)
-        else:
-            use_line = True
-
-
-class _Capacity:
-    """``fits(k)`` for a capacity in bytes and a memoized ``peak(k)``; None peaks never fit."""
-
-    def __init__(self, capacity: int, peak: Callable[[int], int | None]) -> None:
-        self.capacity = capacity
-        self._peak = peak
-
-    def peak(self, k: int) -> float:
-        p = self._peak(k)
-        return math.inf if p is None else float(p)
-
-    def __call__(self, k: int) -> bool:
-        p = self._peak(k)
-        return p is not None and p <= self.capacity
-
-
 # -- the sweep --------------------------------------------------------------------------------
 
 
 class _Estimator:
-    """Memoized ``estimate()`` calls, one policy at a time, for one model and training setup."""
+    """Memoized ``estimate_one`` calls, one policy at a time, for one model and training setup."""
 
     def __init__(self, model: Any, settings: dict[str, Any]) -> None:
         self.model = model
@@ -549,28 +257,11 @@ class _Estimator:
         self._results: dict[tuple[str, int, int, str], PolicyEstimate | None] = {}
 
     def result(self, policy: str, batch: int, seq: int, gpu: GPU | None) -> PolicyEstimate | None:
-        from . import estimate
-
         key = (policy, batch, seq, "" if gpu is None else gpu.name)
         if key not in self._results:
             self.calls += 1
-            try:
-                rep = estimate(
-                    self.model,
-                    batch=batch,
-                    seq=seq,
-                    policies=[policy],
-                    gpu=gpu,
-                    alternatives=False,
-                    **self.settings,
-                )
-            except GradCkptError as e:
-                # 'auto' alone with no plan for this GPU: estimate() has nothing to report and
-                # says so with the base error; its subclasses are real mistakes
-                if policy != "auto" or type(e) is not GradCkptError:
-                    raise
-                rep = None
-            res = rep.results[0] if rep is not None and rep.results else None
+            # None: 'auto' found no plan for this GPU at this setting (left out of the point)
+            res = estimate_one(self.model, policy, batch=batch, seq=seq, gpu=gpu, **self.settings)
             self._results[key] = res
             self._peaks[self._peak_key(policy, batch, seq, gpu)] = (
                 None if res is None else res.peak_bytes
@@ -613,7 +304,7 @@ def _search(
     def setting(k: int) -> tuple[int, int]:
         return (k, fixed) if vary == "batch" else (fixed, k * step)
 
-    cap = _Capacity(gpu.memory_bytes, lambda k: est.peak(policy, *setting(k), gpu))
+    cap = Capacity(gpu.memory_bytes, lambda k: est.peak(policy, *setting(k), gpu))
     found = cap(1)
     k = largest_fitting(cap, cap.peak, gpu.memory_bytes, limit) if found else 1
     b, s = setting(k)
@@ -656,11 +347,11 @@ def _search(
 def sweep(
     model: Any,
     *,
-    seq: int | str | Sequence[int] | None = None,
-    batch: int | str | Sequence[int] | None = None,
+    seq: int | Sequence[int] | None = None,
+    batch: int | Sequence[int] | None = None,
     policies: Sequence[str] | str | None = None,
     gpu: str | GPU | Sequence[str | GPU] | None = None,
-    prices: Mapping[str, float] | str | None = None,
+    prices: Mapping[str, float] | None = None,
     max_batch: bool = False,
     max_seq: bool = False,
     which_gpu: bool = False,
@@ -675,14 +366,15 @@ def sweep(
 
     Args:
         model: a preset name, a ``config.json`` path or a ``transformers`` config (as ``estimate``).
-        seq: sequence length(s): an int, a list, or ``"512,1024,2048"`` (default 2048).
-        batch: micro-batch size(s), same forms (default 1).
-        policies: policies to compare (default ``SWEEP_POLICIES``: ``none`` and ``full``);
+        seq: sequence length(s): an int or a list (default 2048).
+        batch: micro-batch size(s): an int or a list (default 1).
+        policies: policy names to compare (default ``SWEEP_POLICIES``: ``none`` and ``full``);
             ``"auto"`` is planned for each GPU (for the grid: the first GPU).
-        gpu: GPU preset(s) or sizes: a name, a list, ``"rtx-4090,a100-80gb"``, or ``"all"``.
-            The grid reports whether each policy fits each of them; the searches run per GPU.
-        prices: hourly prices by preset (``{"rtx-4090": 0.35}`` or ``"rtx-4090=0.35,..."``);
-            adds a cost per million tokens. No prices are built in. Every GPU priced must be
+        gpu: GPU preset(s) or sizes: a name, a ``GPU``, or a list of them
+            (``list(GPU_PRESETS)`` for every preset). The grid reports whether each policy
+            fits each of them; the searches run per GPU.
+        prices: hourly prices by preset (``{"rtx-4090": 0.35}``); adds a cost per million
+            tokens. No prices are built in. Every GPU priced must be
             among ``gpu`` (or, for ``which_gpu`` without ``gpu``, a preset).
         max_batch: per GPU, sequence length and policy, search the largest micro-batch whose
             predicted peak fits the GPU (exponential + bisection, each candidate estimated).
@@ -695,6 +387,10 @@ def sweep(
         **settings: the rest of the setup, as ``estimate`` takes it: ``method``, ``precision``,
             ``optimizer``, ``grad_accum``, ``attention``, ``lora_rank``..., ``overhead``.
 
+    Comma-separated strings (``seq="512,1024"``, ``gpu="rtx-4090,a100-80gb"``, ``gpu="all"``,
+    ``policies="none,full"``, ``prices="rtx-4090=0.35"``) still work until the next release,
+    with a DeprecationWarning.
+
     Returns:
         A ``SweepReport``: ``points`` (one per batch x seq, each with every policy's
         ``PolicyEstimate``), ``largest`` (``LargestFit``), ``gpu_table`` (``GpuOption``);
@@ -706,22 +402,19 @@ def sweep(
             refuses.
 
     Example:
-        >>> r = gradckpt.sweep("llama-3-8b", method="lora", seq="512,1024,2048,4096",
-        ...                    gpu="rtx-4090,a100-80gb", max_batch=True, prices="rtx-4090=0.35")
+        >>> r = gradckpt.sweep("llama-3-8b", method="lora", seq=[512, 1024, 2048, 4096],
+        ...                    gpu=["rtx-4090", "a100-80gb"], max_batch=True,
+        ...                    prices={"rtx-4090": 0.35})
         >>> {(f.gpu, f.policy): f.batch for f in r.largest}
     """
-    from . import GPU_PRESETS as presets
-    from . import REFERENCE_GPU, _policy_list, resolve_model
-    from .setup import TrainingSetup
-
     t0 = time.perf_counter()
     if "alternatives" in settings:
         raise ConfigError("sweep does not estimate alternatives; call estimate() for those")
-    seqs = parse_int_list(seq if seq is not None else TrainingSetup().seq, "seq")
-    batches = parse_int_list(batch if batch is not None else TrainingSetup().batch, "batch")
-    names = _policy_list(policies if policies is not None else list(SWEEP_POLICIES))
-    gpus = _gpu_list(gpu)
-    price_of = parse_prices(prices, gpus)
+    seqs = int_values(seq if seq is not None else TrainingSetup().seq, "seq")
+    batches = int_values(batch if batch is not None else TrainingSetup().batch, "batch")
+    names = policy_list(policies if policies is not None else list(SWEEP_POLICIES))
+    gpus = gpu_list(gpu)
+    price_of = gpu_prices(prices, gpus)
     for flag, on in (("max_batch", max_batch), ("max_seq", max_seq)):
         if on and not gpus:
             raise ConfigError(f"{flag} searches what fits a GPU: name one or more (gpu=...)")
@@ -731,7 +424,7 @@ def sweep(
         raise ConfigError(f"batch_limit must be a whole number >= 1, got {batch_limit!r}")
     # prices alone ask which GPU is cheapest; with a search they price its rows
     which = bool(which_gpu or (price_of and not (max_batch or max_seq)))
-    table_gpus = gpus if gpus else list(presets.values())
+    table_gpus = gpus if gpus else list(GPU_PRESETS.values())
     if price_of:
         names_in = [g.name for g in (table_gpus if which else gpus)]
         for name in price_of:
@@ -750,14 +443,8 @@ def sweep(
     st = base.with_(**{k: v for k, v in settings.items() if k in fields and v is not None})
     accum = st.grad_accum
     spec = resolve_model(model)
-    cfg = spec.config
-    max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-    if isinstance(max_pos, int) and seqs[-1] > max_pos:
-        raise ConfigError(
-            f"sequence length {seqs[-1]} exceeds {spec.name}'s maximum of {max_pos} positions "
-            "(max_position_embeddings)"
-        )
-    if max_seq and isinstance(max_pos, int) and max_pos < seq_step:
+    max_pos = check_positions(spec, seqs[-1])
+    if max_seq and max_pos is not None and max_pos < seq_step:
         raise ConfigError(f"seq_step {seq_step} is longer than {spec.name}'s {max_pos} positions")
 
     # The model goes to estimate() as given (a preset's name labels the reports); its config
@@ -766,7 +453,7 @@ def sweep(
     # The grid's estimates (speed figures, 'fits', the plan of 'auto') are for the first GPU
     # with throughput figures; whether each point fits every GPU is in SweepPoint.fits.
     first = next((g for g in gpus if g.has_speed), gpus[0] if gpus else None)
-    speed_gpu = first if first is not None and first.has_speed else presets[REFERENCE_GPU]
+    speed_gpu = first if first is not None and first.has_speed else GPU_PRESETS[REFERENCE_GPU]
     points: list[SweepPoint] = []
     for b in batches:
         for s in seqs:
@@ -794,8 +481,8 @@ def sweep(
     if max_batch:
         searches.append(("batch", seqs, batch_limit, "search limit"))
     if max_seq:
-        k_max = (max_pos if isinstance(max_pos, int) else SEQ_LIMIT) // seq_step
-        why = "max_position_embeddings" if isinstance(max_pos, int) else "search limit"
+        k_max = (max_pos if max_pos is not None else SEQ_LIMIT) // seq_step
+        why = "max_position_embeddings" if max_pos is not None else "search limit"
         searches.append(("seq", batches, k_max, why))
     largest: list[LargestFit] = []
     for vary, fixed_values, limit, why in searches:  # rows: per GPU, then setting, then policy
@@ -870,16 +557,7 @@ def sweep(
         model=spec.name,
         setup={k: v for k, v in st.to_dict().items() if k not in ("batch", "seq")},
         policies=names,
-        gpus=[
-            {
-                "name": g.name,
-                "memory_bytes": g.memory_bytes,
-                "bf16_tflops": g.bf16_tflops,
-                "bandwidth_gbs": g.bandwidth_gbs,
-                "price_per_hour": price_of.get(g.name),
-            }
-            for g in gpus
-        ],
+        gpus=[{**g.to_dict(), "price_per_hour": price_of.get(g.name)} for g in gpus],
         prices=dict(price_of),
         speed_gpu=speed_gpu.name,
         points=points,
@@ -888,10 +566,3 @@ def sweep(
         notes=notes,
         elapsed_s=time.perf_counter() - t0,
     )
-
-
-def _with_fit(res: PolicyEstimate, gpu: GPU) -> PolicyEstimate:
-    from dataclasses import replace
-
-    head = gpu.memory_bytes - res.peak_bytes
-    return replace(res, fits=head >= 0, headroom_bytes=head)

@@ -24,60 +24,17 @@ steps in order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import GradCkptError
-from ..plan import Plan
+from ..enable import enable
+from ..errors import ConfigError, GradCkptError
+from ..guards.fsdp import fsdp_state
+from ..plans import Plan
 
-__all__ = ["check_wrapping", "fsdp_units", "parallelize"]
-
-
-def _fsdp_state(m: nn.Module) -> Any:
-    """The FSDP2 state managing ``m`` when ``fully_shard`` was applied to it, else None."""
-    if not any(c.__name__ == "FSDPModule" for c in type(m).__mro__):
-        return None
-    get = getattr(m, "_get_fsdp_state", None)
-    return get() if callable(get) else m
-
-
-def check_wrapping(
-    model: nn.Module, blocks: Sequence[tuple[str, nn.Module]], plan: Plan | None
-) -> None:
-    """Refuse a plan that cannot work with how ``model`` is already wrapped.
-
-    ``gradckpt.enable`` calls this before touching the model.
-
-    Args:
-        model: the model being enabled.
-        blocks: its blocks, ``[(name, module)]``, in plan order.
-        plan: the plan about to be installed.
-
-    Raises:
-        GradCkptError: when a segment of ``plan`` spans blocks that FSDP2 sharded as separate
-            units (its hooks between the blocks would be skipped by the segment's recompute).
-
-    Example:
-        >>> for layer in model.layers:
-        ...     fully_shard(layer)
-        >>> gradckpt.enable(model, policy="sqrt")  # GradCkptError: ... one by one ...
-    """
-    if plan is None or not plan.segments:
-        return
-    for a, b in plan.segments:
-        states = [_fsdp_state(blk) for _, blk in blocks[a:b]]
-        if any(s is not None for s in states) and any(s is not states[0] for s in states):
-            raise GradCkptError(
-                f"blocks {blocks[a][0]!r} to {blocks[b - 1][0]!r} are one checkpointed segment "
-                f"(policy {plan.policy!r}) but fully_shard was applied to them one by one, so FSDP "
-                "hooks sit between them that the segment's recompute would skip. Enable gradckpt "
-                "before fully_shard and shard each segment as one unit "
-                "(gradckpt.integrations.distributed.parallelize does both), or use a policy "
-                "without segments such as 'full'"
-            )
+__all__ = ["fsdp_units", "parallelize"]
 
 
 def fsdp_units(model: nn.Module, plan: Plan) -> list[list[nn.Module]]:
@@ -118,7 +75,7 @@ def _wrapped(model: nn.Module) -> str | None:
         cls = type(m).__name__
         if cls in ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel"):
             return f"{name or 'the model'} is already wrapped in {cls}"
-        if _fsdp_state(m) is not None:
+        if fsdp_state(m) is not None:
             return f"{name or 'the model'} is already sharded by fully_shard"
         if cls == "OptimizedModule" or getattr(m, "_compiled_call_impl", None) is not None:
             return f"{name or 'the model'} is already compiled"
@@ -142,15 +99,13 @@ def _plan_everywhere(
     """
     import torch.distributed as dist
 
-    from .. import apply
-
     multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if budget is None or not multi or options.get("example") is None:
-        return apply.enable(model, policy, budget=budget, plan=plan, blocks=blocks, **options)
+        return enable(model, policy, budget=budget, plan=plan, blocks=blocks, **options)
     payload: list[Any] = [None]
     if dist.get_rank() == 0:
         try:
-            payload[0] = apply.enable(model, budget=budget, blocks=blocks, **options).to_dict()
+            payload[0] = enable(model, budget=budget, blocks=blocks, **options).to_dict()
         except GradCkptError as e:
             payload[0] = {"error": str(e)}  # every rank raises, none waits forever
             dist.broadcast_object_list(payload, src=0)
@@ -161,7 +116,7 @@ def _plan_everywhere(
     shared = Plan.from_dict(payload[0])
     if dist.get_rank() == 0:
         return shared
-    return apply.enable(model, plan=shared, blocks=blocks)
+    return enable(model, plan=shared, blocks=blocks)
 
 
 def parallelize(
@@ -205,10 +160,10 @@ def parallelize(
         >>> optimizer = torch.optim.AdamW(model.parameters())
     """
     if data_parallel not in ("fsdp2", "ddp", None):
-        raise GradCkptError(f"data_parallel must be 'fsdp2', 'ddp' or None, got {data_parallel!r}")
+        raise ConfigError(f"data_parallel must be 'fsdp2', 'ddp' or None, got {data_parallel!r}")
     problem = _wrapped(model)
     if problem is not None:
-        raise GradCkptError(
+        raise ConfigError(
             f"parallelize needs the bare model, but {problem}: call it before DDP, fully_shard "
             "and torch.compile (it applies them itself, in the order checkpointing, compile, "
             "sharding)"

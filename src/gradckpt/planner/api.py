@@ -1,20 +1,21 @@
-"""``gradckpt.plan`` and ``enable(budget=...)``: profile (eagerly or on the first step), then solve."""
+"""``gradckpt.plan`` and ``enable(budget=...)``: profile one step on an example (or lazily, ``lazy.py``), then solve."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import BudgetError, GradCkptError
-from ..plan import Plan
+from .._model_io import batch_of, call_model, default_loss
+from ..errors import BudgetError, ConfigError
+from ..plans import Decision, Plan
 from ..units import format_bytes, parse_bytes
+from .lazy import LazyBudget
 from .model import StepProfile
-from .profile import ProfileRecorder, _assemble, _snapshot, _Tracker, profile_step
-from .solve import solve
+from .profile import profile_step
+from .solve import auto_plan
 
 __all__ = ["LazyBudget", "auto_plan", "plan", "plan_for_budget", "profile_model", "resolve_budget"]
 
@@ -38,42 +39,6 @@ def resolve_budget(budget: int | str, *, reference: int | None = None) -> int:
     return parse_bytes(budget, what="budget")
 
 
-def _default_loss(out: Any) -> torch.Tensor:
-    loss = getattr(out, "loss", None)
-    if loss is None and isinstance(out, dict):
-        loss = out.get("loss")
-    if isinstance(loss, torch.Tensor):
-        return loss
-    if isinstance(out, torch.Tensor):
-        return out.float().sum()
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0].float().sum()
-    raise GradCkptError(
-        f"cannot find a loss in the model's output ({type(out).__name__}); pass loss_fn=lambda out: ..."
-    )
-
-
-def _call(model: nn.Module, example: Any) -> Any:
-    if isinstance(example, dict):
-        return model(**example)
-    if isinstance(example, (tuple, list)):
-        return model(*example)
-    return model(example)
-
-
-def _batch_of(example: Any) -> int:
-    for t in (
-        example.values()
-        if isinstance(example, dict)
-        else example
-        if isinstance(example, (tuple, list))
-        else [example]
-    ):
-        if isinstance(t, torch.Tensor) and t.dim() >= 1:
-            return int(t.shape[0])
-    return 0
-
-
 def profile_model(
     model: nn.Module,
     example: Any,
@@ -84,29 +49,13 @@ def profile_model(
 ) -> StepProfile:
     """Profile one forward+backward of ``model`` on ``example`` (gradients and RNG restored)."""
     if example is None:
-        raise GradCkptError("profiling needs an example batch (example=...)")
-    loss_of = loss_fn or _default_loss
+        raise ConfigError("profiling needs an example batch (example=...)")
+    loss_of = loss_fn or default_loss
 
     def step() -> None:
-        loss_of(_call(model, example)).backward()
+        loss_of(call_model(model, example)).backward()
 
-    return profile_step(model, step, blocks, options=options, batch=_batch_of(example))
-
-
-def auto_plan(profile: StepProfile, budget: int, options: dict[str, Any] | None = None) -> Plan:
-    """Solve ``profile`` for ``budget`` bytes and wrap the result as a Plan named ``auto``."""
-    sol = solve(profile, budget)
-    return Plan(
-        profile.blocks,
-        sol.decisions,
-        policy="auto",
-        options=dict(options or {}),
-        notes={
-            "budget_bytes": budget,
-            "predicted_peak_bytes": sol.peak,
-            "predicted_extra_time_s": sol.cost / 1e9,
-        },
-    )
+    return profile_step(model, step, blocks, options=options, batch=batch_of(example))
 
 
 def plan(
@@ -161,16 +110,15 @@ def plan_for_budget(
     while it is profiled, and the solved plan replaces it at the start of the second step.
     """
     b = resolve_budget(budget)
+    _refuse_below_weights(model, b)
     if example is not None:
         prof = profile_model(model, example, blocks=blocks, loss_fn=loss_fn, options=options)
         return auto_plan(prof, b, options), None
     if loss_fn is not None:
-        raise GradCkptError(
+        raise ConfigError(
             "loss_fn= is only used with example=; the lazy profile watches the real step"
         )
     names = tuple(n for n, _ in blocks)
-    from ..plan import Decision
-
     provisional = Plan(
         names,
         (Decision.RECOMPUTE,) * len(names),
@@ -181,96 +129,27 @@ def plan_for_budget(
     return provisional, LazyBudget(b, list(blocks), dict(options))
 
 
-class LazyBudget:
-    """Profiles the first training step (forward, backward, optimizer) and re-plans at the second."""
-
-    def __init__(self, budget: int, blocks: list[tuple[str, nn.Module]], options: dict[str, Any]):
-        self.budget = budget
-        self.blocks = blocks
-        self.options = options
-        self.recorder: ProfileRecorder | None = None
-        self.result: Plan | None = None
-
-    def install(self, model: nn.Module) -> Callable[[], None]:
-        handle = model.register_forward_pre_hook(self._pre(model), with_kwargs=True)
-
-        def remove() -> None:
-            handle.remove()
-            self._abort()
-
-        return remove
-
-    def _abort(self) -> None:
-        rec, self.recorder = self.recorder, None
-        if rec is not None:
-            rec.remove()
-            try:
-                rec.tracker.__exit__(None, None, None)
-            except Exception:
-                pass
-
-    def _pre(self, model: nn.Module) -> Callable[..., None]:
-        def hook(_m: nn.Module, args: Any, kwargs: Any) -> None:
-            if not (torch.is_grad_enabled() and model.training):
-                return
-            if self.recorder is None:
-                self._start(model)
-            else:
-                self._finish(model)
-
-        return hook
-
-    def _start(self, model: nn.Module) -> None:
-        dev = next((p.device for p in model.parameters()), torch.device("cpu"))
-        tracker = _Tracker(device_type=dev.type, use_allocator=dev.type == "cuda")
-        rec = ProfileRecorder([n for n, _ in self.blocks], [m for _, m in self.blocks], tracker)
-        rec.install()
-        import gc
-
-        from ..measure import _live_tensors
-
-        gc.collect()
-        tracker.seed(_live_tensors())
-        tracker.window_peak = tracker.live()
-        tracker.__enter__()
-        self.recorder = rec
-
-    def _finish(self, model: nn.Module) -> None:
-        from ..apply import enable
-
-        rec = self.recorder
-        if rec is None:
-            return
-        rec.tracker.__exit__(None, None, None)
-        rec.finish()
-        rec.remove()
-        self.recorder = None
-        dev = next((p.device for p in model.parameters()), torch.device("cpu"))
-        restore = _snapshot(model)
-        try:
-            first = rec.captured.get(0)
-            batch = (
-                int(first[0][0].shape[0])
-                if first and first[0] and isinstance(first[0][0], torch.Tensor)
-                else 0
-            )
-            prof = _assemble(rec, model, _decisions(dev), self.options, dev, batch)
-        finally:
-            restore()
-        try:
-            new = auto_plan(prof, self.budget, self.options)
-        except BudgetError as e:
-            raise BudgetError(f"{e} (measured on the first training step)") from None
-        self.result = new
-        enable(model, plan=new)
-        warnings.warn(
-            f"gradckpt: budget {format_bytes(self.budget)}: profiled the first step, now using "
-            f"{new.summary()} (predicted peak {format_bytes(new.notes['predicted_peak_bytes'])})",
-            stacklevel=2,
+def _refuse_below_weights(model: nn.Module, budget: int) -> None:
+    """Refuse at once a budget below what the step must hold whatever the plan: weights, buffers
+    and one gradient per trainable weight (known before any step runs; the lazy planner used to
+    find out only at the second step)."""
+    seen: set[int] = set()
+    held = 0
+    dev = next((p.device for p in model.parameters()), None)
+    if dev is None or dev.type == "meta":
+        return
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device != dev:
+            continue
+        st = t.untyped_storage()
+        if id(st) not in seen:
+            seen.add(id(st))
+            held += st.nbytes()
+        if isinstance(t, nn.Parameter) and t.requires_grad:
+            held += t.numel() * t.element_size()
+    if budget < held:
+        raise BudgetError(
+            f"budget {format_bytes(budget)} is below the {format_bytes(held)} the model's weights, "
+            "buffers and gradients take before any activation: no plan can fit; raise the budget, "
+            "freeze weights (LoRA) or shard them (FSDP2)"
         )
-
-
-def _decisions(dev: torch.device) -> list[Any]:
-    from .profile import available_decisions
-
-    return available_decisions(dev)

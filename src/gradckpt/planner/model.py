@@ -7,11 +7,11 @@ tested without torch models. ``profile.py`` fills these from a measured step.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import PlanError
-from ..plan import Decision
+from ..plans import Decision
 
 __all__ = ["BlockOption", "StepProfile", "predict_cost", "predict_peak"]
 
@@ -58,7 +58,6 @@ class StepProfile:
         fwd_base, bwd_base: per block, plan-independent live bytes (see above).
         pre_peak, head_base, tail_peak: see above.
         batch: the micro-batch size profiled (for scaling hints in errors).
-        per_sample_bytes: activation bytes that scale with the batch, under the leanest plan.
         fixed_bytes: bytes that do not scale with the batch (weights, gradients, states).
         flops_per_s, bytes_per_s: the device model used for ``cost``.
         device: where it was profiled.
@@ -72,12 +71,10 @@ class StepProfile:
     head_base: int
     tail_peak: int
     batch: int = 0
-    per_sample_bytes: int = 0
     fixed_bytes: int = 0
     flops_per_s: float = 0.0
     bytes_per_s: float = 0.0
     device: str = "cpu"
-    notes: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.blocks)
@@ -97,12 +94,10 @@ class StepProfile:
             "head_base": self.head_base,
             "tail_peak": self.tail_peak,
             "batch": self.batch,
-            "per_sample_bytes": self.per_sample_bytes,
             "fixed_bytes": self.fixed_bytes,
             "flops_per_s": self.flops_per_s,
             "bytes_per_s": self.bytes_per_s,
             "device": self.device,
-            "notes": dict(self.notes),
         }
 
     @classmethod
@@ -118,12 +113,10 @@ class StepProfile:
             head_base=data["head_base"],
             tail_peak=data["tail_peak"],
             batch=data.get("batch", 0),
-            per_sample_bytes=data.get("per_sample_bytes", 0),
             fixed_bytes=data.get("fixed_bytes", 0),
             flops_per_s=data.get("flops_per_s", 0.0),
             bytes_per_s=data.get("bytes_per_s", 0.0),
             device=data.get("device", "cpu"),
-            notes=data.get("notes", {}),
         )
 
 

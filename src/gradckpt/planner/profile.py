@@ -20,24 +20,33 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from ..checkpoint import is_recomputing
-from ..errors import GradCkptError
-from ..measure import StepTracker, _live_tensors
-from ..measure import _storages as _storage_list
-from ..plan import Decision, Plan
+from .._model_io import ModelState
+from ..apply import install, installed, uninstall
+from ..blocks import resolve_blocks
+from ..errors import BlockError
+from ..measure import StepTracker, live_tensors, storages
+from ..plans import Decision, Plan
+from ..runtime import decisions as _decisions
+from ..state import is_recomputing
 from .model import BlockOption, StepProfile
 
-__all__ = ["ProfileRecorder", "available_decisions", "device_model", "profile_step"]
+__all__ = [
+    "ProfileRecorder",
+    "ProfileTracker",
+    "assemble",
+    "available_decisions",
+    "device_model",
+    "profile_step",
+]
 
 
 def available_decisions(device: torch.device) -> list[Decision]:
     """Decisions the planner may choose on ``device`` (OFFLOAD only where there is a host to park in)."""
-    from ..apply import _WRAPPERS
-
+    registered = _decisions.available()
     out = [Decision.SAVE, Decision.RECOMPUTE]
-    if Decision.SELECTIVE in _WRAPPERS:
+    if Decision.SELECTIVE in registered:
         out.append(Decision.SELECTIVE)
-    if Decision.OFFLOAD in _WRAPPERS and device.type == "cuda":
+    if Decision.OFFLOAD in registered and device.type == "cuda":
         out.append(Decision.OFFLOAD)
     return out
 
@@ -69,21 +78,17 @@ def device_model(device: torch.device) -> tuple[float, float]:
     return rates[0], rates[1]
 
 
-class _Tracker(StepTracker):
-    """StepTracker that also keeps a resettable window peak and counts bytes moved by recompute."""
+class ProfileTracker(StepTracker):
+    """StepTracker that also keeps a resettable window peak (the peak between two block boundaries)."""
 
     def __init__(self, **kw: Any) -> None:
         super().__init__(**kw)
         self.window_peak = 0
-        self.recompute_bytes = 0
-
-    def live(self) -> int:
-        return self.live_bytes()
 
     def forget(self, tensors: list[torch.Tensor]) -> None:
         """Stop counting ``tensors`` (already seeded): memory the profiled step would not have."""
         for t in tensors:
-            for st in _storage_list(t):
+            for st in storages(t):
                 info = self._live.get(id(st))
                 if info is not None and info[0]:
                     self._live[id(st)] = (0, info[1])
@@ -93,18 +98,15 @@ class _Tracker(StepTracker):
 
     def reset_window(self) -> int:
         """Return the peak since the last reset, and start a new window at the current level."""
-        peak = max(self.window_peak, self.live())
-        self.window_peak = self.live()
+        peak = max(self.window_peak, self.live_bytes())
+        self.window_peak = self.live_bytes()
         return peak
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        rec = is_recomputing()
+        # FLOPs, recompute bytes and storages are counted by StepTracker exactly as `measure`
+        # counts them; this adds only the window peak.
         out = super().__torch_dispatch__(func, types, args, kwargs)
-        self.window_peak = max(self.window_peak, self.live())
-        if rec:
-            for t in tree_flatten((args, kwargs, out))[0]:
-                if isinstance(t, torch.Tensor):
-                    self.recompute_bytes += t.numel() * t.element_size()
+        self.window_peak = max(self.window_peak, self.live_bytes())
         return out
 
 
@@ -121,7 +123,7 @@ class ProfileRecorder:
 
     names: list[str]
     modules: list[nn.Module]
-    tracker: _Tracker
+    tracker: ProfileTracker
     pre: dict[int, int] = field(default_factory=dict)
     post: dict[int, int] = field(default_factory=dict)
     fwd_peak: dict[int, int] = field(default_factory=dict)
@@ -140,7 +142,8 @@ class ProfileRecorder:
     _window: tuple[Any, ...] = ("pre",)
     _handles: list[Any] = field(default_factory=list)
 
-    def _close(self, nxt: tuple[Any, ...]) -> None:
+    def close_window(self, nxt: tuple[Any, ...]) -> None:
+        """Record the peak of the window open now and open ``nxt``."""
         self.win_peak[self._window] = self.tracker.reset_window()
         self._window = nxt
 
@@ -155,8 +158,8 @@ class ProfileRecorder:
                     self.pre_peak = self.tracker.reset_window()
                     self._window = ("fwd", 0)
                 else:
-                    self._close(("fwd", i))
-                self.pre[i] = self.tracker.live()
+                    self.close_window(("fwd", i))
+                self.pre[i] = self.tracker.live_bytes()
                 key = _group_key(_m, args, kwargs)
                 if key not in self.groups:
                     self.groups[key] = i
@@ -169,12 +172,12 @@ class ProfileRecorder:
             def post(_m: nn.Module, args: Any, kwargs: Any, out: Any, i: int = i) -> None:
                 if self.tracker.backward_started or is_recomputing():
                     return
-                self.post[i] = self.tracker.live()
+                self.post[i] = self.tracker.live_bytes()
                 y = _first_grad_tensor(out)
                 if y is not None:
                     y.register_hook(self._grad_hook(i))
                 if i == n - 1:
-                    self._close(("head",))
+                    self.close_window(("head",))
 
             self._handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
             self._handles.append(mod.register_forward_hook(post, with_kwargs=True))
@@ -183,8 +186,8 @@ class ProfileRecorder:
         def hook(_g: torch.Tensor) -> None:
             if i in self.event:
                 return
-            self._close(("bwd", i) if i >= 0 else ("tail",))
-            self.event[i] = self.tracker.live()
+            self.close_window(("bwd", i) if i >= 0 else ("tail",))
+            self.event[i] = self.tracker.live_bytes()
 
         return hook
 
@@ -194,27 +197,7 @@ class ProfileRecorder:
         self._handles.clear()
 
     def finish(self) -> None:
-        self._close(("end",))
-
-
-def _snapshot(model: nn.Module) -> Callable[[], None]:
-    """Remember gradients, buffers and RNG; return the function that puts them back."""
-    grads = {p: p.grad for p in model.parameters()}
-    bufs = [(b, b.detach().clone()) for b in model.buffers()]
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-
-    def restore() -> None:
-        for p, g in grads.items():
-            p.grad = g
-        with torch.no_grad():
-            for b, v in bufs:
-                b.copy_(v)
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
-
-    return restore
+        self.close_window(("end",))
 
 
 def _isolated(
@@ -227,13 +210,12 @@ def _isolated(
     device: torch.device,
 ) -> dict[str, int]:
     """Forward and backward of one block under ``decision``; bytes relative to its start level."""
-    from ..apply import _WRAPPERS
-
     base_forward = block.forward
+    wrapper = _decisions.wrapper_for(decision)
     fwd = (
         base_forward
-        if decision is Decision.SAVE
-        else _WRAPPERS[decision](name, block, base_forward, options)
+        if decision is Decision.SAVE or wrapper is None
+        else wrapper(name, block, base_forward, options)
     )
 
     leaves: list[torch.Tensor] = []
@@ -250,7 +232,7 @@ def _isolated(
     a = tuple(detach(t) for t in args)
     kw = {k: detach(v) for k, v in kwargs.items()}
     params = [p for p in block.parameters() if p.requires_grad]
-    tracker = _Tracker(device_type=device.type, use_allocator=device.type == "cuda")
+    tracker = ProfileTracker(device_type=device.type, use_allocator=device.type == "cuda")
     # Seed with what the block's forward can view (its weights, buffers and inputs) rather than
     # every live tensor: a gc scan costs ~0.5 s per run with transformers loaded.
     inputs = [t for t in tree_flatten((args, kwargs, a, kw))[0] if isinstance(t, torch.Tensor)]
@@ -264,11 +246,11 @@ def _isolated(
     with tracker:
         l0 = tracker.reset_window()
         out = fwd(*a, **kw)
-        l1 = tracker.live()
+        l1 = tracker.live_bytes()
         pf = tracker.reset_window()
         y = _first_grad_tensor(out)
         if y is None:
-            raise GradCkptError(
+            raise BlockError(
                 f"block {name!r} returns no tensor that requires grad; it cannot be profiled"
             )
         g = torch.ones_like(y)
@@ -283,6 +265,12 @@ def _isolated(
         "recompute_flops": tracker.flops["recompute"],
         "recompute_bytes": tracker.recompute_bytes,
     }
+
+
+def _reinstall(model: nn.Module, previous: Any) -> None:
+    """Put back the plan ``installed(model)`` returned before profiling (its lazy state is not kept)."""
+    if previous is not None:
+        install(model, previous.plan, resolve_blocks(model, list(previous.plan.blocks)))
 
 
 def _group_key(block: nn.Module, args: Any, kwargs: Any) -> tuple[Any, ...]:
@@ -318,8 +306,6 @@ def profile_step(
     Returns:
         A ``StepProfile``.
     """
-    from ..apply import applied_plan, disable, enable
-
     dev = device or next((p.device for p in model.parameters()), torch.device("cpu"))
     decs = list(decisions or available_decisions(dev))
     if Decision.RECOMPUTE not in decs:
@@ -327,43 +313,41 @@ def profile_step(
     opts = dict(options or {})
     names = [n for n, _ in blocks]
     mods = [m for _, m in blocks]
-    previous = applied_plan(model)
-    restore = _snapshot(model)
-    tracker = _Tracker(device_type=dev.type, use_allocator=dev.type == "cuda")
+    previous = installed(model)
+    state = ModelState(model)
+    tracker = ProfileTracker(device_type=dev.type, use_allocator=dev.type == "cuda")
     rec = ProfileRecorder(names, mods, tracker)
     try:
-        enable(
+        install(
             model,
-            plan=Plan(
-                tuple(names), (Decision.RECOMPUTE,) * len(names), policy="full", options=opts
-            ),
+            Plan(tuple(names), (Decision.RECOMPUTE,) * len(names), policy="full", options=opts),
+            blocks,
         )
         rec.install()
         stale = [p.grad for p in model.parameters() if p.grad is not None]
         for p in model.parameters():
             p.grad = None
         gc.collect()
-        tracker.seed(_live_tensors())
+        tracker.seed(live_tensors())
         # Gradients left from an earlier step are held only to be restored afterwards; a training
         # step starting from zero_grad(set_to_none=True) would not have them.
         tracker.forget(stale)
         del stale
-        tracker.window_peak = tracker.live()
+        tracker.window_peak = tracker.live_bytes()
         with tracker:
             step_fn()
         rec.finish()
         rec.remove()
-        result = _assemble(rec, model, decs, opts, dev, batch)
+        result = assemble(rec, model, decs, opts, dev, batch)
     finally:
         rec.remove()
-        disable(model)
-        restore()
-        if previous is not None:
-            enable(model, plan=previous)
+        uninstall(model)
+        state.restore()
+        _reinstall(model, previous)
     return result
 
 
-def _assemble(
+def assemble(
     rec: ProfileRecorder,
     model: nn.Module,
     decs: list[Decision],
@@ -374,7 +358,7 @@ def _assemble(
     n = len(rec.modules)
     missing = [rec.names[i] for i in range(n) if i not in rec.pre or i not in rec.post]
     if missing:
-        raise GradCkptError(
+        raise BlockError(
             f"block {missing[0]!r} did not run in the profiled step; pass blocks= that the step uses"
         )
     kept_r = [rec.post[i] - rec.pre[i] for i in range(n)]
@@ -388,23 +372,25 @@ def _assemble(
     bwd_extra_r: list[int] = []
     for i in range(n):
         if i not in rec.event:
-            raise GradCkptError(
+            raise BlockError(
                 f"block {rec.names[i]!r}'s output got no gradient in the profiled step; the planner "
                 "needs every block on the path to the loss"
             )
         bwd_base.append(rec.event[i] - prefix[i + 1])
         bwd_extra_r.append(rec.win_peak.get(("bwd", i), rec.event[i]) - rec.event[i])
     head_base = rec.win_peak.get(("head",), 0) - prefix[n]
-    tail = max(rec.win_peak.get(("tail",), 0), rec.win_peak.get(("end",), 0))
+    # after the step: block 0's backward to the next forward, and the optimizer step's own
+    # windows when the lazy profile saw it after accumulated micro-steps (planner/lazy.py)
+    tail = max(
+        rec.win_peak.get(k, 0) for k in [("tail",), ("end",), ("optimizer",), ("after optimizer",)]
+    )
 
     # isolated runs: one block per kind, every decision; deltas applied to the in-model numbers
     flops_s, bytes_s = device_model(dev)
     rep = rec.rep
     iso: dict[tuple[int, Decision], dict[str, int]] = {}
-    from ..apply import applied_plan, disable, enable
-
-    previous = applied_plan(model)
-    disable(model)  # the isolated runs wrap each block's own forward
+    previous = installed(model)
+    uninstall(model)  # the isolated runs wrap each block's own forward
     try:
         for i in sorted(set(rep.values())):
             args, kwargs = rec.captured[i]
@@ -412,8 +398,7 @@ def _assemble(
                 iso[(i, d)] = _isolated(rec.names[i], rec.modules[i], d, args, kwargs, opts, dev)
     finally:
         rec.captured.clear()
-        if previous is not None:
-            enable(model, plan=previous)
+        _reinstall(model, previous)
 
     def cost(flops: int, moved: int) -> int:
         return int(1e9 * (flops / flops_s + moved / bytes_s))
@@ -451,9 +436,4 @@ def _assemble(
         bytes_per_s=bytes_s,
         device=str(dev),
     )
-    if batch:
-        from .solve import min_peak
-
-        lean = min_peak(prof).peak
-        object.__setattr__(prof, "per_sample_bytes", max(1, (lean - fixed) // batch))
     return prof

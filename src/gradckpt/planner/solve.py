@@ -9,11 +9,11 @@ keeps the search exact and small (identical blocks give few distinct byte sums).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import BudgetError
-from ..plan import Decision
+from ..plans import Decision, Plan
 from .model import StepProfile, predict_cost, predict_peak
 
 __all__ = ["Solution", "min_peak", "solve"]
@@ -178,28 +178,17 @@ def _infeasible_message(profile: StepProfile, budget: int) -> str:
     )
 
 
-def brute_force(profile: StepProfile, budget: int) -> Solution | None:
-    """Enumerate every plan (tests only; exponential in the block count)."""
-    import itertools
-
-    best: tuple[tuple[int, int, tuple[int, ...]], Solution] | None = None
-    for decs in itertools.product(*[sorted(o, key=_ORDER.__getitem__) for o in profile.options]):
-        peak = predict_peak(profile, decs)
-        if peak > budget:
-            continue
-        cost = predict_cost(profile, decs)
-        k = _key(cost, tuple(decs))
-        if best is None or k < best[0]:
-            best = (k, Solution(tuple(decs), peak, cost))
-    return None if best is None else best[1]
-
-
-def frontier(profile: StepProfile, budgets: Sequence[int]) -> list[Solution | None]:
-    """``solve`` at each budget, None where nothing fits."""
-    out: list[Solution | None] = []
-    for b in budgets:
-        try:
-            out.append(solve(profile, b))
-        except BudgetError:
-            out.append(None)
-    return out
+def auto_plan(profile: StepProfile, budget: int, options: dict[str, Any] | None = None) -> Plan:
+    """Solve ``profile`` for ``budget`` bytes and wrap the result as a Plan named ``auto``."""
+    sol = solve(profile, budget)
+    return Plan(
+        profile.blocks,
+        sol.decisions,
+        policy="auto",
+        options=dict(options or {}),
+        notes={
+            "budget_bytes": budget,
+            "predicted_peak_bytes": sol.peak,
+            "predicted_extra_time_s": sol.cost / 1e9,
+        },
+    )

@@ -1,344 +1,47 @@
-"""Run the real model code on fake tensors and record a memory/FLOP timeline of one training step.
+"""A Hugging Face model on fake tensors, set up for training, and one recorded step of it.
 
-The model is a Hugging Face ``transformers`` class built from its config on the meta device,
-set up for training (LoRA via peft, NF4 for QLoRA) and moved to ``FakeTensorMode``: parameters
-and activations have shapes, dtypes and storages but no data, so a 70B model costs no memory.
-One forward+backward runs under a dispatch mode that tracks live storage bytes the way
-``gradckpt.measure`` does (every storage from the op that creates it until Python frees it;
-the model's own tensors are the baseline), and also cuts the step into intervals at block
-boundaries (forward of block i, backward of block i), keeping for each interval its peak, the
-composition of live bytes at that peak (activations kept from forward, logits/loss, gradients,
-backward temporaries) and the FLOPs and bytes of every op.
-
-Blocks of a decoder are identical, so the timeline of an L-block model is the timeline of a
-few-block model with its middle blocks repeated. ``estimate`` therefore runs the first period of
-blocks, one more period (one block each for ``none``/``full``, K for ``every:K``) and the last
-block, and replays the second period to reach L blocks; the result equals a full-depth run byte
-for byte (checked in tests). Plans that are not periodic (``sqrt`` segments, planner plans)
-run at full depth.
+The model is a ``transformers`` class built from its config on the meta device, set up for
+training (LoRA via peft, NF4 for QLoRA) and moved to ``FakeTensorMode``: parameters and
+activations have shapes, dtypes and storages but no data, so a 70B model costs no memory.
+``FakeSession.run`` installs a plan and runs one forward+backward under ``TimelineTracker``
+(see ``timeline``); sessions are cached, since batch and sequence length do not change the model.
 """
 
 from __future__ import annotations
 
 import copy
-import re
+import json
 import sys
 import warnings
-import weakref
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_flatten
 
-from ..checkpoint import is_recomputing
-from ..errors import ConfigError, GradCkptError
-from ..measure import count_flops
-from ..plan import Decision, Plan
-from .setup import TrainingSetup, apply_method, optimizer_state_bytes
+from ..blocks import find_blocks
+from ..errors import BlockError, ConfigError
+from ..plans import Plan
+from ..state import is_recomputing
+from .presets import hf_transformers
+from .timeline import GRAD, HEAD, Timeline, TimelineTracker
+from .totals import TensorTotals, replayed_totals, tensor_totals
+from .training import TrainingSetup, apply_method
 
 __all__ = [
     "FakeSession",
-    "StepProfile",
-    "Timeline",
-    "block_names_at_depth",
-    "clear_cache",
     "get_session",
     "keep_only",
     "layer_types",
     "layers_differ_by_index",
+    "max_positions",
     "model_totals",
     "num_layers",
-    "period_of",
-    "reduced_layout",
-    "replay",
-    "tensor_totals",
+    "per_layer_lists",
 ]
-
-# Live-bytes categories of the step. Storages alive before the step (weights, inputs) are the
-# baseline and carry no tag.
-ACT, HEAD, BWD, GRAD = 0, 1, 2, 3
-TAGS = ("activations", "logits_loss", "backward_transient", "gradients")
-_ZERO = (0, 0, 0, 0)
-
-
-def _add(a: Sequence[int], b: Sequence[int]) -> tuple[int, int, int, int]:
-    return (a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3])
-
-
-def _sub(a: Sequence[int], b: Sequence[int]) -> tuple[int, int, int, int]:
-    return (a[0] - b[0], a[1] - b[1], a[2] - b[2], a[3] - b[3])
-
-
-# -- the timeline ---------------------------------------------------------------------------
-
-
-@dataclass
-class Interval:
-    """One stretch of the step between two marks, relative to the live bytes at its start.
-
-    ``at_max``: tag vector (see ``TAGS``) at the moment live bytes peaked within the interval,
-    minus the vector at its start; ``at_end``: the same at its end. ``costs`` counts ops by
-    ``(phase, flops, bytes)``.
-    """
-
-    label: str
-    at_max: tuple[int, int, int, int] = _ZERO
-    at_end: tuple[int, int, int, int] = _ZERO
-    costs: Counter[tuple[str, int, int]] = field(default_factory=Counter)
-    #: bytes freed in this interval (by tag) of storages created in an earlier interval, by
-    #: that interval's label: up to the peak moment, and in all. The replay needs them for the
-    #: ``exit`` interval, which frees what every block made: autocast's weight-cast cache.
-    freed_at_max: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
-    freed_at_end: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
-
-
-@dataclass
-class Timeline:
-    """The step as intervals: ``pre``, ``f0..f{n-1}``, ``head``, ``exit``, ``bhead``, ``b{n-1}..b0``, ``post``."""
-
-    intervals: list[Interval]
-    n_blocks: int
-
-    def by_label(self) -> dict[str, Interval]:
-        return {iv.label: iv for iv in self.intervals}
-
-
-@dataclass
-class StepProfile:
-    """What one policy costs for one training step, replayed at full depth.
-
-    Bytes are relative to the weights (baseline): ``peak`` is the most bytes the step adds,
-    ``peak_parts`` their composition at that moment (by ``TAGS``), ``activation`` the bytes
-    held for backward when backward starts (``activation_parts`` split by ``TAGS``).
-    ``costs`` counts ops by ``(phase, flops, bytes)`` over the whole step.
-    """
-
-    peak: int
-    peak_parts: tuple[int, int, int, int]
-    peak_phase: str
-    activation: int
-    activation_parts: tuple[int, int, int, int]
-    costs: Counter[tuple[str, int, int]]
-
-    def flops(self, phase: str) -> int:
-        return sum(f * n for (ph, f, _b), n in self.costs.items() if ph == phase)
-
-    def nbytes(self, phase: str) -> int:
-        return sum(b * n for (ph, _f, b), n in self.costs.items() if ph == phase)
-
-
-def replay(timeline: Timeline, order: Sequence[int]) -> StepProfile:
-    """Replay ``timeline`` with its blocks in ``order`` (block index of the small run per real block).
-
-    Example: a 3-block run replayed as a 32-block model is ``order = [0] + [1] * 30 + [2]``.
-    """
-    ivs = timeline.by_label()
-    seq: list[Interval] = [ivs["pre"], *(ivs[f"f{k}"] for k in order), ivs["head"], ivs["exit"]]
-    seq.append(ivs["bhead"])
-    seq += [ivs[f"b{k}"] for k in reversed(order)]
-    if "post" in ivs:
-        seq.append(ivs["post"])
-    copies = Counter(iv.label for iv in seq)
-
-    def extra(freed: dict[str, tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
-        # Leaving autocast frees the cast cache: the casts of every copy of a replayed block.
-        out: tuple[int, int, int, int] = _ZERO
-        for origin, vec in freed.items():
-            k = copies.get(origin, 1) - 1
-            if k > 0:
-                out = _add(out, [k * x for x in vec])
-        return out
-
-    v: tuple[int, int, int, int] = _ZERO
-    best, best_label = _ZERO, "pre"
-    act = _ZERO
-    costs: Counter[tuple[str, int, int]] = Counter()
-    for iv in seq:
-        at_max, at_end = iv.at_max, iv.at_end
-        if iv.label == "exit":
-            at_max = _sub(at_max, extra(iv.freed_at_max))
-            at_end = _sub(at_end, extra(iv.freed_at_end))
-        cand = _add(v, at_max)
-        if sum(cand) > sum(best):
-            best, best_label = cand, iv.label
-        v = _add(v, at_end)
-        if iv.label == "exit":
-            act = v
-        costs.update(iv.costs)
-    forward = ("pre", "head", "exit")
-    phase = "forward" if best_label in forward or best_label.startswith("f") else "backward"
-    return StepProfile(
-        peak=sum(best),
-        peak_parts=best,
-        peak_phase=phase,
-        activation=sum(act),
-        activation_parts=act,
-        costs=costs,
-    )
-
-
-# -- the tracker ----------------------------------------------------------------------------
-
-_VIEW_CACHE: dict[Any, bool] = {}
-
-
-def _is_view_op(func: Any) -> bool:
-    """True for ops whose outputs alias an input without writing it (view, t, expand...)."""
-    v = _VIEW_CACHE.get(func)
-    if v is None:
-        try:
-            rets = func._schema.returns
-            v = bool(rets) and all(
-                r.alias_info is not None and not r.alias_info.is_write for r in rets
-            )
-        except AttributeError:
-            v = False
-        _VIEW_CACHE[func] = v
-    return v
-
-
-def _elems(t: torch.Tensor) -> int:
-    """Distinct elements a kernel touches: broadcast (stride-0) dimensions count once."""
-    n = 1
-    for s, st in zip(t.shape, t.stride()):
-        if st != 0:
-            n *= s
-    return n
-
-
-def _storage(t: torch.Tensor) -> torch.UntypedStorage | None:
-    try:
-        return t.untyped_storage()
-    except (RuntimeError, NotImplementedError):
-        return None
-
-
-class TimelineTracker(TorchDispatchMode):
-    """Track live storage bytes by category and cut the step into intervals at ``mark`` calls.
-
-    Storages are counted from the op that creates them until Python frees them (weakref), as in
-    ``gradckpt.measure``; storages alive before the step are seeded as the baseline.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        # storage key -> (bytes, tag, interval it was created in); tag -1 = baseline
-        self._live: dict[int, tuple[int, int, int]] = {}
-        self._refs: dict[int, weakref.ref[Any]] = {}
-        self.vec = [0, 0, 0, 0]
-        self.tag = ACT
-        self._start: tuple[int, int, int, int] = _ZERO
-        self._max: tuple[int, int, int, int] = _ZERO
-        self._max_total = 0
-        self._costs: Counter[tuple[str, int, int]] = Counter()
-        self._freed: dict[int, list[int]] = {}  # origin interval -> bytes freed, by tag
-        self._freed_max: dict[int, tuple[int, int, int, int]] = {}
-        self.intervals: list[Interval] = []
-
-    # storages -------------------------------------------------------------------------------
-    def _free(self, key: int) -> None:
-        info = self._live.pop(key, None)
-        self._refs.pop(key, None)
-        if info is not None and info[1] >= 0:
-            n, tag, origin = info
-            self.vec[tag] -= n
-            if origin != len(self.intervals):
-                self._freed.setdefault(origin, [0, 0, 0, 0])[tag] += n
-
-    def _track(self, t: torch.Tensor, tag: int) -> None:
-        st = _storage(t)
-        if st is None:
-            return
-        key = id(st)
-        if key in self._live:
-            return
-
-        def on_free(_r: Any, k: int = key) -> None:
-            self._free(k)
-
-        try:
-            self._refs[key] = weakref.ref(st, on_free)
-        except TypeError:
-            return
-        n = int(st.nbytes())
-        self._live[key] = (n, tag, len(self.intervals))
-        if tag >= 0:
-            self.vec[tag] += n
-            total = self.vec[0] + self.vec[1] + self.vec[2] + self.vec[3]
-            if total > self._max_total:
-                self._max_total = total
-                self._max = (self.vec[0], self.vec[1], self.vec[2], self.vec[3])
-                if self._freed:
-                    self._freed_max = {o: (v[0], v[1], v[2], v[3]) for o, v in self._freed.items()}
-
-    def seed(self, tensors: Sequence[torch.Tensor]) -> None:
-        for t in tensors:
-            self._track(t, -1)
-
-    def retag(self, t: torch.Tensor, tag: int) -> None:
-        """Move a tracked storage to another category (a new gradient becomes ``GRAD``)."""
-        st = _storage(t)
-        if st is None:
-            return
-        info = self._live.get(id(st))
-        if info is None or info[1] < 0 or info[1] == tag:
-            return
-        n, old, origin = info
-        self._live[id(st)] = (n, tag, origin)
-        self.vec[old] -= n
-        self.vec[tag] += n
-
-    # intervals ------------------------------------------------------------------------------
-    def _vec(self) -> tuple[int, int, int, int]:
-        return (self.vec[0], self.vec[1], self.vec[2], self.vec[3])
-
-    def mark(self, label: str) -> None:
-        """Close the current interval, naming it ``label``, and open the next one."""
-        now = self._vec()
-        peak_inside = self._max_total >= sum(now)
-        peak = self._max if peak_inside else now
-        names = [iv.label for iv in self.intervals]
-
-        def by_label(freed: Any) -> dict[str, tuple[int, int, int, int]]:
-            return {names[o]: (v[0], v[1], v[2], v[3]) for o, v in freed.items() if o < len(names)}
-
-        iv = Interval(label, _sub(peak, self._start), _sub(now, self._start), self._costs)
-        iv.freed_at_end = by_label(self._freed)
-        iv.freed_at_max = by_label(self._freed_max if peak_inside else self._freed)
-        self.intervals.append(iv)
-        self._start = now
-        self._max = now
-        self._max_total = sum(now)
-        self._costs = Counter()
-        self._freed = {}
-        self._freed_max = {}
-
-    # dispatch -------------------------------------------------------------------------------
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if _is_view_op(func):
-            return out
-        in_bwd = torch._C._current_graph_task_id() != -1
-        phase = "recompute" if is_recomputing() else ("backward" if in_bwd else "forward")
-        tag = BWD if in_bwd else self.tag
-        nbytes = 0
-        for a in tree_flatten((args, kwargs))[0]:
-            if isinstance(a, torch.Tensor):
-                nbytes += _elems(a) * a.element_size()
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                nbytes += _elems(t) * t.element_size()
-                self._track(t, tag)
-        flops = count_flops(func, args, kwargs, out)
-        self._costs[(phase, flops, nbytes)] += 1
-        return out
 
 
 # -- building the model ---------------------------------------------------------------------
@@ -353,17 +56,6 @@ _MASKED = (
     "deberta",
     "deberta-v2",
 )
-
-
-def _transformers() -> Any:
-    try:
-        import transformers
-    except ImportError as e:  # pragma: no cover - exercised only without the hf extra
-        raise ConfigError(
-            "estimating a model needs Hugging Face transformers: pip install 'gradckpt[hf]'"
-        ) from e
-    transformers.logging.set_verbosity_error()
-    return transformers
 
 
 def _layer_count_key(cfg: Any) -> str:
@@ -400,7 +92,7 @@ def layers_differ_by_index(cfg: Any) -> bool:
     return cfg.model_type == "gemma2" or getattr(cfg, "sliding_window_pattern", None) is not None
 
 
-def _per_layer_lists(cfg: Any) -> list[str]:
+def per_layer_lists(cfg: Any) -> list[str]:
     """Config fields other than ``layer_types`` holding one value per layer (block roles unknown)."""
     n = num_layers(cfg)
     out = []
@@ -508,75 +200,6 @@ def _small_config(cfg: Any, n: int, types: list[Any] | None) -> Any:
     return small
 
 
-def _logical_numel(mod: nn.Module, p: torch.Tensor, name: str) -> int:
-    from .nf4 import NF4Linear
-
-    if isinstance(mod, NF4Linear) and name == "weight":
-        return mod.in_features * mod.out_features
-    return p.numel()
-
-
-@dataclass
-class TensorTotals:
-    """Bytes and counts of a set of modules' tensors (shared storages counted once)."""
-
-    weight_bytes: int = 0
-    params: int = 0
-    trainable: int = 0
-    grad_bytes: int = 0
-    optimizer_bytes: int = 0
-    trainable_tensors: list[torch.Tensor] = field(default_factory=list)
-
-    def __add__(self, o: TensorTotals) -> TensorTotals:
-        return TensorTotals(
-            self.weight_bytes + o.weight_bytes,
-            self.params + o.params,
-            self.trainable + o.trainable,
-            self.grad_bytes + o.grad_bytes,
-            self.optimizer_bytes + o.optimizer_bytes,
-        )
-
-    def __sub__(self, o: TensorTotals) -> TensorTotals:
-        return TensorTotals(
-            self.weight_bytes - o.weight_bytes,
-            self.params - o.params,
-            self.trainable - o.trainable,
-            self.grad_bytes - o.grad_bytes,
-            self.optimizer_bytes - o.optimizer_bytes,
-        )
-
-
-def tensor_totals(module: nn.Module, optimizer: str) -> TensorTotals:
-    """Weights (parameters + buffers), trainable parameters, gradient and optimizer bytes."""
-    seen: set[int] = set()
-    tot = TensorTotals()
-    trainable: list[torch.Tensor] = []
-    for mod in module.modules():
-        for name, p in mod.named_parameters(recurse=False):
-            st = _storage(p)
-            key = id(st) if st is not None else id(p)
-            if key in seen:
-                continue
-            seen.add(key)
-            tot.weight_bytes += p.numel() * p.element_size()
-            n = _logical_numel(mod, p, name)
-            tot.params += n
-            if p.requires_grad:
-                tot.trainable += n
-                tot.grad_bytes += p.numel() * p.element_size()
-                trainable.append(p)
-        for b in mod.buffers(recurse=False):
-            st = _storage(b)
-            key = id(st) if st is not None else id(b)
-            if key in seen:
-                continue
-            seen.add(key)
-            tot.weight_bytes += b.numel() * b.element_size()
-    tot.optimizer_bytes = optimizer_state_bytes(trainable, optimizer)
-    tot.trainable_tensors = trainable
-    return tot
-
-
 def _hidden_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
     for a in args:
         if isinstance(a, torch.Tensor) and a.is_floating_point():
@@ -605,11 +228,7 @@ class FakeSession:
     def __init__(
         self, cfg: Any, setup: TrainingSetup, n_layers: int, types: list[Any] | None
     ) -> None:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        from ..blocks import find_blocks
-
-        t = _transformers()
+        t = hf_transformers()
         self.setup = setup
         self.mode = FakeTensorMode(allow_non_fake_inputs=False)
         small = _small_config(cfg, n_layers, types)
@@ -632,10 +251,9 @@ class FakeSession:
         _to_fake(model, self.mode)
         self.model: nn.Module = model
         self.vocab = int(small.vocab_size)
-        self.max_positions = _max_positions(small)
         self.blocks = find_blocks(model)
         if len(self.blocks) != n_layers:
-            raise GradCkptError(
+            raise BlockError(
                 f"found {len(self.blocks)} blocks in a {n_layers}-layer {cls.__name__}; "
                 "this model's blocks are not its layers, cannot estimate it"
             )
@@ -652,7 +270,7 @@ class FakeSession:
         self, plan: Plan, batch: int, seq: int, *, grad_accum: int = 1, seed: int = 0
     ) -> Timeline:
         """Run one forward+backward with ``plan`` installed and return its timeline."""
-        from ..apply import disable, enable
+        from ..enable import disable, enable
 
         model, mode, setup = self.model, self.mode, self.setup
         with mode:
@@ -844,69 +462,13 @@ def _no_padding_checks(model: nn.Module) -> Iterator[None]:
             setattr(ns, mask_fn, orig)
 
 
-def _max_positions(cfg: Any) -> int | None:
+def max_positions(cfg: Any) -> int | None:
+    """The longest sequence the config states (``max_position_embeddings``/``n_positions``), if any."""
     for key in ("max_position_embeddings", "n_positions"):
         v = getattr(cfg, key, None)
         if isinstance(v, int) and v > 0:
             return v
     return None
-
-
-# -- periodic plans -------------------------------------------------------------------------
-
-_BLOCK_NAME = re.compile(r"^(.*?)(\d+)$")
-MAX_PERIOD = 6
-
-
-def block_names_at_depth(small_names: Sequence[str], depth: int) -> list[str] | None:
-    """Names of the blocks of the ``depth``-layer model, from those of a smaller build."""
-    prefixes = set()
-    for i, name in enumerate(small_names):
-        m = _BLOCK_NAME.match(name)
-        if not m or int(m.group(2)) != i:
-            return None
-        prefixes.add(m.group(1))
-    if len(prefixes) != 1:
-        return None
-    prefix = prefixes.pop()
-    return [f"{prefix}{i}" for i in range(depth)]
-
-
-def period_of(plan: Plan, types: list[Any] | None) -> int | None:
-    """Smallest P such that blocks P..L-2 repeat with period P (decisions and layer types).
-
-    None when the plan has segments or no period up to ``MAX_PERIOD`` (run at full depth).
-    """
-    if plan.segments:
-        return None
-    L = len(plan)
-    keys = [(d, None if types is None else types[i]) for i, d in enumerate(plan.decisions)]
-    for p in range(1, MAX_PERIOD + 1):
-        if all(keys[i] == keys[p + (i - p) % p] for i in range(p, L - 1)):
-            return p
-    return None
-
-
-def reduced_layout(
-    plan: Plan, types: list[Any] | None
-) -> tuple[list[int], list[Decision], list[Any] | None] | None:
-    """How to run ``plan`` on a small model: ``(order, small decisions, small layer types)``.
-
-    The small model has ``2P + 1`` blocks: the first period as is, one period of middle blocks
-    (replayed), and the last block. The first period stays un-replayed because tensors shared
-    by all blocks of a kind (the rotary tables, each layer type's mask) are freed in the
-    backward of the first block that uses them. ``order[i]`` is the small-model block standing
-    in for block i. None: run at full depth.
-    """
-    L = len(plan)
-    p = period_of(plan, types)
-    if p is None or 2 * p + 1 >= L:
-        return None
-    idx = [*range(2 * p), L - 1]
-    order = [*range(p)] + [p + (i - p) % p for i in range(p, L - 1)] + [2 * p]
-    decisions = [plan.decisions[i] for i in idx]
-    small_types = None if types is None else [types[i] for i in idx]
-    return order, decisions, small_types
 
 
 # -- session cache --------------------------------------------------------------------------
@@ -916,8 +478,6 @@ _CACHE_SIZE = 4
 
 
 def _cache_key(cfg: Any, setup: TrainingSetup, n: int, types: list[Any] | None) -> Any:
-    import json
-
     # batch, sequence, accumulation and optimizer do not change the model: one build serves all
     setup_key = setup.with_(batch=1, seq=1, grad_accum=1, optimizer="sgd").to_dict()
     return (
@@ -956,16 +516,10 @@ def model_totals(cfg: Any, setup: TrainingSetup) -> TensorTotals:
         idx, order = list(range(L)), list(range(L))
     sess = get_session(cfg, setup, len(idx), None if types is None else [types[i] for i in idx])
     whole, per_block = sess.totals(setup.optimizer)
-    outside = whole - sum(per_block[1:], per_block[0])
-    return sum((per_block[k] for k in order[1:]), outside + per_block[order[0]])
+    return replayed_totals(whole, per_block, order)
 
 
 def keep_only(session: FakeSession) -> None:
     """Forget every cached fake model but ``session``."""
     for key in [k for k, v in _CACHE.items() if v is not session]:
         del _CACHE[key]
-
-
-def clear_cache() -> None:
-    """Forget the fake models kept between calls."""
-    _CACHE.clear()

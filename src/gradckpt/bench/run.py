@@ -5,20 +5,28 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .apply import disable, enable
-from .errors import ConfigError, GradCkptError
-from .measure import MemoryStats, measure
+from ..enable import disable, enable
+from ..errors import ConfigError, GradCkptError
+from ..measure import MemoryStats, measure
+from ..plans import Plan
+from ..policies import make_plan, policy_names
 from .models import BenchModel, build_bench_model, make_batch
-from .plan import Plan
-from .policies import make_plan, policy_names
 
-__all__ = ["BenchReport", "PolicyResult", "default_policies", "run_bench"]
+__all__ = [
+    "BenchReport",
+    "PolicyResult",
+    "StepTimes",
+    "default_policies",
+    "machine_info",
+    "run_bench",
+    "time_interleaved",
+]
 
 
 def default_policies() -> list[str]:
@@ -129,9 +137,84 @@ def _step(bm: BenchModel, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
     return step
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+@dataclass(frozen=True, slots=True)
+class StepTimes:
+    """Seconds of each timed step per configuration, in round order (warmup rounds left out).
+
+    Attributes:
+        wall: label -> wall-clock seconds per step (synchronized on CUDA).
+        cpu: label -> process CPU seconds per step (every thread of this process).
+    """
+
+    wall: dict[str, list[float]]
+    cpu: dict[str, list[float]]
+
+    def ratios(self, label: str, reference: str = "none", clock: str = "wall") -> list[float]:
+        """Per round, ``label``'s step time over ``reference``'s in the same round."""
+        times = self.wall if clock == "wall" else self.cpu
+        return [t / b for t, b in zip(times[label], times[reference])]
+
+
+def time_interleaved(
+    steps: Mapping[str, Callable[[], object]],
+    *,
+    repeats: int,
+    warmup: int = 0,
+    prepare: Callable[[str], object] | None = None,
+    device: torch.device | str | None = None,
+    progress: Callable[[int, str], None] | None = None,
+) -> StepTimes:
+    """Time each step once per round for ``warmup + repeats`` rounds, the order rotated each round.
+
+    Round ``r`` starts at step ``r % len(steps)``, so every configuration runs in every position
+    and a slow phase of a shared machine falls on all of them; the ratio of two configurations'
+    times in the same round (``StepTimes.ratios``) cancels most of that drift. Used by
+    ``run_bench`` and by ``benchmarks/peers``.
+
+    Args:
+        steps: label -> one training step (the timed part), in the order of the first round.
+        repeats: timed rounds (>= 1), after ``warmup`` untimed ones (>= 0).
+        prepare: called with the label before each step, untimed (e.g. install its plan).
+        device: a CUDA device is synchronized before the clock starts and before it stops.
+        progress: called with (round index counting warmup rounds, label) before each step.
+
+    Returns:
+        ``StepTimes`` with ``repeats`` wall-clock and CPU times per label.
+
+    Example:
+        >>> t = time_interleaved({"none": step_a, "full": step_b}, repeats=5)
+        >>> statistics.median(t.ratios("full")) - 1   # full's speed cost
+    """
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ConfigError(f"repeats must be an integer >= 1, got {repeats!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ConfigError(f"warmup must be an integer >= 0, got {warmup!r}")
+    if not steps:
+        raise ConfigError("nothing to time: give at least one step")
+    dev = torch.device(device) if device is not None else None
+
+    def sync() -> None:
+        if dev is not None and dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    order = list(steps.items())
+    wall: dict[str, list[float]] = {label: [] for label, _ in order}
+    cpu: dict[str, list[float]] = {label: [] for label, _ in order}
+    for r in range(warmup + repeats):
+        k = r % len(order)
+        for label, step in order[k:] + order[:k]:
+            if progress is not None:
+                progress(r, label)
+            if prepare is not None:
+                prepare(label)
+            sync()
+            t0, c0 = time.perf_counter(), time.process_time()
+            step()
+            sync()
+            if r >= warmup:
+                wall[label].append(time.perf_counter() - t0)
+                cpu[label].append(time.process_time() - c0)
+    return StepTimes(wall=wall, cpu=cpu)
 
 
 def run_bench(
@@ -187,6 +270,13 @@ def run_bench(
     if "none" not in names:
         names.insert(0, "none")
     names = list(dict.fromkeys(names))
+    labels = [*names, *(lbl for lbl, _ in plans), *(f"auto@{b}" for b in budgets)]
+    twice = sorted({lbl for lbl in labels if labels.count(lbl) > 1})
+    if twice:
+        raise ConfigError(
+            f"two configurations are labelled {twice[0]!r}: give each plan and budget once, "
+            "with a label no policy has"
+        )
     try:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except (RuntimeError, TypeError):
@@ -208,7 +298,6 @@ def run_bench(
     configs = [(n, by_policy(n)) for n in names] + [(lbl, by_plan(p)) for lbl, p in plans]
 
     mem: dict[str, tuple[Plan, MemoryStats]] = {}
-    skipped: list[dict[str, Any]] = []
     try:
         for label, apply in configs:
             if progress:
@@ -217,22 +306,25 @@ def run_bench(
             step()  # first step allocates lazily-created state (e.g. autocast caches) outside the count
             bm.model.zero_grad(set_to_none=True)
             mem[label] = (plan, measure(step, model=bm.model, device=dev))
-        skipped.extend(_budget_configs(bm, data, budgets, mem, configs, progress, dev))
-        times: dict[str, list[float]] = {label: [] for label, _ in configs}
-        for r in range(warmup + repeats):
-            k = r % len(configs)
-            for label, apply in configs[k:] + configs[:k]:
-                if progress:
-                    progress(
-                        f"time {label} ({'warmup' if r < warmup else f'round {r - warmup + 1}'})"
-                    )
-                apply()
-                _sync()
-                t0 = time.perf_counter()
-                step()
-                _sync()
-                if r >= warmup:
-                    times[label].append(time.perf_counter() - t0)
+        extra, extra_mem, skipped = _budget_configs(
+            bm, data, budgets, mem["none"][1].peak_bytes, progress, dev
+        )
+        configs += extra
+        mem.update(extra_mem)
+        applies = dict(configs)
+
+        def announce(r: int, label: str) -> None:
+            if progress:
+                progress(f"time {label} ({'warmup' if r < warmup else f'round {r - warmup + 1}'})")
+
+        times = time_interleaved(
+            dict.fromkeys(applies, step),
+            repeats=repeats,
+            warmup=warmup,
+            prepare=lambda label: applies[label](),
+            device=dev,
+            progress=announce,
+        )
     except GradCkptError:
         raise
     finally:
@@ -240,11 +332,10 @@ def run_bench(
         bm.model.zero_grad(set_to_none=True)
 
     _, base = mem["none"]
-    base_times = times["none"]
     results = []
     for label, _ in configs:
         plan, st = mem[label]
-        ratios = [t / b for t, b in zip(times[label], base_times)]
+        ratios = times.ratios(label)
         results.append(
             PolicyResult(
                 policy=label,
@@ -255,12 +346,12 @@ def run_bench(
                 saving=1.0 - st.activation_bytes / base.activation_bytes
                 if base.activation_bytes
                 else 0.0,
-                time_s=statistics.median(times[label]),
+                time_s=statistics.median(times.wall[label]),
                 speed_cost=statistics.median(ratios) - 1.0,
                 extra_flops=st.total_flops - base.total_flops,
                 recompute_flops=st.recompute_flops,
                 total_flops=st.total_flops,
-                times_s=times[label],
+                times_s=times.wall[label],
                 stats={**st.to_dict(), **{k: v for k, v in plan.notes.items() if k != "pending"}},
             )
         )
@@ -282,19 +373,29 @@ def _budget_configs(
     bm: BenchModel,
     data: dict[str, torch.Tensor],
     budgets: Sequence[str | int],
-    mem: dict[str, tuple[Plan, MemoryStats]],
-    configs: list[tuple[str, Callable[[], Plan]]],
+    reference: int,
     progress: Callable[[str], None] | None,
     dev: torch.device,
-) -> list[dict[str, Any]]:
-    """Profile once, solve each budget, measure its plan; returns the budgets nothing fits."""
-    if not budgets:
-        return []
-    from .blocks import find_blocks
-    from .errors import BudgetError
-    from .planner.api import auto_plan, profile_model, resolve_budget
+) -> tuple[
+    list[tuple[str, Callable[[], Plan]]], dict[str, tuple[Plan, MemoryStats]], list[dict[str, Any]]
+]:
+    """Profile once, solve each budget, measure its plan.
 
-    reference = mem["none"][1].peak_bytes
+    Args:
+        reference: ``none``'s measured peak, what percentage budgets are of.
+
+    Returns:
+        (a ``(label, install)`` pair per budget that has a plan, their plans and measurements
+        by label, the budgets nothing fits).
+    """
+    configs: list[tuple[str, Callable[[], Plan]]] = []
+    mem: dict[str, tuple[Plan, MemoryStats]] = {}
+    if not budgets:
+        return configs, mem, []
+    from ..blocks import find_blocks
+    from ..errors import BudgetError
+    from ..planner.api import auto_plan, profile_model, resolve_budget
+
     sizes = [(str(b), resolve_budget(b, reference=reference)) for b in budgets]
     if progress:
         progress("profile for budgets")
@@ -320,4 +421,4 @@ def _budget_configs(
             return enable(bm.model, plan=plan)
 
         configs.append((label, apply))
-    return skipped
+    return configs, mem, skipped

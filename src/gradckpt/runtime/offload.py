@@ -43,13 +43,12 @@ import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .apply import register_decision, run_checkpointed
+from ..errors import PolicyError
+from ..plans import Decision, Plan
+from ..state import host_empty_strided
+from ..units import parse_size
 from .checkpoint import stateful_modules
-from .errors import GradCkptError, PolicyError
-from .measure import host_empty_strided
-from .plan import Decision, Plan
-from .policies import register_policy
-from .units import parse_bytes
+from .decisions import early_stop_option, run_checkpointed
 
 __all__ = [
     "DEFAULT_MIN_BYTES",
@@ -76,8 +75,8 @@ def _min_bytes(value: Any) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value == 0:
         return 0
     try:
-        return parse_bytes(value, what="offload_min_bytes")
-    except GradCkptError as e:
+        return parse_size(value, what="offload_min_bytes")
+    except ValueError as e:
         raise PolicyError(str(e)) from None
 
 
@@ -108,13 +107,15 @@ def offload_options(options: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-@register_policy(
-    "offload",
+#: The ``offload`` policy's help line and options (registered by ``runtime.builtin``).
+POLICY_HELP = (
     "recompute every block and keep its input in pinned host memory, fetched back one block "
-    "ahead (same as full on a CPU-only run); offload_min_bytes=",
-    options=("offload_min_bytes",),
+    "ahead (same as full on a CPU-only run); offload_min_bytes="
 )
-def _offload_policy(names: Any, arg: str | None, options: dict[str, Any]) -> Plan:
+POLICY_OPTIONS = ("offload_min_bytes",)
+
+
+def offload_policy(names: Any, arg: str | None, options: dict[str, Any]) -> Plan:
     opts = {}
     if "offload_min_bytes" in options:
         opts["offload_min_bytes"] = _min_bytes(options["offload_min_bytes"])
@@ -468,12 +469,12 @@ def _option_min_bytes(options: Mapping[str, Any]) -> int:
     return DEFAULT_MIN_BYTES if value is None else _min_bytes(value)
 
 
-@register_decision(Decision.OFFLOAD)
-def _offload_block(
+def offload_block(
     name: str, block: nn.Module, forward: Callable[..., Any], options: Mapping[str, Any]
 ) -> Callable[..., Any]:
     stateful = stateful_modules([block])
     min_bytes = _option_min_bytes(options)
+    early = early_stop_option(options)
 
     def offloaded_forward(*args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():
@@ -482,15 +483,21 @@ def _offload_block(
         copier = copier_for(device)
         if copier is None:
             if device.type != "cpu":  # fake or meta tensors (estimates): nothing to move
-                return run_checkpointed(forward, args, kwargs, stateful=stateful, name=name)
+                return run_checkpointed(
+                    forward, args, kwargs, stateful=stateful, name=name, early_stop=early
+                )
             _note_once(
                 "offload",
                 "gradckpt: OFFLOAD on a CPU-only run: block inputs already live in host memory, "
                 "so they stay where they are and the blocks are recomputed (same as RECOMPUTE)",
             )
-            return run_checkpointed(forward, args, kwargs, stateful=stateful, name=name)
+            return run_checkpointed(
+                forward, args, kwargs, stateful=stateful, name=name, early_stop=early
+            )
         with _Group().hooks(copier, min_bytes):
-            return run_checkpointed(forward, args, kwargs, stateful=stateful, name=name)
+            return run_checkpointed(
+                forward, args, kwargs, stateful=stateful, name=name, early_stop=early
+            )
 
     return offloaded_forward
 
@@ -500,8 +507,7 @@ def _storage_ids(block: nn.Module) -> frozenset[int]:
     return frozenset(id(t.untyped_storage()) for t in tensors)
 
 
-@register_decision(Decision.SAVE)
-def _save_block(
+def save_block(
     name: str, block: nn.Module, forward: Callable[..., Any], options: Mapping[str, Any]
 ) -> Callable[..., Any]:
     """SAVE blocks are wrapped only with ``offload_saved``: their saved tensors go to host."""

@@ -8,10 +8,9 @@ views of them (``weight.t()`` in every Linear) are not counted as new memory.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
-import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,14 +19,13 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
-from .checkpoint import is_recomputing
-from .errors import GradCkptError
+from ..errors import ConfigError
+from ..state import is_recomputing
+from .flops import count_flops
+from .tracker import LiveStorageTracker, io_bytes, live_tensors
 
-__all__ = ["MemoryStats", "StepTracker", "count_flops", "host_empty_strided", "measure"]
-
-aten = torch.ops.aten
+__all__ = ["MemoryStats", "StepTracker", "count_flops", "measure"]
 
 
 @dataclass(slots=True, kw_only=True)
@@ -42,7 +40,7 @@ class MemoryStats:
         baseline_bytes: device bytes live before the step started.
         host_peak_bytes: most host (CPU) bytes the step added at any moment, when the device is
             not the CPU (offloaded activations); on a CPU-only run, only the copies of offload's
-            CPU emulation (``gradckpt.offload.emulate_host_on_cpu``), else 0.
+            CPU emulation (``gradckpt.runtime.offload.emulate_host_on_cpu``), else 0.
         host_activation_bytes: host bytes held for backward at the end of forward (offload).
         block_bytes: per block name, device bytes it added to live memory during forward.
         forward_flops: FLOPs before backward started.
@@ -74,121 +72,10 @@ class MemoryStats:
         return self.forward_flops + self.backward_flops + self.recompute_flops
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "peak_bytes": self.peak_bytes,
-            "activation_bytes": self.activation_bytes,
-            "baseline_bytes": self.baseline_bytes,
-            "host_peak_bytes": self.host_peak_bytes,
-            "host_activation_bytes": self.host_activation_bytes,
-            "block_bytes": dict(self.block_bytes),
-            "forward_flops": self.forward_flops,
-            "backward_flops": self.backward_flops,
-            "recompute_flops": self.recompute_flops,
-            "recompute_bytes": self.recompute_bytes,
-            "time_s": self.time_s,
-            "device": self.device,
-        }
+        return dataclasses.asdict(self)
 
 
-# -- FLOPs ---------------------------------------------------------------------------------
-
-
-def _cpu_sdpa_flop(
-    query: Any, key: Any, value: Any, *args: Any, out_val: Any = None, **kw: Any
-) -> int:
-    return int(sdpa_flop_count(query.shape, key.shape, value.shape))
-
-
-def _cpu_sdpa_backward_flop(
-    grad_out: Any, query: Any, key: Any, value: Any, *args: Any, out_val: Any = None, **kw: Any
-) -> int:
-    return int(sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape))
-
-
-# torch's FlopCounterMode has no formula for the CPU flash kernel and counts 0 for it; the
-# attention FLOPs are the same two batched matmuls on every device (4*B*H*S_q*S_k*D forward).
-_EXTRA_FLOPS: dict[Any, Callable[..., int]] = {}
-for _name, _fn in (
-    ("_scaled_dot_product_flash_attention_for_cpu", _cpu_sdpa_flop),
-    ("_scaled_dot_product_flash_attention_for_cpu_backward", _cpu_sdpa_backward_flop),
-):
-    if hasattr(aten, _name):
-        _EXTRA_FLOPS[getattr(aten, _name)] = _fn
-
-
-def count_flops(func: Any, args: Any, kwargs: Any, out: Any) -> int:
-    """FLOPs of one aten op call (0 for ops without a formula: pointwise ops, norms...)."""
-    packet = getattr(func, "overloadpacket", func)
-    f = _EXTRA_FLOPS.get(packet) or flop_registry.get(packet)
-    if f is None:
-        return 0
-    return int(f(*args, **(kwargs or {}), out_val=out))
-
-
-# -- live storage tracking -----------------------------------------------------------------
-
-
-def _storages(t: torch.Tensor) -> list[torch.UntypedStorage]:
-    try:
-        from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
-        if is_traceable_wrapper_subclass(t):
-            attrs, _ = t.__tensor_flatten__()  # type: ignore[attr-defined]
-            out = []
-            for a in attrs:
-                v = getattr(t, a)
-                if isinstance(v, torch.Tensor):
-                    out.extend(_storages(v))
-            return out
-        return [t.untyped_storage()]
-    except (RuntimeError, NotImplementedError):
-        return []  # sparse, nested or otherwise storage-less tensors
-
-
-# Host buffers made by offloading code. On a CUDA run every CPU storage is host memory; on a
-# CPU-only run (offload emulated in tests) these are the CPU storages that stand for host memory.
-_host_tls = threading.local()
-_HOST_STORAGES: dict[int, weakref.ref[Any]] = {}
-
-
-def _forget_host(key: int) -> Callable[[Any], None]:
-    def forget(_ref: Any) -> None:
-        _HOST_STORAGES.pop(key, None)
-
-    return forget
-
-
-def host_empty_strided(
-    size: Iterable[int], stride: Iterable[int], *, dtype: torch.dtype, pin_memory: bool = False
-) -> torch.Tensor:
-    """A new CPU tensor that ``measure`` counts as host memory, also when the device is the CPU.
-
-    Offloading allocates its host copies with this, so that in a CPU-only test (CPU memory
-    standing in for the device) ``MemoryStats.host_*`` shows the copies and the device bytes do not.
-
-    Example:
-        >>> buf = host_empty_strided((4, 8), (8, 1), dtype=torch.float32)
-    """
-    _host_tls.active = True
-    try:
-        t = torch.empty_strided(
-            tuple(size), tuple(stride), dtype=dtype, device="cpu", pin_memory=pin_memory
-        )
-    finally:
-        _host_tls.active = False
-    st = t.untyped_storage()
-    _HOST_STORAGES[id(st)] = weakref.ref(st, _forget_host(id(st)))
-    return t
-
-
-def _is_host(st: torch.UntypedStorage) -> bool:
-    if getattr(_host_tls, "active", False):
-        return True
-    ref = _HOST_STORAGES.get(id(st))
-    return ref is not None and ref() is st
-
-
-class StepTracker(TorchDispatchMode):
+class StepTracker(LiveStorageTracker, TorchDispatchMode):
     """Dispatch mode tracking live storage bytes per device type, FLOPs per phase, backward start.
 
     Phases: ``forward`` until the first op runs inside an autograd graph task (backward),
@@ -198,64 +85,13 @@ class StepTracker(TorchDispatchMode):
     """
 
     def __init__(self, *, device_type: str, use_allocator: bool = False) -> None:
-        super().__init__()
-        self.device_type = device_type
-        self.use_allocator = use_allocator
-        self._live: dict[int, tuple[int, str]] = {}
-        self._refs: dict[int, weakref.ref[Any]] = {}
-        self.current: dict[str, int] = {}
-        self.peak: dict[str, int] = {}
-        self.baseline: dict[str, int] = {}
+        TorchDispatchMode.__init__(self)
+        LiveStorageTracker.__init__(self, device_type=device_type, use_allocator=use_allocator)
         self.at_backward: dict[str, int] = {}
         self.flops = {"forward": 0, "backward": 0, "recompute": 0}
         self.recompute_bytes = 0
         self.in_backward = False
         self.backward_started = False
-
-    # storages -------------------------------------------------------------------------------
-    def _free(self, key: int) -> None:
-        info = self._live.pop(key, None)
-        self._refs.pop(key, None)
-        if info is not None:
-            n, dev = info
-            self.current[dev] = self.current.get(dev, 0) - n
-
-    def _finalizer(self, key: int) -> Callable[[Any], None]:
-        def free(_ref: Any) -> None:
-            self._free(key)
-
-        return free
-
-    def track(self, t: torch.Tensor) -> None:
-        for st in _storages(t):
-            key = id(st)
-            if key in self._live:
-                continue
-            n = int(st.nbytes())
-            dev = t.device.type
-            if dev == "cpu" and self.device_type == "cpu" and _is_host(st):
-                dev = "host"  # offload emulated on a CPU-only run: CPU memory plays the device
-            try:
-                self._refs[key] = weakref.ref(st, self._finalizer(key))
-            except TypeError:
-                continue
-            self._live[key] = (n, dev)
-            cur = self.current.get(dev, 0) + n
-            self.current[dev] = cur
-            if cur > self.peak.get(dev, 0):
-                self.peak[dev] = cur
-
-    def seed(self, tensors: Iterable[torch.Tensor]) -> None:
-        for t in tensors:
-            self.track(t)
-        self.baseline = dict(self.current)
-        self.peak = dict(self.current)
-
-    def live_bytes(self, device_type: str | None = None) -> int:
-        dev = device_type or self.device_type
-        if self.use_allocator and dev == "cuda":
-            return int(torch.cuda.memory_allocated())
-        return self.current.get(dev, 0)
 
     # dispatch -------------------------------------------------------------------------------
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -274,26 +110,12 @@ class StepTracker(TorchDispatchMode):
             phase = "recompute" if is_recomputing() else ("backward" if in_bwd else "forward")
             self.flops[phase] += flops
         if is_recomputing() and not getattr(func, "is_view", False):
-            self.recompute_bytes += _io_bytes(args, kwargs, out)
+            self.recompute_bytes += io_bytes(args, kwargs, out)
         if not self.use_allocator:
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor):
                     self.track(t)
         return out
-
-
-def _io_bytes(args: Any, kwargs: Any, out: Any) -> int:
-    n = 0
-    for t in tree_flatten((args, kwargs or {}, out))[0]:
-        if isinstance(t, torch.Tensor):
-            n += t.numel() * t.element_size()
-    return n
-
-
-def _live_tensors() -> list[torch.Tensor]:
-    # issubclass(type(o)) rather than isinstance: isinstance on some torch module-level objects
-    # (torch.distributed.reduce_op) emits a deprecation warning.
-    return [o for o in gc.get_objects() if issubclass(type(o), torch.Tensor)]
 
 
 def _fake_model(model: nn.Module | None) -> bool:
@@ -309,7 +131,7 @@ def _resolve_device(device: str | torch.device | None, model: nn.Module | None) 
         try:
             return torch.device(device)
         except (RuntimeError, TypeError):
-            raise GradCkptError(
+            raise ConfigError(
                 f"device {device!r} is not a torch device: use 'cpu', 'cuda' or 'cuda:N'"
             ) from None
     if model is not None:
@@ -344,25 +166,25 @@ def measure(
         >>> stats.activation_bytes
     """
     if not callable(step_fn):
-        raise GradCkptError(
+        raise ConfigError(
             f"measure needs a function running one step, got {type(step_fn).__name__}"
         )
     if model is not None and not isinstance(model, nn.Module):
-        raise GradCkptError(f"model= must be an nn.Module, got {type(model).__name__}")
+        raise ConfigError(f"model= must be an nn.Module, got {type(model).__name__}")
     if blocks is not None:
         blocks = list(blocks) if isinstance(blocks, Iterable) else [blocks]  # type: ignore[list-item]
         if not all(
             isinstance(b, tuple) and len(b) == 2 and isinstance(b[1], nn.Module) for b in blocks
         ):
-            raise GradCkptError("blocks= must be [(name, module), ...] as find_blocks returns")
+            raise ConfigError("blocks= must be [(name, module), ...] as find_blocks returns")
     dev = _resolve_device(device, model)
     # Fake tensors report the device they pretend to be on; the allocator knows nothing of them.
     use_allocator = dev.type == "cuda" and torch.cuda.is_available() and not _fake_model(model)
     tracker = StepTracker(device_type=dev.type, use_allocator=use_allocator)
 
     if blocks is None and model is not None:
-        from .blocks import find_blocks
-        from .errors import BlockError
+        from ..blocks import find_blocks
+        from ..errors import BlockError
 
         try:
             blocks = find_blocks(model)
@@ -389,7 +211,7 @@ def measure(
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base_cuda = int(torch.cuda.memory_allocated())
-    tracker.seed(_live_tensors())
+    tracker.seed(live_tensors())
     t0 = time.perf_counter()
     try:
         with tracker:

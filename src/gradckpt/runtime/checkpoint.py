@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import threading
+import warnings
 from collections.abc import Callable, Generator, Iterable, Iterator
 from contextlib import AbstractContextManager, ExitStack
 from typing import Any
@@ -13,27 +13,13 @@ import torch
 import torch.utils.checkpoint as tuc
 from torch import nn
 
-from .errors import CheckpointMismatchError, GradCkptError
+from ..errors import CheckpointMismatchError, ConfigError, GradCkptError
+from ..state import is_recomputing, recompute_flag
+from .replay import decision_contexts
 
-__all__ = ["checkpoint", "is_recomputing"]
+__all__ = ["checkpoint", "is_recomputing", "stateful_modules"]
 
 ContextFn = Callable[[], tuple[AbstractContextManager[Any], AbstractContextManager[Any]]]
-
-_tls = threading.local()
-
-
-def is_recomputing() -> bool:
-    """True while a checkpointed region is being recomputed during backward (this thread)."""
-    return getattr(_tls, "depth", 0) > 0
-
-
-@contextlib.contextmanager
-def _recompute_flag() -> Iterator[None]:
-    _tls.depth = getattr(_tls, "depth", 0) + 1
-    try:
-        yield
-    finally:
-        _tls.depth -= 1
 
 
 def stateful_modules(modules: Iterable[nn.Module]) -> list[nn.Module]:
@@ -50,6 +36,22 @@ def stateful_modules(modules: Iterable[nn.Module]) -> list[nn.Module]:
                 seen.add(id(m))
                 out.append(m)
     return out
+
+
+_find_stateful = stateful_modules  # checkpoint() has a keyword of that name
+
+
+def _takes_keyword(fn: Callable[..., Any], name: str) -> bool:
+    """Whether ``fn`` accepts keyword ``name`` (a parameter of that name, or ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+    return any(
+        p.kind is inspect.Parameter.VAR_KEYWORD
+        or (p.name == name and p.kind is not inspect.Parameter.POSITIONAL_ONLY)
+        for p in params
+    )
 
 
 @contextlib.contextmanager
@@ -76,8 +78,22 @@ def _restore_buffers(stateful: list[nn.Module]) -> Iterator[None]:
 
 
 def _context_fn(
-    extra: ContextFn | None, stateful: list[nn.Module], name: str = "checkpointed function"
+    extra: ContextFn | None,
+    stateful: list[nn.Module],
+    name: str = "checkpointed function",
+    *,
+    replay: bool = False,
 ) -> ContextFn:
+    """gradckpt's (forward, recompute) contexts around the caller's ``extra`` ones.
+
+    torch calls ``context_fn()`` once per checkpointed call but enters the recompute context
+    once per recompute: a second ``backward(retain_graph=True)``, each ``autograd.grad`` on the
+    same graph and a double backward each recompute again. So each entry builds fresh context
+    managers (a ``@contextmanager`` generator can be entered only once). ``replay`` keeps the
+    forward's data-dependent decisions (topk/argmax/sort/nonzero...) and hands them back during
+    recompute (``replay.decision_contexts``).
+    """
+
     def make() -> tuple[AbstractContextManager[Any], AbstractContextManager[Any]]:
         fwd: AbstractContextManager[Any]
         rec: AbstractContextManager[Any]
@@ -85,10 +101,22 @@ def _context_fn(
             fwd, rec = extra()
         else:
             fwd, rec = contextlib.nullcontext(), contextlib.nullcontext()
-        stack = ExitStack()
-        # Entered lazily when the recompute starts, in this order: flag, buffer guard, user context.
-        recompute = _Chain([_recompute_flag(), _restore_buffers(stateful), rec], stack)
-        return _Chain([_NamedMismatch(name), fwd], ExitStack()), recompute
+        record, replayer = decision_contexts(name) if replay else (None, None)
+        forward_cms: list[Callable[[], AbstractContextManager[Any]]] = [
+            lambda: _NamedMismatch(name)
+        ]
+        if record is not None:
+            forward_cms.append(lambda: record)
+        forward_cms.append(lambda: fwd)
+        # Entered when a recompute starts, in this order: flag, buffer guard, decisions, user's.
+        recompute_cms: list[Callable[[], AbstractContextManager[Any]]] = [
+            recompute_flag,
+            lambda: _restore_buffers(stateful),
+        ]
+        if replayer is not None:
+            recompute_cms.append(lambda: replayer)
+        recompute_cms.append(lambda: rec)
+        return _Chain(forward_cms), _Chain(recompute_cms)
 
     return make
 
@@ -130,6 +158,8 @@ class _NamedMismatch(AbstractContextManager[None]):
             try:
                 return unpack(handle)
             except tuc.CheckpointError as e:
+                if "already unpacked once" in str(e):
+                    raise  # ctx.saved_tensors read twice: torch's own message says what to do
                 raise _mismatch_error(name, e) from e
 
         torch._C._autograd._push_saved_tensors_default_hooks(pack, unpack_named)
@@ -155,22 +185,28 @@ def describe(fn: Callable[..., Any]) -> str:
 
 
 class _Chain(AbstractContextManager[Any]):
-    """Enter several context managers as one (the recompute context torch expects is a single one)."""
+    """Enter several context managers as one (the recompute context torch expects is a single one).
 
-    def __init__(self, cms: list[AbstractContextManager[Any]], stack: ExitStack) -> None:
-        self._cms = cms
-        self._stack = stack
+    Built from factories, so that each entry (torch enters the recompute context once per
+    recompute) gets fresh context managers; entries may nest.
+    """
+
+    def __init__(self, factories: list[Callable[[], AbstractContextManager[Any]]]) -> None:
+        self._factories = factories
+        self._stacks: list[ExitStack] = []
 
     def __enter__(self) -> None:
+        stack = ExitStack()
         try:
-            for cm in self._cms:
-                self._stack.enter_context(cm)
+            for make in self._factories:
+                stack.enter_context(make())
         except BaseException:
-            self._stack.close()  # a failed __enter__ gets no __exit__: undo the ones entered
+            stack.close()  # a failed __enter__ gets no __exit__: undo the ones entered
             raise
+        self._stacks.append(stack)
 
     def __exit__(self, *exc: Any) -> bool | None:
-        return self._stack.__exit__(*exc)
+        return self._stacks.pop().__exit__(*exc)
 
 
 def _modules_of(fn: Callable[..., Any]) -> list[nn.Module]:
@@ -191,7 +227,7 @@ def checkpoint(
     determinism_check: str = "default",
     debug: bool = False,
     early_stop: bool = True,
-    stateful: Iterable[nn.Module] | None = None,
+    stateful_modules: Iterable[nn.Module] | None = None,
     **kwargs: Any,
 ) -> Any:
     """Drop-in for ``torch.utils.checkpoint.checkpoint``, always on its non-reentrant path.
@@ -200,15 +236,21 @@ def checkpoint(
     adapters no gradient when the block input does not require grad, breaks DDP and ignores
     kwargs); RNG state (CPU and the inputs' accelerator) is replayed so dropout masks match;
     autocast state is kept; BatchNorm running statistics of ``fn`` (when it is a module or a
-    module's method, or of the modules given in ``stateful``) are updated once, not twice.
+    module's method, or of the modules given in ``stateful_modules``) are updated once, not
+    twice; without ``context_fn``, data-dependent decisions (``topk``/``argmax``/``sort``/
+    ``nonzero``... : which expert a token goes to) are kept from the forward and replayed, so
+    the recompute routes exactly as the forward did.
 
     Args:
         fn: the function or module to run; recomputed during backward.
-        *args, **kwargs: passed to ``fn``; may include non-tensors and keyword tensors.
+        *args, **kwargs: passed to ``fn``; may include non-tensors and keyword tensors. Every
+            keyword not listed here reaches ``fn``, as in torch (``stateful=`` included).
         context_fn: as in torch: returns (forward context, recompute context), e.g. from
             ``torch.utils.checkpoint.create_selective_checkpoint_contexts``.
-        stateful: modules whose running statistics must not be updated by the recompute
-            (default: the BatchNorm-like sub-modules of ``fn`` when it is a module).
+        stateful_modules: modules whose running statistics must not be updated by the
+            recompute (default: the BatchNorm-like sub-modules of ``fn`` when it is a module).
+            Formerly ``stateful=``, still accepted (with a DeprecationWarning) when ``fn``
+            cannot take a ``stateful`` keyword itself.
         debug: torch's debug mode (operator traces in mismatch errors); it runs torch's
             checkpoint unchanged, so without the BatchNorm fix or ``CheckpointMismatchError``.
 
@@ -223,15 +265,25 @@ def checkpoint(
         >>> y = gradckpt.checkpoint(block, x, attention_mask=mask)
     """
     if not callable(fn):
-        raise GradCkptError(
-            f"checkpoint needs a function or module to run, got {type(fn).__name__}"
-        )
+        raise ConfigError(f"checkpoint needs a function or module to run, got {type(fn).__name__}")
     if use_reentrant:
-        raise GradCkptError(
+        raise ConfigError(
             "gradckpt.checkpoint does not run the reentrant variant: it silently gives no "
             "gradients to adapters when the input does not require grad, breaks DDP and "
             "ignores keyword arguments; drop use_reentrant=True"
         )
+    if "stateful" in kwargs and not _takes_keyword(fn, "stateful"):
+        if stateful_modules is not None:
+            raise ConfigError(
+                "checkpoint got both stateful= and stateful_modules=: give stateful_modules= only"
+            )
+        warnings.warn(
+            "gradckpt.checkpoint(stateful=...) is deprecated: call it stateful_modules=...; "
+            "stateful= is passed to the function when the function takes it, as torch does",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        stateful_modules = kwargs.pop("stateful")
     if torch.compiler.is_compiling():
         # Under torch.compile, dynamo turns this call into a higher-order op whose context_fn
         # must be a plain function or partial returning TorchDispatchModes (torch/utils/
@@ -259,7 +311,7 @@ def checkpoint(
         # (ValueError "debug=True is incompatible with non-default context_fn"), so it runs as
         # plain torch: the op traces are what matters then, not the BatchNorm fix.
         if context_fn is not None:
-            raise GradCkptError(
+            raise ConfigError(  # a ValueError, as torch's refusal
                 "debug=True cannot be combined with context_fn: torch's debug mode installs its "
                 "own contexts; drop one of them"
             )
@@ -273,12 +325,15 @@ def checkpoint(
             early_stop=early_stop,
             **kwargs,
         )
-    mods = list(stateful) if stateful is not None else _modules_of(fn)
+    mods = list(stateful_modules) if stateful_modules is not None else _modules_of(fn)
+    contexts = _context_fn(
+        context_fn, _find_stateful(mods), describe(fn), replay=context_fn is None
+    )
     return tuc.checkpoint(
         fn,
         *args,
         use_reentrant=False,
-        context_fn=_context_fn(context_fn, stateful_modules(mods), describe(fn)),
+        context_fn=contexts,
         preserve_rng_state=preserve_rng_state,
         determinism_check=determinism_check,
         debug=debug,
@@ -300,20 +355,22 @@ def open_region(
     stateful: list[nn.Module],
     context_fn: ContextFn | None = None,
     name: str = "checkpointed region",
+    early_stop: bool = True,
 ) -> Generator[None, None, None]:
     """Start a checkpointed region whose forward runs outside this call (across several blocks).
 
     Returns torch's non-reentrant checkpoint generator, already entered: tensors saved for
     backward from now on belong to the region until ``close_region`` is called; during backward
-    ``recompute(*args, **kwargs)`` replays the region. Built on the same private generator as
+    ``recompute(*args, **kwargs)`` replays the region (its data-dependent decisions replayed
+    as in ``checkpoint`` when ``context_fn`` is None; ``early_stop`` as in torch). Built on the same private generator as
     torch's composable ``checkpoint`` (torch/distributed/_composable/checkpoint_activation.py).
     """
     known: dict[str, Any] = {
         "preserve_rng_state": True,
-        "context_fn": _context_fn(context_fn, stateful, name),
+        "context_fn": _context_fn(context_fn, stateful, name, replay=context_fn is None),
         "determinism_check": "default",
         "debug": False,
-        "early_stop": True,
+        "early_stop": early_stop,
     }
     positional = []
     for p in list(_GEN_SIG.parameters.values())[1:]:

@@ -1,0 +1,502 @@
+"""``estimate()``: a fine-tune's peak memory and checkpointing cost from its config alone.
+
+No weights, no GPU: every policy runs one forward+backward of the real model code on fake tensors
+(``fake_model``, ``timeline``), optimizer states are added from the trainable parameters, and a
+CUDA allowance on top; speed is a per-op roofline on a GPU preset (``gpus``).
+
+Example:
+    >>> import gradckpt
+    >>> report = gradckpt.estimate("mistral-7b", method="lora", batch=1, seq=2048, gpu="rtx-4090")
+    >>> [(r.policy, r.peak_bytes, r.fits) for r in report.results]
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError, GradCkptError, PlanError
+from ..planner.api import plan as planner_plan
+from ..plans import Decision, Plan
+from ..policies import get_policy, make_plan
+from ..units import format_bytes, parse_size
+from . import fake_model, periodic
+from .alternatives import alternatives as _alternatives
+from .compat import deprecated_csv
+from .gpus import GPU, GPU_PRESETS, get_gpu
+from .presets import ModelSpec, resolve_model
+from .report import Alternative, EstimateReport, PolicyEstimate
+from .step_cost import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, policy_estimate, static_notes
+from .timeline import replay
+from .totals import replayed_totals
+from .training import TrainingSetup
+
+__all__ = [
+    "ALLOCATOR_SLACK",
+    "CUDA_CONTEXT_BYTES",
+    "DEFAULT_POLICIES",
+    "REFERENCE_GPU",
+    "check_positions",
+    "estimate",
+    "estimate_one",
+    "policy_list",
+]
+
+DEFAULT_POLICIES = ("none", "full")
+#: Speed figures use this GPU when none with throughput figures is given.
+REFERENCE_GPU = "a100-80gb"
+
+# Step profiles already computed, so that asking again with another GPU (or overhead) is
+# instant: (session, plan, order, batch, seq, accumulation, optimizer) -> (session, profile, totals).
+_PROFILES: dict[Any, Any] = {}
+_PROFILES_SIZE = 64
+
+
+def policy_list(policies: Sequence[str] | str | None) -> list[str]:
+    """Policy names checked and normalized (``"every:2"`` kept with its argument), no repeats.
+
+    Args:
+        policies: a name or a list of names; None: ``DEFAULT_POLICIES``. A comma-separated
+            string (``"none,full"``) is still split, with a DeprecationWarning, until the next
+            release.
+
+    Raises:
+        ConfigError: an empty list or a name that is not a string.
+        PolicyError: an unknown policy.
+    """
+    if policies is None:
+        return list(DEFAULT_POLICIES)
+    if isinstance(policies, str):
+        if "," in policies:
+            policies = deprecated_csv(policies, "policies", "['none', 'full']")
+        else:
+            policies = [policies]
+    out: list[str] = []
+    for p in policies:
+        if not isinstance(p, str) or not p.strip():
+            raise ConfigError(
+                f"policies must be names such as 'none', 'full', 'every:2'; got {p!r}"
+            )
+        p = p.strip()
+        if p != "auto":
+            spec, arg = get_policy(p)
+            p = f"{spec.name}:{arg}" if arg is not None else spec.name
+        if p not in out:
+            out.append(p)
+    if not out:
+        raise ConfigError("policies is empty: name at least one, e.g. 'none,full'")
+    return out
+
+
+def estimate(
+    model: Any,
+    *,
+    method: str | None = None,
+    batch: int | None = None,
+    seq: int | None = None,
+    policies: Sequence[str] | str | None = None,
+    gpu: str | GPU | None = None,
+    precision: str | None = None,
+    optimizer: str | None = None,
+    grad_accum: int | None = None,
+    attention: str | None = None,
+    lora_rank: int | None = None,
+    lora_alpha: int | None = None,
+    lora_dropout: float | None = None,
+    lora_targets: Sequence[str] | str | None = None,
+    setup: TrainingSetup | None = None,
+    overhead: int | str | None = None,
+    alternatives: bool = True,
+    full_depth: bool = False,
+) -> EstimateReport:
+    """Predict peak memory and checkpointing cost of fine-tuning ``model``, without weights or a GPU.
+
+    The model's real ``transformers`` code runs one forward+backward on fake tensors per policy
+    (see ``gradckpt.estimate.fake_model``); optimizer states are added analytically, plus an
+    allowance for the CUDA context and allocator slack. Sweeps (sequence lengths, batch sizes, GPUs) are
+    loops over this function: fake models are cached between calls, so only the step reruns.
+
+    Args:
+        model: a preset name (``MODEL_PRESETS``: ``"mistral-7b"``, ``"llama-3-8b"``...), a path
+            to a Hugging Face ``config.json``, or a ``transformers`` config object.
+        method: ``"full"`` (default), ``"lora"`` or ``"qlora"``.
+        batch: micro-batch size (default 1).
+        seq: sequence length in tokens (default 2048).
+        policies: checkpointing policies to compare, a name or a list of names; any of
+            ``gradckpt.policy_names()`` with its argument (``"every:2"``), or ``"auto"``: the
+            memory-budget planner's cheapest plan that fits ``gpu``. Default: ``none`` and
+            ``full``, plus ``auto`` when a GPU is given.
+        gpu: a preset (``GPU_PRESETS``: ``"rtx-4090"``, ``"a100-80gb"``...) or a size
+            (``"24GB"``); sets ``fits`` and the speed figures (without throughput figures,
+            speed uses ``REFERENCE_GPU``).
+        precision: ``"bf16"`` (default: bf16 weights, gradients, states, bf16 autocast),
+            ``"mixed"`` (fp32 master weights + bf16 autocast) or ``"fp32"`` (no autocast).
+        optimizer: ``"adamw"`` (default), ``"adamw-8bit"``, ``"sgd"``, ``"sgd-momentum"``.
+        grad_accum: micro-batches per optimizer step (default 1).
+        attention: ``"sdpa"`` (default), ``"flash"`` or ``"eager"``.
+        lora_rank, lora_alpha, lora_dropout, lora_targets: LoRA settings (16, 32, 0.0,
+            ``"all-linear"``; ``lora_targets`` also takes a list of module names).
+        setup: a ``TrainingSetup`` to start from; the keyword arguments above override it.
+        overhead: the CUDA allowance in bytes or as a size (``"1GiB"``); default
+            ``CUDA_CONTEXT_BYTES`` + ``ALLOCATOR_SLACK`` of the tensors' peak; ``0`` for none.
+        alternatives: when a GPU is given and no policy fits, estimate what would (LoRA, QLoRA,
+            8-bit AdamW, smaller batch or sequence) and report it.
+        full_depth: run every block instead of replaying a few (slower; same numbers).
+
+    Returns:
+        An ``EstimateReport``: ``.results`` has one ``PolicyEstimate`` per policy
+        (``policy``, ``peak_bytes``, ``breakdown``, ``speed_cost``, ``fits``...); ``to_dict()``
+        gives it as JSON-ready data.
+
+    Raises:
+        ConfigError: unknown model (with the closest preset), malformed config, bad setting
+            (batch or sequence < 1, unknown method/precision/optimizer), unknown GPU.
+        PolicyError: unknown policy.
+
+    Example:
+        >>> r = gradckpt.estimate("llama-3-8b", method="qlora", batch=4, seq=2048, gpu="rtx-4090")
+        >>> r.result("full").fits, f"{r.result('full').speed_cost:.0%}"
+    """
+    t0 = time.perf_counter()
+    inputs = _inputs(
+        model,
+        method=method,
+        batch=batch,
+        seq=seq,
+        policies=policies,
+        gpu=gpu,
+        precision=precision,
+        optimizer=optimizer,
+        grad_accum=grad_accum,
+        attention=attention,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        lora_targets=lora_targets,
+        setup=setup,
+        overhead=overhead,
+        alternatives=alternatives,
+        full_depth=full_depth,
+    )
+    report, skipped = _estimate(inputs, t0)
+    if report is None:
+        raise PlanError("no policy could be estimated: " + "; ".join(skipped))
+    return report
+
+
+def check_positions(spec: ModelSpec, seq: int) -> int | None:
+    """The model's maximum sequence length (None when its config states none), checked against ``seq``.
+
+    Raises:
+        ConfigError: ``seq`` is longer. Memory does not depend on the limit, so a fine-tune that
+            extends the context gives a config.json with a larger ``max_position_embeddings``.
+    """
+    max_pos = fake_model.max_positions(spec.config)
+    if max_pos is not None and seq > max_pos:
+        raise ConfigError(
+            f"sequence length {seq} exceeds {spec.name}'s maximum of {max_pos} positions "
+            f"(max_position_embeddings); use at most {max_pos} tokens, or a config.json with a "
+            "larger max_position_embeddings to estimate a context extension"
+        )
+    return max_pos
+
+
+def estimate_one(
+    model: Any, policy: str, *, batch: int, seq: int, gpu: str | GPU | None, **settings: Any
+) -> PolicyEstimate | None:
+    """One policy's estimate at one batch and sequence length on one GPU: what a sweep probes.
+
+    Args:
+        model, batch, seq, gpu: as ``estimate`` takes them.
+        policy: one policy name, or ``"auto"``.
+        **settings: the rest of ``estimate``'s keyword arguments, ``alternatives`` aside.
+
+    Returns:
+        The ``PolicyEstimate``, or None when ``policy`` is ``"auto"`` and the planner finds no
+        plan for ``gpu`` (an answer, not a mistake: the sweep leaves that point out).
+    """
+    inputs = _inputs(
+        model, batch=batch, seq=seq, policies=[policy], gpu=gpu, alternatives=False, **settings
+    )
+    report, _ = _estimate(inputs, time.perf_counter())
+    return None if report is None else report.results[0]
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """One estimate's inputs, checked: what ``_estimate`` runs."""
+
+    spec: ModelSpec
+    setup: TrainingSetup
+    policies: list[str]
+    gpu: GPU | None
+    #: the CUDA allowance in bytes; None: CUDA_CONTEXT_BYTES + ALLOCATOR_SLACK of the peak
+    overhead: int | None
+    alternatives: bool
+    full_depth: bool
+
+    @property
+    def speed_gpu(self) -> GPU:
+        """The GPU the speed figures are for: ``gpu``, or ``REFERENCE_GPU`` without throughput."""
+        g = self.gpu
+        return g if g is not None and g.has_speed else GPU_PRESETS[REFERENCE_GPU]
+
+
+def _inputs(
+    model: Any,
+    *,
+    method: str | None = None,
+    batch: int | None = None,
+    seq: int | None = None,
+    policies: Sequence[str] | str | None = None,
+    gpu: str | GPU | None = None,
+    precision: str | None = None,
+    optimizer: str | None = None,
+    grad_accum: int | None = None,
+    attention: str | None = None,
+    lora_rank: int | None = None,
+    lora_alpha: int | None = None,
+    lora_dropout: float | None = None,
+    lora_targets: Sequence[str] | str | None = None,
+    setup: TrainingSetup | None = None,
+    overhead: int | str | None = None,
+    alternatives: bool = True,
+    full_depth: bool = False,
+) -> _Inputs:
+    """``estimate``'s arguments checked and resolved (setup, GPU, policies, allowance, model)."""
+    changes = {
+        k: v
+        for k, v in dict(
+            method=method,
+            batch=batch,
+            seq=seq,
+            precision=precision,
+            optimizer=optimizer,
+            grad_accum=grad_accum,
+            attention=attention,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            lora_targets=lora_targets,
+        ).items()
+        if v is not None
+    }
+    if setup is not None and not isinstance(setup, TrainingSetup):
+        raise ConfigError(f"setup must be a TrainingSetup, got {type(setup).__name__}")
+    st = (setup or TrainingSetup()).with_(**changes) if changes or setup is None else setup
+    the_gpu = get_gpu(gpu) if gpu is not None else None
+    names = policy_list(policies)
+    if policies is None and the_gpu is not None:
+        names.append("auto")  # the cheapest plan that fits the GPU
+    fixed_overhead = None
+    if overhead is not None:
+        try:
+            fixed_overhead = 0 if overhead == 0 else parse_size(overhead, what="overhead")
+        except ValueError as e:  # a size typo is a bad setting, not a budget
+            raise ConfigError(str(e)) from None
+    return _Inputs(
+        spec=resolve_model(model),
+        setup=st,
+        policies=names,
+        gpu=the_gpu,
+        overhead=fixed_overhead,
+        alternatives=alternatives,
+        full_depth=full_depth,
+    )
+
+
+def _estimate(inp: _Inputs, t0: float) -> tuple[EstimateReport | None, list[str]]:
+    """Run every policy of ``inp``: ``(report, why policies were skipped)``.
+
+    The report is None when no policy could be estimated (``"auto"`` alone, with no plan).
+    """
+    spec, st, names, the_gpu = inp.spec, inp.setup, inp.policies, inp.gpu
+    speed_gpu, fixed_overhead, full_depth = inp.speed_gpu, inp.overhead, inp.full_depth
+    cfg = spec.config
+    L = fake_model.num_layers(cfg)
+    types = fake_model.layer_types(cfg)
+    if L < 1:
+        raise ConfigError(f"{spec.name} has {L} layers; nothing to estimate")
+    check_positions(spec, st.seq)
+    notes = list(spec.notes)
+    force_full = (
+        full_depth
+        or bool(fake_model.per_layer_lists(cfg))
+        or fake_model.layers_differ_by_index(cfg)
+    )
+
+    # A small build tells the block names; the full-depth names follow their pattern.
+    n0 = min(L, 3)
+    idx0 = [0, 1, L - 1][:n0] if L >= 3 else list(range(L))
+    probe = fake_model.get_session(cfg, st, n0, None if types is None else [types[i] for i in idx0])
+    full_names = periodic.block_names_at_depth([n for n, _ in probe.blocks], L)
+    if full_names is None:
+        force_full = True
+        full = fake_model.get_session(cfg, st, L, types)
+        full_names = [n for n, _ in full.blocks]
+    notes.extend(probe.notes)
+
+    results: list[PolicyEstimate] = []
+    skipped: list[str] = []
+    totals_full = None
+    replayed: set[str] = set()
+    offloaded: list[str] = []
+    for policy in names:
+        if policy == "auto":
+            plan, why = _planner_plan(cfg, st, L, types, the_gpu, fixed_overhead)
+            if plan is None:
+                skipped.append(str(why))
+                continue
+        else:
+            plan = make_plan(policy, full_names)
+        if Decision.OFFLOAD in plan.decisions:
+            offloaded.append(policy)
+        layout = None if force_full else periodic.reduced_layout(plan, types)
+        if layout is None:
+            sess = fake_model.get_session(cfg, st, L, types)
+            order = list(range(L))
+            run_plan = Plan(
+                tuple(n for n, _ in sess.blocks),
+                plan.decisions,
+                plan.segments,
+                plan.policy,
+                plan.options,
+            )
+        else:
+            order, decisions, small_types = layout
+            sess = fake_model.get_session(cfg, st, len(decisions), small_types)
+            run_plan = Plan(
+                tuple(n for n, _ in sess.blocks), tuple(decisions), (), plan.policy, plan.options
+            )
+            replayed.add(f"{policy}: ran {len(decisions)} of {L} blocks")
+        key = (
+            id(sess),
+            run_plan.decisions,
+            run_plan.segments,
+            repr(run_plan.options),
+            tuple(order),
+            st.batch,
+            st.seq,
+            st.grad_accum,
+            st.optimizer,
+        )
+        cached = _PROFILES.pop(key, None)
+        if cached is None or cached[0] is not sess:
+            timeline = sess.run(run_plan, st.batch, st.seq, grad_accum=st.grad_accum)
+            prof = replay(timeline, order)
+            whole, per_block = sess.totals(st.optimizer)
+            tot = replayed_totals(whole, per_block, order)
+            cached = (sess, prof, tot)
+        _PROFILES[key] = cached  # most recent last
+        while len(_PROFILES) > _PROFILES_SIZE:
+            _PROFILES.pop(next(iter(_PROFILES)))
+        _, prof, tot = cached
+        totals_full = tot
+        results.append(
+            policy_estimate(policy, plan, prof, tot, st, the_gpu, speed_gpu, fixed_overhead)
+        )
+
+    if totals_full is None:
+        return None, skipped
+    notes.extend(skipped)
+    if offloaded:
+        notes.append(
+            f"{', '.join(offloaded)}: estimated as on a CPU-only run, where offloaded block inputs "
+            "stay in device memory (like 'full'); on a GPU they move to host memory, so the "
+            "device peak is lower by up to the block inputs' bytes"
+        )
+    if replayed:
+        notes.append(
+            "blocks are identical, so each policy ran on a few blocks (the first period of its "
+            "plan, one more period, the last block) and the middle ones were replayed to full depth ("
+            + "; ".join(sorted(replayed))
+            + "); full_depth=True runs every block, same numbers"
+        )
+    notes.extend(static_notes(st, fixed_overhead, speed_gpu, the_gpu))
+
+    report_alts: list[Alternative] = []
+    if the_gpu is not None and results and not any(r.fits for r in results):
+        fixed = totals_full.weight_bytes + totals_full.grad_bytes + totals_full.optimizer_bytes
+        if (
+            fixed + (fixed_overhead if fixed_overhead is not None else CUDA_CONTEXT_BYTES)
+            > the_gpu.memory_bytes
+        ):
+            notes.append(
+                f"no checkpointing policy can make this fit {the_gpu.name}: weights, gradients and "
+                f"optimizer states alone take {format_bytes(fixed)} of {format_bytes(the_gpu.memory_bytes)}"
+            )
+        if inp.alternatives:
+            frugal = min(results, key=lambda r: (r.peak_bytes, r.activation_bytes)).policy
+
+            def run(alt: TrainingSetup) -> PolicyEstimate | None:
+                changed = replace(inp, setup=alt, policies=[frugal], alternatives=False)
+                report, _ = _estimate(changed, time.perf_counter())
+                return None if report is None else report.results[0]
+
+            report_alts = _alternatives(
+                st, frugal, run, fixed_fits=fixed + CUDA_CONTEXT_BYTES < the_gpu.memory_bytes
+            )
+
+    return EstimateReport(
+        model=spec.name,
+        source=spec.source,
+        params=totals_full.params,
+        trainable_params=totals_full.trainable,
+        layers=L,
+        setup=st.to_dict(),
+        gpu=None if the_gpu is None else the_gpu.to_dict(),
+        speed_gpu=speed_gpu.name,
+        results=results,
+        alternatives=report_alts,
+        notes=notes,
+        elapsed_s=time.perf_counter() - t0,
+    ), skipped
+
+
+def _planner_plan(
+    cfg: Any, st: TrainingSetup, L: int, types: Any, gpu: GPU | None, fixed_overhead: int | None
+) -> tuple[Any, str | None]:
+    """Hook for the memory-budget planner (``gradckpt.planner``): the cheapest plan that fits ``gpu``.
+
+    Returns ``(plan, None)``, or ``(None, why)`` when there is no GPU or the planner cannot plan
+    this model. The planner profiles the full-depth fake model; its
+    budget is what the GPU leaves for the step: memory minus the CUDA allowance (context and
+    allocator slack) minus the optimizer states, which the fake step does not hold. The planner
+    counts every live CPU tensor of the process as already in memory (as ``gradckpt.measure``
+    does), so cached fake models are dropped first; large real CPU tensors the caller keeps
+    alive make its plan more conservative. The plan it returns is then estimated like any other.
+    """
+    if gpu is None:
+        return None, "policy 'auto' needs a GPU (--gpu): the memory it plans for"
+    sess = fake_model.get_session(cfg, st, L, types)
+    # The planner measures like gradckpt.measure: every live tensor of the process is baseline.
+    # Fake models cached from earlier estimates would count as weights: let them go.
+    fake_model.keep_only(sess)
+    for key in [k for k, v in _PROFILES.items() if v[0] is not sess]:
+        del _PROFILES[key]
+    gc.collect()
+    whole, _ = sess.totals(st.optimizer)
+    if fixed_overhead is None:
+        room = int((gpu.memory_bytes - CUDA_CONTEXT_BYTES) / (1 + ALLOCATOR_SLACK))
+    else:
+        room = gpu.memory_bytes - fixed_overhead
+    budget = room - whole.optimizer_bytes
+    if budget <= 0:
+        return None, f"policy 'auto' skipped: the optimizer states alone exceed {gpu.name}"
+    with sess.mode:
+        ids = torch.randint(0, sess.vocab, (st.batch, st.seq))
+    try:
+        with sess.mode, torch.autocast("cpu", dtype=torch.bfloat16, enabled=st.autocast):
+            return planner_plan(
+                sess.model,
+                budget,
+                {"input_ids": ids, "labels": ids},
+                blocks=[n for n, _ in sess.blocks],
+            ), None
+    except GradCkptError as e:
+        return None, f"policy 'auto' (planner, {format_bytes(budget)} for the step): {e}"

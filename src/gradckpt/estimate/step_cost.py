@@ -1,0 +1,138 @@
+"""What one replayed step costs: the bytes alive at its peak plus the CUDA allowance, and its time.
+
+Pure arithmetic over a ``ReplayedStep`` (``timeline``), the model's ``TensorTotals`` and a
+``GPU``: no model, no fake tensors.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from ..plans import Plan
+from ..units import format_bytes
+from .gpus import GPU, MATH_EFFICIENCY, MEMORY_EFFICIENCY
+from .report import PolicyEstimate
+from .timeline import ACT, BWD, GRAD, HEAD, ReplayedStep
+from .totals import TensorTotals
+from .training import TrainingSetup
+
+__all__ = ["ALLOCATOR_SLACK", "CUDA_CONTEXT_BYTES", "policy_estimate", "static_notes"]
+
+#: CUDA context, cuBLAS/cuDNN workspaces and the kernels torch loads: ~0.3-0.6 GiB with lazy
+#: module loading (CUDA >= 11.7) on Ampere/Hopper; 0.5 GiB is the allowance.
+CUDA_CONTEXT_BYTES = 512 * 1024**2
+#: Caching-allocator slack on top of live tensors at the peak (block rounding, fragmentation):
+#: reserved/allocated ratios of 1.03-1.10 are typical for transformer training; 5% allowed.
+ALLOCATOR_SLACK = 0.05
+
+
+def _phase_seconds(costs: Counter[tuple[str, int, int]], gpu: GPU) -> dict[str, float]:
+    out = {"forward": 0.0, "backward": 0.0, "recompute": 0.0}
+    for (phase, flops, nbytes), n in costs.items():
+        out[phase] += n * gpu.op_seconds(flops, nbytes)
+    return out
+
+
+def _optimizer_step_bytes(totals: TensorTotals) -> int:
+    """Bytes a fused optimizer step moves: read+write params and states, read gradients."""
+    return 2 * totals.grad_bytes + totals.grad_bytes + 2 * totals.optimizer_bytes
+
+
+def policy_estimate(
+    policy: str,
+    plan: Plan,
+    prof: ReplayedStep,
+    tot: TensorTotals,
+    st: TrainingSetup,
+    the_gpu: GPU | None,
+    speed_gpu: GPU,
+    fixed_overhead: int | None,
+) -> PolicyEstimate:
+    """One policy's ``PolicyEstimate`` from its replayed step and the model's tensor totals.
+
+    The breakdown is what is alive at the step's peak (``prof.peak_parts``) plus the tensors
+    that live all step (weights, optimizer states; all gradients when accumulating), plus the
+    CUDA allowance; times are the roofline of every op on ``speed_gpu``.
+    """
+    parts = prof.peak_parts
+    accum_grads = tot.grad_bytes if st.grad_accum > 1 else 0
+    breakdown = {
+        "weights": tot.weight_bytes,
+        "gradients": parts[GRAD] + accum_grads,
+        "optimizer_states": tot.optimizer_bytes,
+        "activations": parts[ACT],
+        "logits_loss": parts[HEAD],
+        "backward_transient": parts[BWD],
+    }
+    tensors = sum(breakdown.values())
+    if fixed_overhead is None:
+        overhead = CUDA_CONTEXT_BYTES + int(ALLOCATOR_SLACK * tensors)
+    else:
+        overhead = fixed_overhead
+    breakdown["cuda_overhead"] = overhead
+    peak = tensors + overhead
+
+    secs = _phase_seconds(prof.costs, speed_gpu)
+    opt_s = speed_gpu.op_seconds(0, _optimizer_step_bytes(tot))
+    base_s = st.grad_accum * (secs["forward"] + secs["backward"]) + opt_s
+    step_s = base_s + st.grad_accum * secs["recompute"]
+    fits = headroom = None
+    if the_gpu is not None:
+        headroom = the_gpu.memory_bytes - peak
+        fits = headroom >= 0
+    return PolicyEstimate(
+        policy=policy,
+        plan=plan.summary(),
+        peak_bytes=peak,
+        breakdown=breakdown,
+        peak_phase=prof.peak_phase,
+        activation_bytes=prof.activation,
+        step_peak_bytes=prof.peak,
+        forward_flops=prof.flops("forward"),
+        backward_flops=prof.flops("backward"),
+        recompute_flops=prof.flops("recompute"),
+        recompute_bytes=prof.nbytes("recompute"),
+        speed_cost=(step_s - base_s) / base_s if base_s > 0 else 0.0,
+        step_time_s=step_s,
+        tokens_per_s=st.tokens_per_step / step_s if step_s > 0 else 0.0,
+        fits=fits,
+        headroom_bytes=headroom,
+    )
+
+
+def static_notes(
+    st: TrainingSetup, fixed_overhead: int | None, speed_gpu: GPU, the_gpu: GPU | None
+) -> list[str]:
+    """How the numbers were made, for the report's notes: allowance, optimizer, autocast, speed."""
+    notes = []
+    if fixed_overhead is None:
+        notes.append(
+            f"cuda_overhead = {format_bytes(CUDA_CONTEXT_BYTES)} (CUDA context, cuBLAS/cuDNN "
+            f"workspaces) + {ALLOCATOR_SLACK:.0%} of the tensors' peak (caching-allocator slack)"
+        )
+    else:
+        notes.append(f"cuda_overhead set to {format_bytes(fixed_overhead)}")
+    opt = {
+        "adamw": "fused AdamW: 2 states per trainable parameter in its dtype, no step temporaries",
+        "adamw-8bit": "bitsandbytes AdamW8bit: 2 bytes per parameter + fp32 absmax per 256 (32-bit states below 4096 values)",
+        "sgd": "SGD without momentum: no state",
+        "sgd-momentum": "SGD with momentum: 1 state per trainable parameter",
+    }[st.optimizer]
+    notes.append(f"optimizer: {opt}")
+    if st.autocast:
+        notes.append(
+            "forward ran under bf16 autocast (as Trainer(bf16=True)), CPU autocast's op lists; "
+            "CUDA's differ slightly (e.g. which ops it keeps in fp32)"
+        )
+    src = the_gpu if the_gpu is not None and the_gpu.has_speed else None
+    notes.append(
+        f"speed on {speed_gpu.name}{'' if src else ' (reference GPU)'}: per-op roofline "
+        f"max(FLOPs / ({MATH_EFFICIENCY:.0%} of {speed_gpu.bf16_tflops} TFLOPS), bytes / "
+        f"({MEMORY_EFFICIENCY:.0%} of {speed_gpu.bandwidth_gbs} GB/s)), kernel launch gaps ignored; "
+        "speed_cost = recompute time / time of the step without it"
+    )
+    notes.append(
+        "kernels are torch's CPU kernels on fake tensors: SDPA keeps output + logsumexp like "
+        "CUDA flash/efficient attention"
+    )
+    return notes

@@ -1,0 +1,247 @@
+"""Training setups: full fine-tune, LoRA or QLoRA; precision; optimizer and the bytes of its states."""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._optional import require
+from ..errors import ConfigError
+from .compat import deprecated_csv
+
+__all__ = [
+    "ATTENTION",
+    "METHODS",
+    "OPTIMIZERS",
+    "PRECISIONS",
+    "TrainingSetup",
+    "apply_method",
+    "optimizer_state_bytes",
+]
+
+METHODS = ("full", "lora", "qlora")
+#: ``bf16``: weights, gradients and (torch AdamW's) optimizer states in bf16; forward under bf16
+#: autocast, as ``Trainer(bf16=True)`` runs a bf16 model (LoRA adapters, fp32, then compute in bf16).
+#: ``mixed``: fp32 master weights, gradients and states, forward under bf16 autocast
+#: (what ``Trainer(bf16=True)`` does with an fp32 model).
+#: ``fp32``: everything in fp32, no autocast.
+PRECISIONS = ("bf16", "mixed", "fp32")
+#: ``adamw``: torch.optim.AdamW, fused: 2 states per trainable parameter in its dtype.
+#: ``adamw-8bit``: bitsandbytes AdamW8bit: 2 uint8 states + one fp32 absmax per 256 values for
+#: tensors of >= 4096 values (``min_8bit_size``), 2 fp32 states for smaller ones.
+#: ``sgd``: no state. ``sgd-momentum``: one momentum buffer per trainable parameter.
+OPTIMIZERS = ("adamw", "adamw-8bit", "sgd", "sgd-momentum")
+ATTENTION = ("sdpa", "flash", "eager")
+
+
+def _choice(value: Any, choices: tuple[str, ...], what: str) -> str:
+    if isinstance(value, str) and value.strip().lower() in choices:
+        return value.strip().lower()
+    close = difflib.get_close_matches(str(value).lower(), choices, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"unknown {what} {value!r}{hint}; choose one of: {', '.join(choices)}")
+
+
+def _positive_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{what} must be an integer >= 1, got {value!r}")
+    if value < 1:
+        raise ConfigError(f"{what} must be >= 1, got {value}")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingSetup:
+    """How the model is trained: everything except the checkpointing policy.
+
+    Attributes:
+        method: ``"full"`` (every parameter trained), ``"lora"`` (frozen base, LoRA adapters via
+            peft) or ``"qlora"`` (LoRA on an NF4-quantized base, see ``estimate.nf4``).
+        batch: micro-batch size (sequences per forward).
+        seq: tokens per sequence.
+        grad_accum: micro-batches per optimizer step; > 1 keeps gradients alive through the
+            forward passes, so they count at the peak.
+        precision: ``"bf16"``, ``"mixed"`` or ``"fp32"`` (see ``PRECISIONS``).
+        optimizer: ``"adamw"``, ``"adamw-8bit"``, ``"sgd"`` or ``"sgd-momentum"``.
+        attention: ``"sdpa"`` (transformers' SDPA path, as on a GPU), ``"flash"``
+            (flash-attention-2: one fused kernel, no mask, output + logsumexp kept) or
+            ``"eager"`` (seq x seq scores kept).
+        lora_rank: LoRA rank r.
+        lora_alpha: LoRA alpha (scaling only: no effect on memory).
+        lora_dropout: dropout on the adapter input (peft's default 0.0; > 0 keeps a mask and
+            a dropped copy of each adapted layer's input).
+        lora_targets: module names to adapt (a list, or one name), or ``"all-linear"`` (every
+            linear but the output layer, as recommended by the QLoRA paper). A comma-separated
+            string (``"q_proj,v_proj"``) is still split, with a DeprecationWarning, until the
+            next release.
+    """
+
+    method: str = "full"
+    batch: int = 1
+    seq: int = 2048
+    grad_accum: int = 1
+    precision: str = "bf16"
+    optimizer: str = "adamw"
+    attention: str = "sdpa"
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] | str = "all-linear"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", _choice(self.method, METHODS, "method"))
+        object.__setattr__(self, "precision", _choice(self.precision, PRECISIONS, "precision"))
+        object.__setattr__(self, "optimizer", _choice(self.optimizer, OPTIMIZERS, "optimizer"))
+        object.__setattr__(self, "attention", _choice(self.attention, ATTENTION, "attention"))
+        _positive_int(self.batch, "batch")
+        _positive_int(self.seq, "sequence length")
+        _positive_int(self.grad_accum, "grad_accum")
+        _positive_int(self.lora_rank, "lora_rank")
+        if (
+            isinstance(self.lora_alpha, bool)
+            or not isinstance(self.lora_alpha, (int, float))
+            or self.lora_alpha <= 0
+        ):
+            raise ConfigError(f"lora_alpha must be a positive number, got {self.lora_alpha!r}")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        targets = self.lora_targets
+        if isinstance(targets, str):
+            targets = targets.strip()
+            if "," in targets:
+                names = deprecated_csv(targets, "lora_targets", "['q_proj', 'v_proj']")
+                targets = tuple(t for t in names if t)
+            elif targets != "all-linear":
+                targets = (targets,) if targets else ()
+        else:
+            targets = tuple(str(t) for t in targets)
+        if not targets:
+            raise ConfigError(
+                "lora_targets is empty: name modules to adapt (e.g. q_proj and v_proj) or use 'all-linear'"
+            )
+        object.__setattr__(self, "lora_targets", targets)
+
+    # -- derived ------------------------------------------------------------------------------
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """dtype the model's (non-quantized) weights are stored in."""
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """dtype matmuls run in (bf16 under autocast, fp32 for ``fp32``)."""
+        return torch.float32 if self.precision == "fp32" else torch.bfloat16
+
+    @property
+    def autocast(self) -> bool:
+        """Whether the forward runs under bf16 autocast (all but ``fp32``)."""
+        return self.precision != "fp32"
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens per optimizer step: batch x seq x grad_accum."""
+        return self.batch * self.seq * self.grad_accum
+
+    def with_(self, **changes: Any) -> TrainingSetup:
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON-ready data (``lora_targets`` a list, or ``"all-linear"``)."""
+        targets = self.lora_targets
+        return {
+            **asdict(self),
+            "lora_targets": targets if isinstance(targets, str) else list(targets),
+        }
+
+
+_MIN_8BIT_SIZE = 4096  # bitsandbytes Optimizer8bit: smaller tensors keep 32-bit states
+_8BIT_BLOCK = 256  # bitsandbytes blockwise 8-bit optimizers: one fp32 absmax per 256 values
+
+
+def optimizer_state_bytes(params: list[nn.Parameter] | list[torch.Tensor], optimizer: str) -> int:
+    """Bytes of optimizer state for the trainable tensors ``params`` (after the first step).
+
+    torch's AdamW and SGD allocate their states with ``zeros_like(param)``: same dtype as the
+    parameter (bf16 under pure bf16 training, fp32 with fp32 master weights).
+
+    Example:
+        >>> optimizer_state_bytes([torch.zeros(10, dtype=torch.float32)], "adamw")
+        80
+    """
+    total = 0
+    for p in params:
+        n = p.numel()
+        if optimizer == "adamw":
+            total += 2 * n * p.element_size()
+        elif optimizer == "sgd-momentum":
+            total += n * p.element_size()
+        elif optimizer == "adamw-8bit":
+            if n >= _MIN_8BIT_SIZE:
+                total += 2 * (n + 4 * -(-n // _8BIT_BLOCK))
+            else:
+                total += 2 * 4 * n
+        elif optimizer == "sgd":
+            pass
+        else:  # pragma: no cover - validated by TrainingSetup
+            raise ConfigError(f"unknown optimizer {optimizer!r}")
+    return total
+
+
+def apply_method(model: nn.Module, setup: TrainingSetup) -> tuple[nn.Module, list[str]]:
+    """Make ``model`` trainable as ``setup`` says (freeze, quantize, add LoRA).
+
+    Runs the real peft code (``get_peft_model``), so adapter dtypes and the casts peft inserts
+    are what users get: peft keeps adapters in fp32 over a bf16 base (``autocast_adapter_dtype``)
+    and casts each adapted layer's input to fp32 for them. Call it inside the ``FakeTensorMode``
+    the model was built in (or on a real model).
+
+    Returns:
+        ``(model, notes)``: the model to train (a ``PeftModel`` for LoRA/QLoRA) and notes on
+        what was modelled.
+    """
+    notes: list[str] = []
+    if setup.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model, notes
+    peft = require("peft", "hf", purpose="LoRA/QLoRA estimates")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if setup.method == "qlora":
+        from .nf4 import quantize_linears
+
+        get_out = getattr(model, "get_output_embeddings", None)
+        out = get_out() if callable(get_out) else None
+        skip = tuple(n for n, m in model.named_modules() if out is not None and m is out)
+        quantize_linears(model, setup.compute_dtype, skip=skip)
+        notes.append(
+            "QLoRA: the blocks' linear layers stored as NF4 with double quantization "
+            "(bitsandbytes layout, modelled in plain PyTorch: bitsandbytes needs CUDA); "
+            f"embeddings, norms and the output layer stay in {str(setup.weight_dtype).removeprefix('torch.')}"
+        )
+    targets: Any = setup.lora_targets
+    cfg = peft.LoraConfig(
+        r=setup.lora_rank,
+        lora_alpha=setup.lora_alpha,
+        lora_dropout=setup.lora_dropout,
+        target_modules=targets if isinstance(targets, str) else list(targets),
+        bias="none",
+    )
+    try:
+        with warnings.catch_warnings():
+            # GPT-2's Conv1D layers: peft switches fan_in_fan_out on by itself, and says so
+            warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+            # peft reads transformers' renamed is_gradient_checkpointing flag
+            warnings.simplefilter("ignore", FutureWarning)
+            model = peft.get_peft_model(model, cfg)
+    except ValueError as e:
+        raise ConfigError(
+            f"LoRA targets {targets!r} do not match this model's modules: {e}"
+        ) from None
+    return model, notes

@@ -1,0 +1,1 @@
+"""Code that runs inside forward and backward: checkpoint, decision wrappers, segments, selective, offload."""

@@ -1,0 +1,29 @@
+"""Register gradckpt's built-in decisions and the policies that need runtime code, explicitly.
+
+Called once from ``gradckpt/__init__.py``; nothing registers itself by being imported.
+Order matters only for ``policy_names()``: none, full, every:K, sqrt (in ``policies``), then
+offload and selective.
+"""
+
+from __future__ import annotations
+
+from ..plans import Decision
+from ..policies import register_policy
+from . import offload, selective
+from .decisions import recompute_block, register_decision
+
+__all__ = ["register_builtin"]
+
+
+def register_builtin() -> None:
+    """Register RECOMPUTE, SELECTIVE, OFFLOAD and SAVE (offload_saved); policies offload, selective."""
+    register_decision(Decision.RECOMPUTE, recompute_block)
+    register_decision(Decision.SELECTIVE, selective.selective_block)
+    register_decision(Decision.OFFLOAD, offload.offload_block)
+    register_decision(Decision.SAVE, offload.save_block)  # SAVE wraps only with offload_saved
+    register_policy("offload", offload.POLICY_HELP, options=offload.POLICY_OPTIONS)(
+        offload.offload_policy
+    )
+    register_policy("selective", selective.POLICY_HELP, options=selective.POLICY_OPTIONS)(
+        selective.selective_policy
+    )
