@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from .blocks import block_groups
 from .errors import PolicyError
 from .plans import Decision, Plan
 
@@ -131,13 +132,18 @@ def _positive_int(arg: str | None, policy: str) -> int:
     return k
 
 
-@register_policy("every", "recompute one block in every K (every:1 == full)", arg="K")
+@register_policy(
+    "every", "recompute one block in every K of each block list (every:1 == full)", arg="K"
+)
 def _every(names: Sequence[str], arg: str | None, options: dict[str, Any]) -> Plan:
+    # Counted within each list (block_groups): the first block of every list is recomputed,
+    # so T5's decoder gets the same pattern as its encoder whatever the encoder's length.
     k = _positive_int(arg, f"every:{arg}")
-    decisions = tuple(
-        Decision.RECOMPUTE if i % k == 0 else Decision.SAVE for i in range(len(names))
-    )
-    return Plan(tuple(names), decisions, policy=f"every:{k}")
+    decisions = [Decision.SAVE] * len(names)
+    for start, stop in block_groups(names):
+        for i in range(start, stop, k):
+            decisions[i] = Decision.RECOMPUTE
+    return Plan(tuple(names), tuple(decisions), policy=f"every:{k}")
 
 
 def sqrt_segments(n: int) -> tuple[tuple[int, int], ...]:
@@ -159,10 +165,18 @@ def sqrt_segments(n: int) -> tuple[tuple[int, int], ...]:
 
 @register_policy(
     "sqrt",
-    "group blocks into ~sqrt(N) segments, each checkpointed as one unit (Chen et al. 2016)",
+    "group each block list into ~sqrt(N) segments, each checkpointed as one unit (Chen et al. 2016)",
 )
 def _sqrt(names: Sequence[str], arg: str | None, options: dict[str, Any]) -> Plan:
-    segs = tuple(s for s in sqrt_segments(len(names)) if s[1] - s[0] >= 2)
+    # A segment replays its blocks one after another from the first one's input, so it cannot
+    # span two lists (T5's decoder.block.0 does not take encoder.block.3's output): sqrt(N)
+    # per list (block_groups), N that list's length. A list of one block is checkpointed alone.
+    segs = tuple(
+        (start + a, start + b)
+        for start, stop in block_groups(names)
+        for a, b in sqrt_segments(stop - start)
+        if b - a >= 2
+    )
     return Plan(
         tuple(names), tuple(Decision.RECOMPUTE for _ in names), segments=segs, policy="sqrt"
     )

@@ -25,7 +25,7 @@ gradckpt: nothing is wrapped, only each block's ``forward`` is overridden on the
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -51,12 +51,18 @@ def is_hf_model(m: nn.Module) -> bool:
 
 
 def cached_tokens(cache: Any) -> int:
-    """Tokens already held by a KV cache (a ``Cache`` object or legacy tuples); 0 when empty."""
+    """Tokens already held by a KV cache (a ``Cache`` object, legacy tuples, or the dict XLM
+    and Flaubert used before transformers 5: ``{"slen": n, layer_id: (k, v)}``); 0 when empty."""
     if hasattr(cache, "get_seq_length"):
         try:
             return int(cache.get_seq_length())
         except Exception:  # a cache type whose length cannot be read: treat as holding tokens
             return 1
+    if isinstance(cache, Mapping):
+        slen = cache.get("slen")
+        if isinstance(slen, int) and not isinstance(slen, bool) and slen > 0:
+            return slen
+        return cached_tokens([v for k, v in cache.items() if k != "slen"])
     if isinstance(cache, (tuple, list)):
         for item in cache:
             if isinstance(item, torch.Tensor):

@@ -150,6 +150,7 @@ def _refuse_below_weights(model: nn.Module, budget: int) -> None:
     if budget < held:
         raise BudgetError(
             f"budget {format_bytes(budget)} is below the {format_bytes(held)} the model's weights, "
-            "buffers and gradients take before any activation: no plan can fit; raise the budget, "
-            "freeze weights (LoRA) or shard them (FSDP2)"
+            "buffers and gradients take before any activation, so the smallest achievable peak "
+            "is above it whatever the plan; raise the budget, freeze weights (LoRA) or shard "
+            "them (FSDP2)"
         )

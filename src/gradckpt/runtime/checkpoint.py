@@ -395,3 +395,92 @@ def abort_region(gen: Generator[None, None, None]) -> None:
     """Close a region after an exception in its forward, so no saved-tensor hooks are left behind."""
     with contextlib.suppress(BaseException):
         gen.close()
+
+
+# -- a region that steps aside between its blocks, and per-block RNG states -------------------
+
+#: One entry of autograd's saved-tensor hooks stack: ``(pack, unpack)``.
+_Hooks = tuple[Callable[[torch.Tensor], Any], Callable[[Any], torch.Tensor]]
+
+
+def saved_hooks_top() -> _Hooks | None:
+    """The saved-tensor hooks on top of autograd's stack now (None when the stack is empty)."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False)  # type: ignore[no-any-return]
+
+
+def _same_hooks(a: _Hooks | None, b: _Hooks | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a[0] is b[0] and a[1] is b[1]
+
+
+def pushed_since(below: _Hooks | None) -> list[_Hooks]:
+    """The hooks pushed on top of ``below`` (bottom first), left where they are.
+
+    ``open_region`` pushes two (torch's checkpoint hooks and ``_NamedMismatch``'s); what
+    ``pause_region`` takes off and ``resume_region`` puts back.
+    """
+    popped: list[_Hooks] = []
+    try:
+        while not _same_hooks(saved_hooks_top(), below):
+            top = saved_hooks_top()
+            if top is None or len(popped) >= 8:
+                raise GradCkptError(
+                    "internal: the saved-tensor hooks under a checkpointed segment were not found "
+                    "again (a context left open inside a block?); use policy='full'"
+                )
+            popped.append(top)
+            torch._C._autograd._pop_saved_tensors_default_hooks()
+    finally:
+        resume_region(list(reversed(popped)))
+    return list(reversed(popped))
+
+
+def pause_region(hooks: list[_Hooks]) -> bool:
+    """Take an open region's hooks off the stack, so tensors saved until ``resume_region`` are
+    saved as if no checkpoint were open (the model's own code between two blocks of a segment,
+    which the segment's replay does not run). False when they are not on top (nothing done)."""
+    if not hooks or not _same_hooks(saved_hooks_top(), hooks[-1]):
+        return False
+    for _ in hooks:
+        torch._C._autograd._pop_saved_tensors_default_hooks()
+    return True
+
+
+def resume_region(hooks: list[_Hooks]) -> None:
+    """Put back the hooks ``pause_region`` took off (bottom first)."""
+    for pack, unpack in hooks:
+        torch._C._autograd._push_saved_tensors_default_hooks(pack, unpack)
+
+
+class RngState:
+    """The RNG states a block saw on entry: CPU, and the devices of its tensor arguments."""
+
+    __slots__ = ("cpu", "device_type", "devices", "states")
+
+    def __init__(self, *args: Any) -> None:
+        # As torch's checkpoint does for its own inputs (torch/utils/checkpoint.py,
+        # _checkpoint_without_reentrant_generator): a device's state only when its runtime is
+        # initialized, so that no CUDA context is created here.
+        self.cpu = torch.get_rng_state()
+        self.device_type = tuc._infer_device_type(*args)
+        module = tuc._get_device_module(self.device_type)
+        if getattr(module, "_initialized", False):
+            self.devices, self.states = tuc.get_device_states(*args)
+        else:
+            self.devices, self.states = [], []
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.devices:
+            tuc.set_device_states(self.devices, self.states, device_type=self.device_type)
+
+
+@contextlib.contextmanager
+def fork_rng(states: Iterable[RngState]) -> Iterator[None]:
+    """Run with the CPU RNG and every device named in ``states`` restored afterwards."""
+    states = list(states)
+    devices = sorted({d for s in states for d in s.devices})
+    device_type = next((s.device_type for s in states if s.devices), "cuda")
+    with torch.random.fork_rng(devices=devices, device_type=device_type):
+        yield

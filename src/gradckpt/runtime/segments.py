@@ -1,8 +1,9 @@
 """Segments: several consecutive blocks checkpointed as one region (policy ``sqrt``).
 
-The region opens when the segment's first block starts and closes when its last block
+The region opens when the segment's first block that runs starts and closes when its last block
 returns; each later block's inputs are recorded with placeholders for the previous block's
-output tensors, so the recompute replays the blocks one after another from the first input.
+output tensors, with the RNG state it saw, so the recompute replays the blocks that ran one
+after another from the first input.
 """
 
 from __future__ import annotations
@@ -15,7 +16,17 @@ import torch
 from torch import nn
 
 from ..errors import GradCkptError
-from .checkpoint import abort_region, close_region, open_region
+from .checkpoint import (
+    RngState,
+    abort_region,
+    close_region,
+    fork_rng,
+    open_region,
+    pause_region,
+    pushed_since,
+    resume_region,
+    saved_hooks_top,
+)
 from .decisions import refuse_lazy_output, run_checkpointed
 
 __all__ = ["SegmentRun", "closer", "segment_forward"]
@@ -76,66 +87,113 @@ def _fill(obj: Any, out: Any) -> Any:
 
 @dataclass
 class SegmentRun:
+    """The blocks of one segment: one checkpointed region from the first block that runs to the
+    last, whose recompute replays the blocks that ran, each from the RNG state it saw.
+
+    Between two blocks the region steps aside (its saved-tensor hooks come off the stack), so
+    the model's own code there is not part of the region, and a block the model skips
+    (LayerDrop: ``if self.training and torch.rand([]) < self.layerdrop: continue`` in BART,
+    OPT, Whisper, wav2vec2...) is skipped by the replay too. The model's random draws between
+    blocks advance the RNG in forward only, so each replayed block restores its own entry
+    state instead of running on from the previous block's (without that, OPT's dropout masks
+    differed in the recompute: wrong gradients, no error).
+    """
+
     names: list[str]
     forwards: list[Callable[..., Any]]
     stateful: list[nn.Module]
     early_stop: bool = True
     gen: Generator[None, None, None] | None = None
-    prev: Any = None
-    expect: int = 0
-    records: list[tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=list)
+    hooks: list[Any] = field(default_factory=list)  # what the open region pushed, bottom first
+    paused: bool = False
+    prev: Any = None  # the output of the last block that ran
+    last: int = -1  # its index
+    records: list[tuple[int, Any, Any, RngState]] = field(default_factory=list)
+
+    def _resume(self) -> None:
+        if self.paused:
+            resume_region(self.hooks)
+            self.paused = False
 
     def abort(self) -> None:
+        """Close the region after an error: nothing it saved will be used."""
         if self.gen is not None:
+            self._resume()
             abort_region(self.gen)
-        self.gen, self.prev, self.expect = None, None, 0
+        self._reset()
+
+    def finish(self) -> None:
+        """Close a region whose last blocks did not run (skipped, or the forward ended early)."""
+        gen = self.gen
+        if gen is not None:
+            self._resume()
+        self._reset()
+        if gen is not None:
+            close_region(gen)
+
+    def _reset(self) -> None:
+        self.gen, self.hooks, self.paused, self.prev, self.last = None, [], False, None, -1
+
+    def _open(self, j: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        records: list[tuple[int, Any, Any, RngState]] = [
+            (j, None, None, RngState(*args, *kwargs.values()))
+        ]
+        forwards = self.forwards
+
+        def replay(*a: Any, **kw: Any) -> Any:
+            # torch restored the RNG of the first block's positional inputs; this restores each
+            # block's own (keyword tensors' devices included) and forks what it touches.
+            with fork_rng(r[3] for r in records):
+                k, _, _, rng = records[0]
+                rng.restore()
+                out = forwards[k](*a, **kw)
+                for k, ra, rkw, rng in records[1:]:
+                    rng.restore()
+                    out = forwards[k](*_fill(ra, out), **_fill(rkw, out))
+            return out
+
+        self.records = records
+        label = f"segment of blocks {self.names[j]!r} to {self.names[-1]!r}"
+        below = saved_hooks_top()
+        self.gen = open_region(
+            replay, args, kwargs, stateful=self.stateful, name=label, early_stop=self.early_stop
+        )
+        try:
+            self.hooks = pushed_since(below)
+        except BaseException:
+            self.abort()
+            raise
 
     def forward(self, j: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         fwd = self.forwards[j]
-        if j == 0:
-            self.abort()  # a region left open by an exception outside the blocks
-            if not torch.is_grad_enabled():
-                return fwd(*args, **kwargs)
-            records: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-            forwards = self.forwards
-
-            def replay(*a: Any, **kw: Any) -> Any:
-                out = forwards[0](*a, **kw)
-                for k, (ra, rkw) in enumerate(records, start=1):
-                    out = forwards[k](*_fill(ra, out), **_fill(rkw, out))
-                return out
-
-            self.records = records
-            label = f"segment of blocks {self.names[0]!r} to {self.names[-1]!r}"
-            self.gen = open_region(
-                replay,
-                args,
-                kwargs,
-                stateful=self.stateful,
-                name=label,
-                early_stop=self.early_stop,
-            )
-        elif self.gen is None:
-            return fwd(*args, **kwargs)
-        else:
-            if j != self.expect:
+        if self.gen is not None and j <= self.last:
+            if j != 0:
+                after = self.names[self.last]
                 self.abort()
                 raise GradCkptError(
                     f"block {self.names[j]!r} ran out of order inside a checkpointed segment "
-                    f"(expected {self.names[self.expect]!r}); the sqrt policy needs its blocks "
-                    "called one after another: use policy='full' for this model"
+                    f"(after {after!r}); the sqrt policy needs its blocks called one after "
+                    "another, each at most once: use policy='full' for this model"
                 )
+            self.finish()  # a new forward: the previous one's region is complete as it is
+        if self.gen is None:
+            if not torch.is_grad_enabled():
+                return fwd(*args, **kwargs)
+            self._open(j, args, kwargs)
+        else:
             found: list[int] = []
             paths = _tensor_paths(self.prev)
             rec = (_substitute(args, paths, found), _substitute(kwargs, paths, found))
             if not found:
+                before = self.names[self.last]
                 self.abort()
                 raise GradCkptError(
-                    f"block {self.names[j]!r} does not take block {self.names[j - 1]!r}'s output "
-                    "as input, so they cannot be checkpointed as one segment: use policy='full' "
+                    f"block {self.names[j]!r} does not take block {before!r}'s output as "
+                    "input, so they cannot be checkpointed as one segment: use policy='full' "
                     "or 'every:K' for this model"
                 )
-            self.records.append(rec)
+            self.records.append((j, *rec, RngState(*args, *kwargs.values())))
+            self._resume()
         self.prev = None
         try:
             out = fwd(*args, **kwargs)
@@ -144,20 +202,26 @@ class SegmentRun:
             self.abort()
             raise
         if j == len(self.forwards) - 1:
-            gen, self.gen = self.gen, None
-            if gen is not None:
-                close_region(gen)
-            self.expect = 0
+            self.finish()
         else:
-            self.prev, self.expect = out, j + 1
+            self.prev, self.last = out, j
+            self.paused = pause_region(self.hooks)
+            if not self.paused:
+                self.abort()
+                raise GradCkptError(
+                    f"block {self.names[j]!r} left saved-tensor hooks of its own open when it "
+                    "returned, so it cannot be part of a checkpointed segment: use "
+                    "policy='full' for this model"
+                )
         return out
 
 
 def closer(runs: list[SegmentRun]) -> Callable[..., None]:
     def close_open_segments(_model: nn.Module, _args: Any, _out: Any) -> None:
         for run in runs:
-            if run.gen is not None:
-                run.abort()
+            # A segment whose last blocks did not run (LayerDrop skipped them) is complete
+            # as it is; after an exception inside a block its region is already aborted.
+            run.finish()
 
     return close_open_segments
 

@@ -1,0 +1,113 @@
+"""XLM and Flaubert train exactly under every policy: their KV cache reaches blocks as ``cache=``.
+
+XLM and Flaubert build an ``EncoderDecoderCache`` in every forward, training included, and hand
+it to each attention block as ``cache=`` (transformers 5.24; a ``{"slen": n, layer: (k, v)}``
+dict before 5). A checkpointed block that appends to it appends again when backward recomputes
+it, and the second pass saw keys of twice the length: backward crashed under every policy.
+The HF guard passes such blocks no cache while gradients are recorded (they get an empty one
+anyway) and refuses a cache that already holds tokens. Loss and gradients are compared bit for
+bit with no checkpointing (fp32, CPU, dropout on, same seed).
+
+Run: PYTHONPATH=src .venv/bin/python -m pytest tests/test_hf_cache_kwargs.py -q
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import gradckpt
+from conftest import run_step
+
+transformers = pytest.importorskip("transformers")
+
+_CFG = {
+    "vocab_size": 64,
+    "emb_dim": 32,
+    "n_layers": 3,
+    "n_heads": 4,
+    "max_position_embeddings": 32,
+    "dropout": 0.1,
+    "attention_dropout": 0.1,
+}
+
+
+def _model(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "xlm":
+        return transformers.XLMWithLMHeadModel(transformers.XLMConfig(**_CFG)).train()
+    return transformers.FlaubertWithLMHeadModel(
+        transformers.FlaubertConfig(**_CFG, layerdrop=0.0)
+    ).train()
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    ids = torch.randint(4, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+    return {"input_ids": ids, "labels": ids}
+
+
+@pytest.mark.parametrize("kind", ["xlm", "flaubert"])
+def test_every_policy_exact(kind: str) -> None:
+    model = _model(kind)
+    batch = _batch()
+    ref = run_step(model, batch)
+    names = [n for n, _ in gradckpt.find_blocks(model)]
+    assert names[0] == "transformer.attentions.0"  # the blocks that take cache=
+    for policy in ["full", "every:2", "selective", "offload"]:
+        gradckpt.enable(model, policy=policy)
+        try:
+            loss, grads = run_step(model, batch)
+        finally:
+            gradckpt.disable(model)
+        assert torch.equal(loss, ref[0]), f"{kind}/{policy}: loss differs"
+        for name, g in ref[1].items():
+            got = grads[name]
+            assert (g is None) == (got is None), f"{kind}/{policy}: {name}"
+            assert g is None or torch.equal(g, got), f"{kind}/{policy}: {name} differs"
+
+
+@pytest.mark.parametrize("kind", ["xlm", "flaubert"])
+def test_sqrt_refuses_with_the_blocks_named(kind: str) -> None:
+    # XLM's blocks are its parallel lists attentions[i] and ffns[i]; attentions.1 takes the
+    # normed sum of attentions.0's output and its input, so no two of them form a segment.
+    # Refused at the first forward, naming both blocks and what to use instead.
+    model = _model(kind)
+    gradckpt.enable(model, policy="sqrt")
+    try:
+        with pytest.raises(gradckpt.GradCkptError, match="attentions.1.*attentions.0.*'full'"):
+            model(**_batch())
+    finally:
+        gradckpt.disable(model)
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+    run_step(model, _batch())  # the model still trains without gradckpt
+
+
+def test_prefilled_cache_given_as_cache_is_refused() -> None:
+    model = _model("xlm")
+    batch = _batch()
+    cache = transformers.EncoderDecoderCache(
+        transformers.DynamicCache(config=model.config),
+        transformers.DynamicCache(config=model.config),
+    )
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"][:, :4], cache=cache)
+    assert cache.get_seq_length() == 4
+    gradckpt.enable(model, policy="full")
+    try:
+        with pytest.raises(gradckpt.GradCkptError, match=r"holding 4 token\(s\) \(cache=...\)"):
+            model(input_ids=batch["input_ids"], cache=cache)
+    finally:
+        gradckpt.disable(model)
+
+
+def test_dict_cache_of_transformers_4_is_read() -> None:
+    # XLM/Flaubert before transformers 5 kept {"slen": tokens, layer_id: (k, v)}; it was read
+    # as empty, so a prefilled one was dropped silently instead of refused.
+    from gradckpt.guards.hf import cached_tokens as _cached_tokens
+
+    k = torch.zeros(1, 4, 3, 8)
+    assert _cached_tokens({"slen": 3, 0: (k, k)}) == 3
+    assert _cached_tokens({0: (k, k)}) == 3  # no "slen": the keys' length
+    assert _cached_tokens({"slen": 0}) == 0
+    assert _cached_tokens({}) == 0
