@@ -16,7 +16,6 @@ Run: PYTHONPATH=src .venv/bin/python -m pytest tests/test_architectures.py -q   
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 from typing import Any
@@ -63,15 +62,9 @@ KNOWN: dict[tuple[str, str], str] = {}
 KNOWN_FIND_BLOCKS: dict[str, str] = {}
 
 
-# transformers < 4.52 (4.46.2, `make test-oldest`) has no GradientCheckpointingLayer: no ground
-# truth for find_blocks, and Jamba's blocks come out otherwise (its experts), which passes.
-HAS_CHECKPOINT_LAYERS = importlib.util.find_spec("transformers.modeling_layers") is not None
-
-
 def _param(arch: str, policy: str | None = None) -> Any:
     reason = KNOWN.get((arch, policy)) if policy else KNOWN_FIND_BLOCKS.get(arch)  # type: ignore[arg-type]
-    strict = HAS_CHECKPOINT_LAYERS or reason != ITEM5
-    marks = [pytest.mark.xfail(strict=strict, reason=reason)] if reason else []
+    marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
     return pytest.param(arch, policy, marks=marks, id=f"{arch}-{policy}" if policy else arch)
 
 
