@@ -34,22 +34,24 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
-# The newest releases of everything but torch (2.13.0: the wheel on disk).
+# The newest releases of everything but torch. torch==2.13.0 is named in every install (with
+# --upgrade-strategy eager pip would otherwise upgrade torch too: a multi-GB CUDA build).
 test-newest:
 	test -x .venv-newest/bin/python || python3 -m venv .venv-newest
 	.venv-newest/bin/pip install -q --upgrade pip
 	.venv-newest/bin/pip install -q torch==2.13.0
-	.venv-newest/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[hf,plot,dev]'
-	.venv-newest/bin/pip freeze --exclude-editable | grep -iE '^(transformers|peft|trl|accelerate)=='
+	.venv-newest/bin/pip install -q --upgrade --upgrade-strategy eager torch==2.13.0 -e '.[hf,plot,dev]'
+	.venv-newest/bin/pip freeze --exclude-editable | grep -iE '^(torch|transformers|peft|trl|accelerate|datasets)=='
 	.venv-newest/bin/python -m pytest $(PYTEST_ARGS)
 
-# The oldest versions pyproject.toml admits for the Hugging Face stack (torch stays 2.13.0).
+# The oldest supported Hugging Face stack, pinned with its transitive dependencies in
+# constraints-oldest.txt (torch stays 2.13.0).
 test-oldest:
 	test -x .venv-oldest/bin/python || python3 -m venv .venv-oldest
-	.venv-oldest/bin/pip install -q --upgrade pip
-	.venv-oldest/bin/pip install -q torch==2.13.0
+	.venv-oldest/bin/pip install -q -c constraints-oldest.txt --upgrade pip
+	.venv-oldest/bin/pip install -q -c constraints-oldest.txt torch==2.13.0
 	.venv-oldest/bin/pip install -q -c constraints-oldest.txt -e '.[hf,plot,dev]'
-	.venv-oldest/bin/pip freeze --exclude-editable | grep -iE '^(transformers|peft|trl|accelerate)=='
+	.venv-oldest/bin/pip freeze --exclude-editable | grep -iE '^(torch|transformers|peft|trl|accelerate|datasets)=='
 	.venv-oldest/bin/python -m pytest $(PYTEST_ARGS)
 
 clean:

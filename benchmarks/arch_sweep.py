@@ -924,8 +924,11 @@ def grad_tensors(out: Any) -> list[torch.Tensor]:
             if x.is_floating_point() and x.requires_grad:
                 found.append(x)
         elif isinstance(x, dict):  # ModelOutput is an OrderedDict
-            for v in x.values():
-                walk(v)
+            for k, v in x.items():
+                # The KV cache is no result of the step, and gradckpt turns it off: transformers
+                # 4.x (4.46) returns it as tensors that would enter the loss of the reference only.
+                if k != "past_key_values":
+                    walk(v)
         elif isinstance(x, (tuple, list)):
             for v in x:
                 walk(v)

@@ -162,11 +162,14 @@ def test_replay_handles_alternating_layer_types() -> None:
         sliding_window=16,
         max_position_embeddings=256,
     )
-    assert len(set(cfg.layer_types)) == 2
     kw = dict(batch=BATCH, seq=SEQ, alternatives=False, policies=["none", "full"])
     fast = estimate(cfg, **kw)  # type: ignore[arg-type]
-    assert any("ran 5 of 7 blocks" in n for n in fast.notes)  # period 2: 2 + 2 + last
-    assert any("no SDPA support" in n for n in fast.notes)  # gemma2 runs eager, and says so
+    if hasattr(cfg, "layer_types"):  # transformers 5 lists them in the config
+        assert len(set(cfg.layer_types)) == 2
+        assert any("ran 5 of 7 blocks" in n for n in fast.notes)  # period 2: 2 + 2 + last
+        assert any("no SDPA support" in n for n in fast.notes)  # gemma2 runs eager, and says so
+    else:  # 4.46: even layers slide by layer_idx % 2, a small model cannot stand in: full depth
+        assert not any("of 7 blocks" in n for n in fast.notes)
     _same(fast, estimate(cfg, full_depth=True, **kw))  # type: ignore[arg-type]
 
 

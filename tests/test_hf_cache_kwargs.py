@@ -84,6 +84,8 @@ def test_sqrt_refuses_with_the_blocks_named(kind: str) -> None:
 
 
 def test_prefilled_cache_given_as_cache_is_refused() -> None:
+    if int(transformers.__version__.split(".")[0]) < 5:  # 4.46.2: XLM's cache is a plain dict
+        pytest.skip("transformers 4.x: the dict cache is test_dict_cache_of_transformers_4_is_read")
     model = _model("xlm")
     batch = _batch()
     cache = transformers.EncoderDecoderCache(

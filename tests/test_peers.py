@@ -37,6 +37,7 @@ def test_every_configuration_is_measured_or_skipped_with_a_reason(res: dict[str,
     r = rows(res)
     for label in ("none", "full", "every:2", "sqrt", "selective"):
         assert r[label]["family"] == "gradckpt"
+    skipped = {s["label"]: s["reason"] for s in res["skipped"]}
     for label in (
         "hf",
         "hf-reentrant",
@@ -45,9 +46,13 @@ def test_every_configuration_is_measured_or_skipped_with_a_reason(res: dict[str,
         "torch-sac-titan",
         "torch-sac-mm",
     ):
+        if label == "hf-every2" and label not in r:  # transformers 4.x: no every_n_layers
+            assert "has no every_n_layers option" in skipped[label]
+            continue
         assert r[label]["family"] == "peer"
-    skipped = {s["label"]: s["reason"] for s in res["skipped"]}
     for label in ("offload-acts", "hf-offload", "offload"):
+        if label == "hf-offload" and "has no offload option" in skipped[label]:
+            continue  # transformers 4.x: activation_checkpointing_enable(offload=) is 5's
         assert "CPU-only" in skipped[label]
     # the planner was asked for a plan at every peer's peak: measured, aliased or skipped
     planned = {a["peer"] for a in res["aliases"]} | {
@@ -74,7 +79,9 @@ def test_flops_and_bytes_agree_where_the_same_ops_are_recomputed(res: dict[str, 
         assert r[label]["activation_bytes"] == r["full"]["activation_bytes"]
     # reentrant recomputes the whole block (no early stop)
     assert r["hf-reentrant"]["extra_flops"] > full
-    assert r["hf-every2"]["extra_flops"] == r["every:2"]["extra_flops"] == full // 2
+    assert r["every:2"]["extra_flops"] == full // 2
+    if "hf-every2" in r:  # transformers 5's every_n_layers
+        assert r["hf-every2"]["extra_flops"] == full // 2
     # keeping every matmul and attention output: no matmul FLOPs recomputed
     assert r["torch-sac-mm"]["extra_flops"] == 0 == r["selective"]["extra_flops"]
     assert 0 < r["torch-sac-titan"]["extra_flops"] < full

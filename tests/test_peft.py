@@ -100,6 +100,14 @@ def test_enable_before_get_peft_model() -> None:
     assert_adapter_grads_equal(ref, step(model))
 
 
+def hf_checkpointing_flag(model: torch.nn.Module) -> bool:
+    """HF's own flag: is_activation_checkpointing in transformers 5, is_gradient_checkpointing in 4.x."""
+    new = hasattr(type(model), "is_activation_checkpointing")
+    return bool(
+        getattr(model, "is_activation_checkpointing" if new else "is_gradient_checkpointing")
+    )
+
+
 def test_qlora_style_preparation() -> None:
     """The state prepare_model_for_kbit_training leaves a 4-bit model in, minus the 4 bits."""
 
@@ -118,10 +126,10 @@ def test_qlora_style_preparation() -> None:
     ref = step(prepared(with_hf_checkpointing=False))
     model = prepared(with_hf_checkpointing=True)
     gradckpt.enable(model, policy="full")
-    assert not model.base_model.model.is_activation_checkpointing  # HF's reentrant one is off
+    assert not hf_checkpointing_flag(model.base_model.model)  # HF's reentrant one is off
     assert_adapter_grads_equal(ref, step(model))
     gradckpt.disable(model)
-    assert model.base_model.model.is_activation_checkpointing
+    assert hf_checkpointing_flag(model.base_model.model)
 
 
 def test_adapter_save_pretrained_identical(tmp_path: Path) -> None:

@@ -538,6 +538,10 @@ def _hf_batch(model, seq):
     "name", ["bigbird", "nystromformer", "layoutlmv3", "gpt_oss", "llama4", "funnel"]
 )
 def test_hf_models_that_modify_kept_outputs_get_exact_gradients(name):
+    t = pytest.importorskip("transformers")
+    cls = {"gpt_oss": "GptOssForCausalLM", "llama4": "Llama4ForCausalLM"}.get(name)
+    if cls is not None and not hasattr(t, cls):  # transformers 4.46.2 predates both
+        pytest.skip(f"transformers {t.__version__} has no {cls}")
     torch.manual_seed(0)
     model, seq = _tiny_hf(name)
     model.train()

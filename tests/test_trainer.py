@@ -181,6 +181,14 @@ class HFCheckpointSpy(transformers.TrainerCallback):  # type: ignore[misc]
                 m._gradient_checkpointing_func = spied
 
 
+def hf_checkpointing_flag(model: torch.nn.Module) -> bool:
+    """HF's own flag: is_activation_checkpointing in transformers 5, is_gradient_checkpointing in 4.x."""
+    new = hasattr(type(model), "is_activation_checkpointing")
+    return bool(
+        getattr(model, "is_activation_checkpointing" if new else "is_gradient_checkpointing")
+    )
+
+
 def test_gradient_checkpointing_true_is_replaced_not_stacked(tmp_path: Path) -> None:
     ref = run_trainer(tmp_path / "ref", [], lora=False)
     hf_only = HFCheckpointSpy()
@@ -197,7 +205,7 @@ def test_gradient_checkpointing_true_is_replaced_not_stacked(tmp_path: Path) -> 
     assert hf_only.calls == 3 * STEPS  # the spy sees HF's checkpoint: once per layer and step
     assert spy.calls == 0  # with the callback, HF's checkpoint never ran
     assert_same_run(ref, got)
-    assert got[2].model.is_activation_checkpointing  # HF's flag is back after training
+    assert hf_checkpointing_flag(got[2].model)  # HF's flag is back after training
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full-finetune", "lora"])

@@ -424,6 +424,51 @@ def test_cli_hugging_face_config_json(capsys: pytest.CaptureFixture[str], tmp_pa
     assert out["passed"] and out["layers"] == 2
 
 
+class LegacyCacheLM(nn.Module):
+    """transformers 4.x's causal LM, as gradckpt sees it: the KV cache comes back as tuples.
+
+    HF-like by duck typing (``config``, ``get_input_embeddings``), so gradckpt's HF guard turns
+    ``config.use_cache`` off while a plan is on and the output then has no ``past_key_values``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = type("Config", (), {"use_cache": True})()
+        self.embed = nn.Embedding(16, 8)
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+        self.head = nn.Linear(8, 16)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
+        h = self.embed(input_ids)
+        cache = []
+        for layer in self.layers:
+            h = torch.tanh(layer(h))
+            cache.append((h * 2, h * 3))  # (key, value) per layer, as 4.46's legacy cache
+        out = {"logits": self.head(h)}
+        if labels is not None:
+            out["loss"] = nn.functional.cross_entropy(out["logits"].flatten(0, 1), labels.flatten())
+        if self.config.use_cache:
+            out["past_key_values"] = tuple(cache)
+        return out
+
+
+@pytest.mark.parametrize("labels", [True, False], ids=["loss", "default-loss"])
+def test_kv_cache_tuples_are_not_compared(labels: bool) -> None:
+    """transformers 4.46 returned its cache as tensors: verify failed every HF decoder there."""
+    torch.manual_seed(0)
+    model = LegacyCacheLM()
+    ids = torch.randint(0, 16, (2, 5))
+    example = {"input_ids": ids, "labels": ids} if labels else {"input_ids": ids}
+    report = gradckpt.verify(model, example, "full")
+    assert report.passed, report.table()
+    assert model.config.use_cache  # restored after the step with the plan
+    output = next(g for g in report.groups if g.name == "output")
+    assert output.tensors == 2  # the loss and the logits: the cache is not compared
+
+
 def test_mlp_preset_small() -> None:
     torch.manual_seed(0)
     model = MLPStack(layers=3, dim=16, vocab=32, dropout=0.2).train()

@@ -3,7 +3,8 @@
 - ``call_model``: a dict is keyword inputs, a tuple or list positional ones, anything else the one input.
 - ``default_loss``: ``output.loss`` (attribute or ``"loss"`` key) when the model returns one;
   otherwise the sum of every output tensor that requires grad (tuples, lists, dicts, dataclasses
-  and ``ModelOutput`` searched), each summed in float32. An output ``(x, y)`` with
+  and ``ModelOutput`` searched; a KV cache in ``past_key_values`` left out), each summed in
+  float32. An output ``(x, y)`` with
   ``x = ones(2)`` and ``y = full((3,), 2.)`` gives 2 + 6 = 8.
 - ``ModelState``: gradients, buffers and RNG states, remembered and put back, so profiling or
   verifying a model leaves it as it was.
@@ -25,6 +26,7 @@ __all__ = [
     "batch_of",
     "call_model",
     "clone_example",
+    "KV_CACHE_FIELDS",
     "default_loss",
     "output_tensors",
 ]
@@ -39,19 +41,37 @@ def call_model(model: nn.Module, example: Any) -> Any:
     return model(example)
 
 
-def output_tensors(obj: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor inside an output (tensors, tuples, lists, dicts, dataclasses, ModelOutput)."""
+#: Output fields holding a KV cache. gradckpt keeps the cache off while gradients are recorded
+#: (``guards.hf``), so a step with a plan returns none; transformers 5 returns it as a ``Cache``
+#: object (never searched for tensors here), 4.x (4.46) as tuples of (key, value) tensors.
+KV_CACHE_FIELDS = frozenset({"past_key_values"})
+
+
+def output_tensors(
+    obj: Any, path: str = "", *, kv_cache: bool = True
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor inside an output (tensors, tuples, lists, dicts, dataclasses, ModelOutput).
+
+    ``kv_cache=False`` leaves out the fields named in ``KV_CACHE_FIELDS``: not a result of the
+    step, and absent when gradckpt's plan is on.
+    """
+
+    def inner(v: Any, p: str) -> Iterator[tuple[str, torch.Tensor]]:
+        return output_tensors(v, p, kv_cache=kv_cache)
+
     if isinstance(obj, torch.Tensor):
         yield path or "output", obj
     elif isinstance(obj, Mapping):
         for k, v in obj.items():
-            yield from output_tensors(v, f"{path}.{k}" if path else str(k))
+            if kv_cache or k not in KV_CACHE_FIELDS:
+                yield from inner(v, f"{path}.{k}" if path else str(k))
     elif isinstance(obj, (tuple, list)):
         for i, v in enumerate(obj):
-            yield from output_tensors(v, f"{path}[{i}]")
+            yield from inner(v, f"{path}[{i}]")
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         for f in dataclasses.fields(obj):
-            yield from output_tensors(getattr(obj, f.name), f"{path}.{f.name}" if path else f.name)
+            if kv_cache or f.name not in KV_CACHE_FIELDS:
+                yield from inner(getattr(obj, f.name), f"{path}.{f.name}" if path else f.name)
 
 
 def default_loss(out: Any) -> torch.Tensor:
@@ -65,7 +85,7 @@ def default_loss(out: Any) -> torch.Tensor:
         loss = out.get("loss")
     if isinstance(loss, torch.Tensor):
         return loss
-    parts = [t.float().sum() for _, t in output_tensors(out) if t.requires_grad]
+    parts = [t.float().sum() for _, t in output_tensors(out, kv_cache=False) if t.requires_grad]
     if not parts:
         raise ConfigError(
             "the model's output has no loss and no tensor that requires grad: pass loss_fn= "

@@ -190,7 +190,11 @@ def _step(
     loss.backward()
     return _Run(
         loss=loss.detach().clone(),
-        outputs={k: t.detach().clone() for k, t in output_tensors(out) if t is not loss},
+        outputs={
+            k: t.detach().clone()
+            for k, t in output_tensors(out, kv_cache=False)  # the cache is off with a plan
+            if t is not loss
+        },
         grads={n: None if p.grad is None else p.grad.detach().clone() for n, p in params},
         buffers={n: b.detach().clone() for n, b in model.named_buffers()},
         input_grads={

@@ -324,7 +324,11 @@ def _estimate(inp: _Inputs, t0: float) -> tuple[EstimateReport | None, list[str]
         raise ConfigError(f"{spec.name} has {L} layers; nothing to estimate")
     check_positions(spec, st.seq)
     notes = list(spec.notes)
-    force_full = full_depth or bool(fake_model.per_layer_lists(cfg))
+    force_full = (
+        full_depth
+        or bool(fake_model.per_layer_lists(cfg))
+        or fake_model.layers_differ_by_index(cfg)
+    )
 
     # A small build tells the block names; the full-depth names follow their pattern.
     n0 = min(L, 3)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -35,6 +36,7 @@ __all__ = [
     "get_session",
     "keep_only",
     "layer_types",
+    "layers_differ_by_index",
     "max_positions",
     "model_totals",
     "num_layers",
@@ -74,6 +76,20 @@ def layer_types(cfg: Any) -> list[Any] | None:
     if isinstance(lt, (list, tuple)) and len(lt) == num_layers(cfg):
         return list(lt)
     return None
+
+
+def layers_differ_by_index(cfg: Any) -> bool:
+    """True when the layers differ by their index but the config lists no ``layer_types``.
+
+    transformers 4.x releases such as 4.46 give Gemma 2 no ``layer_types``: its even layers
+    use sliding-window attention by ``layer_idx % 2`` in the modeling code, and Gemma 3 and
+    Cohere 2 pick theirs by ``sliding_window_pattern``. A small model cannot be told which of
+    its layers stands for which (its last layer has its own index's kind), so the estimate
+    runs such configs at full depth instead of replaying a period.
+    """
+    if layer_types(cfg) is not None:
+        return False
+    return cfg.model_type == "gemma2" or getattr(cfg, "sliding_window_pattern", None) is not None
 
 
 def per_layer_lists(cfg: Any) -> list[str]:
@@ -309,6 +325,7 @@ class FakeSession:
                     tracker.mark("start")  # empty interval: sets the baseline
                     with ExitStack() as stack:
                         stack.enter_context(_one_sequence_per_row())
+                        stack.enter_context(_no_padding_checks(model))
                         stack.enter_context(tracker)
                         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=setup.autocast):
                             loss = model(input_ids=ids, labels=ids).loss
@@ -406,6 +423,43 @@ def _one_sequence_per_row() -> Iterator[None]:
         yield
     finally:
         mu.find_packed_sequence_indices = orig  # type: ignore[attr-defined]
+
+
+@contextmanager
+def _no_padding_checks(model: nn.Module) -> Iterator[None]:
+    """Answer transformers 4.x's "is there padding?" checks as a real batch without padding does.
+
+    The fake batch is random ids with no attention mask, so on a real run of it every mask
+    transformers builds is all ones. transformers 5 never reads the values: its ``is_tracing``
+    counts fake tensors. 4.x releases such as 4.46 read them, which fake tensors cannot answer
+    (DataDependentOutputException on ``.item()``), in two places:
+
+    - ``warn_if_padding_and_no_attention_mask`` (BERT, RoBERTa, ...) tests
+      ``pad_token_id in input_ids[:, [-1, 0]]`` only to warn: skipped.
+    - ``_prepare_4d_attention_mask_for_sdpa`` (encoders with SDPA) returns None for an
+      all-ones mask (SDPA then runs without one) and a (batch, 1, seq, seq) mask otherwise:
+      None here, as on the real batch. The modeling modules import it by name, so it is
+      replaced in each module's namespace; transformers 5's modeling code has no such name.
+    """
+    method, mask_fn = "warn_if_padding_and_no_attention_mask", "_prepare_4d_attention_mask_for_sdpa"
+    patched = [m for m in model.modules() if callable(getattr(m, method, None))]
+    namespaces = {type(m).__module__ for m in model.modules()}
+    swapped: list[tuple[Any, Any]] = []
+    for name in namespaces:
+        ns = sys.modules.get(name)
+        if ns is not None and callable(getattr(ns, mask_fn, None)):
+            swapped.append((ns, getattr(ns, mask_fn)))
+    for m in patched:
+        m.__dict__[method] = lambda *args, **kwargs: None
+    for ns, _ in swapped:
+        setattr(ns, mask_fn, lambda *args, **kwargs: None)
+    try:
+        yield
+    finally:
+        for m in patched:
+            m.__dict__.pop(method, None)
+        for ns, orig in swapped:
+            setattr(ns, mask_fn, orig)
 
 
 def max_positions(cfg: Any) -> int | None:

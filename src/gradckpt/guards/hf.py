@@ -1,6 +1,6 @@
 """Hugging Face transformers: one checkpointing (gradckpt's) and no KV cache writes in training.
 
-Works with transformers 4.45 and later (tested with 5.x), found by duck typing so that
+Works with transformers 4.46.2 and later (tested: 4.46.2, 5.24.0), found by duck typing so that
 ``import gradckpt`` never imports transformers. What ``gradckpt.enable`` does to such a model,
 all undone by ``gradckpt.disable``:
 
