@@ -110,3 +110,36 @@ def test_full_matches_plain_torch_checkpoint_bytes_and_flops(preset: str) -> Non
 def test_measure_rejects_non_callable() -> None:
     with pytest.raises(gradckpt.GradCkptError, match="function"):
         gradckpt.measure(3)  # type: ignore[arg-type]
+
+
+def test_op_bytes_count_inputs_and_outputs_of_every_non_view_op() -> None:
+    x, w = torch.randn(B, D), torch.randn(D, H)
+    st = gradckpt.measure(lambda: (x @ w).t().sum(), model=None)
+    # mm reads x and w and writes B*H; t() is a view (not counted); sum reads B*H, writes 1.
+    assert st.op_bytes == 4 * (B * D + D * H + B * H) + 4 * (B * H + 1)
+    assert st.recompute_bytes == 0
+
+
+def test_estimate_timeline_counts_the_peak_measure_counts() -> None:
+    # One tracker engine: the estimator's TimelineTracker and measure() see the same peak bytes
+    # above the baseline for the same step (here on real CPU tensors).
+    from gradckpt.estimate.timeline import TimelineTracker
+    from gradckpt.measure import live_tensors
+
+    model = _mlp()
+    x = torch.randn(B, D)
+
+    def step() -> None:
+        model(x).sum().backward()
+
+    model.zero_grad(set_to_none=True)
+    st = gradckpt.measure(step, model=model)
+    model.zero_grad(set_to_none=True)
+    tracker = TimelineTracker()
+    tracker.seed(live_tensors())
+    tracker.mark("start")
+    with tracker:
+        step()
+    tracker.mark("step")
+    assert sum(tracker.intervals[-1].at_max) == st.peak_bytes - st.baseline_bytes
+    assert tracker.peak["cpu"] - tracker.baseline["cpu"] == st.peak_bytes - st.baseline_bytes

@@ -53,7 +53,6 @@ from .measure import (
     Tracked,
     allocator_step,
     budget_configs,
-    measure_with_op_bytes,
     time_rounds,
     track,
 )
@@ -85,7 +84,6 @@ __all__ = [
     "machine_slug",
     "make_configs",
     "max_dropout",
-    "measure_with_op_bytes",
     "pareto",
     "plot",
     "refresh",

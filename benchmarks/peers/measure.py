@@ -9,55 +9,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 import gradckpt
 from gradckpt.bench import StepTimes, time_interleaved
-from gradckpt.measure import MemoryStats
 from gradckpt.verify import compare_grads
 
 from .configs import SEED, Config, MiB, Skipped, copy_sharing_weights, gradckpt_then_compile
 
 # -- measuring ---------------------------------------------------------------------------------
-
-
-def measure_with_op_bytes(
-    step: Callable[[], None], model: nn.Module, device: torch.device
-) -> tuple[MemoryStats, int]:
-    """``gradckpt.measure`` of one step, plus the bytes its ops read and wrote.
-
-    The byte count is the benchmark's own rule: inputs plus outputs of every non-view op,
-    summed per call (a tensor read by two ops counts twice). It is the one place in
-    ``benchmarks/peers`` that counts bytes itself, kept in this function alone so that it
-    can move onto gradckpt's shared storage tracker without touching its callers.
-
-    Returns:
-        (the step's ``MemoryStats``, bytes read and written by its ops).
-    """
-
-    class OpBytes(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.bytes = 0
-
-        def __torch_dispatch__(
-            self, func: Any, types: Any, args: Any = (), kwargs: Any = None
-        ) -> Any:
-            out = func(*args, **(kwargs or {}))
-            if not getattr(func, "is_view", False):
-                for t in tree_flatten((args, kwargs or {}, out))[0]:
-                    if isinstance(t, torch.Tensor):
-                        self.bytes += t.numel() * t.element_size()
-            return out
-
-    counter = OpBytes()
-
-    def counted() -> None:
-        with counter:
-            step()
-
-    return gradckpt.measure(counted, model=model, device=device), counter.bytes
 
 
 def run_step(cfg: Config, batch: dict[str, torch.Tensor]) -> None:
@@ -143,8 +102,8 @@ def track(
         peak, act = allocator_step(cfg, batch, device)
         out = Tracked(peak_delta=peak, activation_bytes=act, source="allocator")
     else:
-        st, op_bytes = measure_with_op_bytes(
-            functools.partial(run_step, cfg, batch), cfg.model, device
+        st = gradckpt.measure(
+            functools.partial(run_step, cfg, batch), model=cfg.model, device=device
         )
         out = Tracked(
             peak_delta=st.peak_bytes - st.baseline_bytes,
@@ -153,7 +112,7 @@ def track(
             total_flops=st.total_flops,
             recompute_flops=st.recompute_flops,
             recompute_bytes=st.recompute_bytes,
-            op_bytes=op_bytes,
+            op_bytes=st.op_bytes,
         )
         if calibrate:  # the allocator's view of the same step, to show both methods agree
             cfg.model.zero_grad(set_to_none=True)

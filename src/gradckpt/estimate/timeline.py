@@ -11,9 +11,8 @@ intervals of a few-block run together as the full-depth model's step (see ``peri
 
 from __future__ import annotations
 
-import weakref
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +20,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from ..measure import count_flops
+from ..measure import LiveStorageTracker, count_flops, io_bytes, is_view_op
 from ..state import is_recomputing
 
 __all__ = [
@@ -163,32 +162,6 @@ def replay(timeline: Timeline, order: Sequence[int]) -> ReplayedStep:
 
 # -- the tracker ----------------------------------------------------------------------------
 
-_VIEW_CACHE: dict[Any, bool] = {}
-
-
-def _is_view_op(func: Any) -> bool:
-    """True for ops whose outputs alias an input without writing it (view, t, expand...)."""
-    v = _VIEW_CACHE.get(func)
-    if v is None:
-        try:
-            rets = func._schema.returns
-            v = bool(rets) and all(
-                r.alias_info is not None and not r.alias_info.is_write for r in rets
-            )
-        except AttributeError:
-            v = False
-        _VIEW_CACHE[func] = v
-    return v
-
-
-def _elems(t: torch.Tensor) -> int:
-    """Distinct elements a kernel touches: broadcast (stride-0) dimensions count once."""
-    n = 1
-    for s, st in zip(t.shape, t.stride()):
-        if st != 0:
-            n *= s
-    return n
-
 
 def storage_of(t: torch.Tensor) -> torch.UntypedStorage | None:
     try:
@@ -197,78 +170,68 @@ def storage_of(t: torch.Tensor) -> torch.UntypedStorage | None:
         return None
 
 
-class TimelineTracker(TorchDispatchMode):
-    """Track live storage bytes by category and cut the step into intervals at ``mark`` calls.
+_BASELINE = -1  # category of storages alive before the step (weights, inputs)
 
-    Storages are counted from the op that creates them until Python frees them (weakref), as in
-    ``gradckpt.measure``; storages alive before the step are seeded as the baseline.
+
+class TimelineTracker(LiveStorageTracker, TorchDispatchMode):
+    """Live storage bytes by category (``TAGS``), cut into intervals at ``mark`` calls.
+
+    Storages are counted by ``gradckpt.measure``'s ``LiveStorageTracker`` (from the op that
+    creates them until Python frees them; views add nothing; storages alive before the step are
+    seeded as the baseline). Each storage's tag is ``(category, interval it was created in)``;
+    this class adds the per-category vector, its peak within each interval, and op costs.
+    The fake tensors live on the CPU and stand for the GPU's memory, so the device is ``"cpu"``
+    here; host buffers an offloading decision makes are counted under ``"host"`` (by the base)
+    and, like every storage, in the category vector.
     """
 
     def __init__(self) -> None:
-        super().__init__()
-        # storage key -> (bytes, tag, interval it was created in); tag -1 = baseline
-        self._live: dict[int, tuple[int, int, int]] = {}
-        self._refs: dict[int, weakref.ref[Any]] = {}
+        TorchDispatchMode.__init__(self)
+        LiveStorageTracker.__init__(self, device_type="cpu")
         self.vec = [0, 0, 0, 0]
         self.tag = ACT
         self._start: tuple[int, int, int, int] = _ZERO
         self._max: tuple[int, int, int, int] = _ZERO
         self._max_total = 0
         self._costs: Counter[tuple[str, int, int]] = Counter()
-        self._freed: dict[int, list[int]] = {}  # origin interval -> bytes freed, by tag
+        self._freed: dict[int, list[int]] = {}  # origin interval -> bytes freed, by category
         self._freed_max: dict[int, tuple[int, int, int, int]] = {}
         self.intervals: list[Interval] = []
 
-    # storages -------------------------------------------------------------------------------
-    def _free(self, key: int) -> None:
-        info = self._live.pop(key, None)
-        self._refs.pop(key, None)
-        if info is not None and info[1] >= 0:
-            n, tag, origin = info
-            self.vec[tag] -= n
-            if origin != len(self.intervals):
-                self._freed.setdefault(origin, [0, 0, 0, 0])[tag] += n
-
-    def _track(self, t: torch.Tensor, tag: int) -> None:
-        st = storage_of(t)
-        if st is None:
+    # storages: the base counts them; these keep the category vector -----------------------
+    def _added(self, nbytes: int, device: str, tag: Any) -> None:
+        super()._added(nbytes, device, tag)
+        cat = tag[0]
+        if cat == _BASELINE:
             return
-        key = id(st)
-        if key in self._live:
+        self.vec[cat] += nbytes
+        total = self.vec[0] + self.vec[1] + self.vec[2] + self.vec[3]
+        if total > self._max_total:
+            self._max_total = total
+            self._max = (self.vec[0], self.vec[1], self.vec[2], self.vec[3])
+            if self._freed:
+                self._freed_max = {o: (v[0], v[1], v[2], v[3]) for o, v in self._freed.items()}
+
+    def _removed(self, nbytes: int, device: str, tag: Any) -> None:
+        super()._removed(nbytes, device, tag)
+        cat, origin = tag
+        if cat == _BASELINE:
             return
+        self.vec[cat] -= nbytes
+        if origin != len(self.intervals):
+            self._freed.setdefault(origin, [0, 0, 0, 0])[cat] += nbytes
 
-        def on_free(_r: Any, k: int = key) -> None:
-            self._free(k)
+    def seed(self, tensors: Iterable[torch.Tensor], tag: Any = None) -> None:
+        super().seed(tensors, (_BASELINE, 0))
 
-        try:
-            self._refs[key] = weakref.ref(st, on_free)
-        except TypeError:
-            return
-        n = int(st.nbytes())
-        self._live[key] = (n, tag, len(self.intervals))
-        if tag >= 0:
-            self.vec[tag] += n
-            total = self.vec[0] + self.vec[1] + self.vec[2] + self.vec[3]
-            if total > self._max_total:
-                self._max_total = total
-                self._max = (self.vec[0], self.vec[1], self.vec[2], self.vec[3])
-                if self._freed:
-                    self._freed_max = {o: (v[0], v[1], v[2], v[3]) for o, v in self._freed.items()}
-
-    def seed(self, tensors: Sequence[torch.Tensor]) -> None:
-        for t in tensors:
-            self._track(t, -1)
-
-    def retag(self, t: torch.Tensor, tag: int) -> None:
+    def retag(self, t: torch.Tensor, tag: Any) -> None:
         """Move a tracked storage to another category (a new gradient becomes ``GRAD``)."""
         st = storage_of(t)
-        if st is None:
+        info = None if st is None else self._live.get(id(st))
+        if info is None or info[2][0] in (_BASELINE, tag):
             return
-        info = self._live.get(id(st))
-        if info is None or info[1] < 0 or info[1] == tag:
-            return
-        n, old, origin = info
-        self._live[id(st)] = (n, tag, origin)
+        n, dev, (old, origin) = info
+        self._live[id(st)] = (n, dev, (tag, origin))
         self.vec[old] -= n
         self.vec[tag] += n
 
@@ -301,19 +264,15 @@ class TimelineTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if _is_view_op(func):
+        if is_view_op(func):
             return out
         in_bwd = torch._C._current_graph_task_id() != -1
         phase = "recompute" if is_recomputing() else ("backward" if in_bwd else "forward")
-        tag = BWD if in_bwd else self.tag
-        nbytes = 0
-        for a in tree_flatten((args, kwargs))[0]:
-            if isinstance(a, torch.Tensor):
-                nbytes += _elems(a) * a.element_size()
+        tag = (BWD if in_bwd else self.tag, len(self.intervals))
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
-                nbytes += _elems(t) * t.element_size()
-                self._track(t, tag)
+                self.track(t, tag)
+        nbytes = io_bytes(args, kwargs, out, distinct=True)
         flops = count_flops(func, args, kwargs, out)
         self._costs[(phase, flops, nbytes)] += 1
         return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .flops import count_flops
 from .step import MemoryStats, StepTracker, measure
-from .tracker import LiveStorageTracker, io_bytes, live_tensors, storages
+from .tracker import LiveStorageTracker, io_bytes, is_view_op, live_tensors, storages
 
 __all__ = [
     "LiveStorageTracker",
@@ -12,6 +12,7 @@ __all__ = [
     "StepTracker",
     "count_flops",
     "io_bytes",
+    "is_view_op",
     "live_tensors",
     "measure",
     "storages",

@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_flatten
 from ..errors import ConfigError
 from ..state import is_recomputing
 from .flops import count_flops
-from .tracker import LiveStorageTracker, io_bytes, live_tensors
+from .tracker import LiveStorageTracker, io_bytes, is_view_op, live_tensors
 
 __all__ = ["MemoryStats", "StepTracker", "count_flops", "measure"]
 
@@ -50,6 +50,8 @@ class MemoryStats:
             outputs of every op that is not a view; ops whose results a selective checkpoint
             kept are not re-run and not counted). FLOPs miss the cost of recomputing pointwise
             ops, which is memory traffic; this counts it.
+        op_bytes: the same count over every op of the step (forward, backward and recompute): a
+            tensor read by two ops counts twice.
         time_s: wall time of the step (includes the tracker's overhead on CPU).
         device: the device measured (``"cpu"``, ``"cuda:0"``; under fake tensors, the device they pretend to be on).
     """
@@ -64,6 +66,7 @@ class MemoryStats:
     backward_flops: int = 0
     recompute_flops: int = 0
     recompute_bytes: int = 0
+    op_bytes: int = 0
     time_s: float = 0.0
     device: str = "cpu"
 
@@ -90,6 +93,7 @@ class StepTracker(LiveStorageTracker, TorchDispatchMode):
         self.at_backward: dict[str, int] = {}
         self.flops = {"forward": 0, "backward": 0, "recompute": 0}
         self.recompute_bytes = 0
+        self.op_bytes = 0
         self.in_backward = False
         self.backward_started = False
 
@@ -109,8 +113,11 @@ class StepTracker(LiveStorageTracker, TorchDispatchMode):
         if flops:
             phase = "recompute" if is_recomputing() else ("backward" if in_bwd else "forward")
             self.flops[phase] += flops
-        if is_recomputing() and not getattr(func, "is_view", False):
-            self.recompute_bytes += io_bytes(args, kwargs, out)
+        if not is_view_op(func):
+            moved = io_bytes(args, kwargs, out)
+            self.op_bytes += moved
+            if is_recomputing():
+                self.recompute_bytes += moved
         if not self.use_allocator:
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor):
@@ -246,6 +253,7 @@ def measure(
         backward_flops=tracker.flops["backward"],
         recompute_flops=tracker.flops["recompute"],
         recompute_bytes=tracker.recompute_bytes,
+        op_bytes=tracker.op_bytes,
         time_s=elapsed,
         device=str(dev),
     )

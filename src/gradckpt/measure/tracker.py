@@ -12,7 +12,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..state import is_host_storage
 
-__all__ = ["LiveStorageTracker", "io_bytes", "live_tensors", "storages"]
+__all__ = ["LiveStorageTracker", "io_bytes", "is_view_op", "live_tensors", "storages"]
 
 
 def storages(t: torch.Tensor) -> list[torch.UntypedStorage]:
@@ -46,18 +46,28 @@ class LiveStorageTracker:
     def __init__(self, *, device_type: str, use_allocator: bool = False) -> None:
         self.device_type = device_type
         self.use_allocator = use_allocator
-        self._live: dict[int, tuple[int, str]] = {}
+        # storage key -> (bytes, device, tag); the tag is the subclass's (None by default)
+        self._live: dict[int, tuple[int, str, Any]] = {}
         self._refs: dict[int, weakref.ref[Any]] = {}
         self.current: dict[str, int] = {}
         self.peak: dict[str, int] = {}
         self.baseline: dict[str, int] = {}
 
+    # what a subclass refines: called once per storage when it starts and stops being counted
+    def _added(self, nbytes: int, device: str, tag: Any) -> None:
+        cur = self.current.get(device, 0) + nbytes
+        self.current[device] = cur
+        if cur > self.peak.get(device, 0):
+            self.peak[device] = cur
+
+    def _removed(self, nbytes: int, device: str, tag: Any) -> None:
+        self.current[device] = self.current.get(device, 0) - nbytes
+
     def _free(self, key: int) -> None:
         info = self._live.pop(key, None)
         self._refs.pop(key, None)
         if info is not None:
-            n, dev = info
-            self.current[dev] = self.current.get(dev, 0) - n
+            self._removed(*info)
 
     def _finalizer(self, key: int) -> Callable[[Any], None]:
         def free(_ref: Any) -> None:
@@ -65,7 +75,8 @@ class LiveStorageTracker:
 
         return free
 
-    def track(self, t: torch.Tensor) -> None:
+    def track(self, t: torch.Tensor, tag: Any = None) -> None:
+        """Count ``t``'s storages from now until Python frees them (once each), under ``tag``."""
         for st in storages(t):
             key = id(st)
             if key in self._live:
@@ -78,15 +89,24 @@ class LiveStorageTracker:
                 self._refs[key] = weakref.ref(st, self._finalizer(key))
             except TypeError:
                 continue
-            self._live[key] = (n, dev)
-            cur = self.current.get(dev, 0) + n
-            self.current[dev] = cur
-            if cur > self.peak.get(dev, 0):
-                self.peak[dev] = cur
+            self._live[key] = (n, dev, tag)
+            self._added(n, dev, tag)
 
-    def seed(self, tensors: Iterable[torch.Tensor]) -> None:
+    def retag(self, t: torch.Tensor, tag: Any) -> None:
+        """Count ``t``'s (single) storage under ``tag`` from now on."""
+        sts = storages(t)
+        if len(sts) != 1 or id(sts[0]) not in self._live:
+            return
+        key = id(sts[0])
+        n, dev, old = self._live[key]
+        self._removed(n, dev, old)
+        self._live[key] = (n, dev, tag)
+        self._added(n, dev, tag)
+
+    def seed(self, tensors: Iterable[torch.Tensor], tag: Any = None) -> None:
+        """Count what exists before the step (under ``tag``); it becomes the baseline."""
         for t in tensors:
-            self.track(t)
+            self.track(t, tag)
         self.baseline = dict(self.current)
         self.peak = dict(self.current)
 
@@ -97,12 +117,29 @@ class LiveStorageTracker:
         return self.current.get(dev, 0)
 
 
-def io_bytes(args: Any, kwargs: Any, out: Any) -> int:
-    """Bytes an op reads and writes: every tensor among its inputs and outputs."""
+def is_view_op(func: Any) -> bool:
+    """True for ops whose outputs alias an input without writing it (view, t, expand...): torch's own rule."""
+    return bool(getattr(func, "is_view", False))
+
+
+def _distinct_elems(t: torch.Tensor) -> int:
+    n = 1
+    for s, st in zip(t.shape, t.stride()):
+        if st != 0:
+            n *= s
+    return n
+
+
+def io_bytes(args: Any, kwargs: Any, out: Any, *, distinct: bool = False) -> int:
+    """Bytes an op reads and writes: every tensor among its inputs and outputs.
+
+    ``distinct=True`` counts broadcast (stride-0) dimensions once: the bytes a kernel touches,
+    what a roofline time needs; the default counts every element, as ``measure`` reports it.
+    """
     n = 0
     for t in tree_flatten((args, kwargs or {}, out))[0]:
         if isinstance(t, torch.Tensor):
-            n += t.numel() * t.element_size()
+            n += (_distinct_elems(t) if distinct else t.numel()) * t.element_size()
     return n
 
 

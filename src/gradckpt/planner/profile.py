@@ -91,7 +91,7 @@ class ProfileTracker(StepTracker):
             for st in storages(t):
                 info = self._live.get(id(st))
                 if info is not None and info[0]:
-                    self._live[id(st)] = (0, info[1])
+                    self._live[id(st)] = (0, info[1], info[2])
                     self.current[info[1]] -= info[0]
                     self.baseline[info[1]] = self.current[info[1]]
         self.peak = dict(self.current)
