@@ -51,11 +51,6 @@ DEFAULT_POLICIES = ("none", "full")
 #: Speed figures use this GPU when none with throughput figures is given.
 REFERENCE_GPU = "a100-80gb"
 
-# Step profiles already computed, so that asking again with another GPU (or overhead) is
-# instant: (session, plan, order, batch, seq, accumulation, optimizer) -> (session, profile, totals).
-_PROFILES: dict[Any, Any] = {}
-_PROFILES_SIZE = 64
-
 
 def policy_list(policies: Sequence[str] | str | None) -> list[str]:
     """Policy names checked and normalized (``"every:2"`` kept with its argument), no repeats.
@@ -163,13 +158,10 @@ def estimate(
         >>> r.result("full").fits, f"{r.result('full').speed_cost:.0%}"
     """
     t0 = time.perf_counter()
-    inputs = _inputs(
-        model,
+    changes = dict(
         method=method,
         batch=batch,
         seq=seq,
-        policies=policies,
-        gpu=gpu,
         precision=precision,
         optimizer=optimizer,
         grad_accum=grad_accum,
@@ -178,6 +170,12 @@ def estimate(
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
         lora_targets=lora_targets,
+    )
+    inputs = _inputs(
+        model,
+        policies=policies,
+        gpu=gpu,
+        changes=changes,
         setup=setup,
         overhead=overhead,
         alternatives=alternatives,
@@ -220,8 +218,10 @@ def estimate_one(
         The ``PolicyEstimate``, or None when ``policy`` is ``"auto"`` and the planner finds no
         plan for ``gpu`` (an answer, not a mistake: the sweep leaves that point out).
     """
+    resolved = {k: settings.pop(k) for k in _RESOLVED if k in settings}
+    changes = {**settings, "batch": batch, "seq": seq}
     inputs = _inputs(
-        model, batch=batch, seq=seq, policies=[policy], gpu=gpu, alternatives=False, **settings
+        model, policies=[policy], gpu=gpu, changes=changes, alternatives=False, **resolved
     )
     report, _ = _estimate(inputs, time.perf_counter())
     return None if report is None else report.results[0]
@@ -247,45 +247,26 @@ class _Inputs:
         return g if g is not None and g.has_speed else GPU_PRESETS[REFERENCE_GPU]
 
 
+# estimate()'s keyword arguments that are not TrainingSetup fields
+_RESOLVED = ("setup", "overhead", "full_depth")
+
+
 def _inputs(
     model: Any,
     *,
-    method: str | None = None,
-    batch: int | None = None,
-    seq: int | None = None,
-    policies: Sequence[str] | str | None = None,
-    gpu: str | GPU | None = None,
-    precision: str | None = None,
-    optimizer: str | None = None,
-    grad_accum: int | None = None,
-    attention: str | None = None,
-    lora_rank: int | None = None,
-    lora_alpha: int | None = None,
-    lora_dropout: float | None = None,
-    lora_targets: Sequence[str] | str | None = None,
+    policies: Sequence[str] | str | None,
+    gpu: str | GPU | None,
+    changes: dict[str, Any],
     setup: TrainingSetup | None = None,
     overhead: int | str | None = None,
     alternatives: bool = True,
     full_depth: bool = False,
 ) -> _Inputs:
-    """``estimate``'s arguments checked and resolved (setup, GPU, policies, allowance, model)."""
-    changes = {
-        k: v
-        for k, v in dict(
-            method=method,
-            batch=batch,
-            seq=seq,
-            precision=precision,
-            optimizer=optimizer,
-            grad_accum=grad_accum,
-            attention=attention,
-            lora_rank=lora_rank,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            lora_targets=lora_targets,
-        ).items()
-        if v is not None
-    }
+    """``estimate``'s arguments checked and resolved (setup, GPU, policies, allowance, model).
+
+    ``changes`` are the ``TrainingSetup`` fields given (None: not given), applied over ``setup``.
+    """
+    changes = {k: v for k, v in changes.items() if v is not None}
     if setup is not None and not isinstance(setup, TrainingSetup):
         raise ConfigError(f"setup must be a TrainingSetup, got {type(setup).__name__}")
     st = (setup or TrainingSetup()).with_(**changes) if changes or setup is None else setup
@@ -375,7 +356,6 @@ def _estimate(inp: _Inputs, t0: float) -> tuple[EstimateReport | None, list[str]
             )
             replayed.add(f"{policy}: ran {len(decisions)} of {L} blocks")
         key = (
-            id(sess),
             run_plan.decisions,
             run_plan.segments,
             repr(run_plan.options),
@@ -385,17 +365,14 @@ def _estimate(inp: _Inputs, t0: float) -> tuple[EstimateReport | None, list[str]
             st.grad_accum,
             st.optimizer,
         )
-        cached = _PROFILES.pop(key, None)
-        if cached is None or cached[0] is not sess:
+
+        def step(sess: Any = sess, run_plan: Plan = run_plan, order: Any = order) -> Any:
             timeline = sess.run(run_plan, st.batch, st.seq, grad_accum=st.grad_accum)
-            prof = replay(timeline, order)
             whole, per_block = sess.totals(st.optimizer)
-            tot = replayed_totals(whole, per_block, order)
-            cached = (sess, prof, tot)
-        _PROFILES[key] = cached  # most recent last
-        while len(_PROFILES) > _PROFILES_SIZE:
-            _PROFILES.pop(next(iter(_PROFILES)))
-        _, prof, tot = cached
+            return replay(timeline, order), replayed_totals(whole, per_block, order)
+
+        # asking again with another GPU (or overhead) is instant
+        prof, tot = sess.steps.get(key, step)
         totals_full = tot
         results.append(
             policy_estimate(policy, plan, prof, tot, st, the_gpu, speed_gpu, fixed_overhead)
@@ -477,8 +454,6 @@ def _planner_plan(
     # The planner measures like gradckpt.measure: every live tensor of the process is baseline.
     # Fake models cached from earlier estimates would count as weights: let them go.
     fake_model.keep_only(sess)
-    for key in [k for k, v in _PROFILES.items() if v[0] is not sess]:
-        del _PROFILES[key]
     gc.collect()
     whole, _ = sess.totals(st.optimizer)
     if fixed_overhead is None:

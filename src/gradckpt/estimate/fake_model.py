@@ -230,6 +230,8 @@ class FakeSession:
     ) -> None:
         t = hf_transformers()
         self.setup = setup
+        #: replayed step results of this model, by plan and step shape (``estimator`` fills it)
+        self.steps = LRU(64)
         self.mode = FakeTensorMode(allow_non_fake_inputs=False)
         small = _small_config(cfg, n_layers, types)
         cls = _model_class(t, small)
@@ -471,10 +473,31 @@ def max_positions(cfg: Any) -> int | None:
     return None
 
 
-# -- session cache --------------------------------------------------------------------------
+# -- the cache ------------------------------------------------------------------------------
 
-_CACHE: dict[Any, FakeSession] = {}
-_CACHE_SIZE = 4
+
+class LRU:
+    """A bounded mapping that forgets the least recently used entry first."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.items: dict[Any, Any] = {}
+
+    def get(self, key: Any, make: Callable[[], Any]) -> Any:
+        """The value for ``key``, made by ``make()`` (and kept) when absent."""
+        value = self.items.pop(key, _MISSING)
+        if value is _MISSING:
+            value = make()
+        self.items[key] = value  # most recently used last
+        while len(self.items) > self.size:
+            self.items.pop(next(iter(self.items)))
+        return value
+
+
+_MISSING = object()
+# The one estimate cache: fake models by (config, setup, depth). Each session keeps its own
+# step results (``FakeSession.steps``), so they go when the session goes.
+_SESSIONS = LRU(4)
 
 
 def _cache_key(cfg: Any, setup: TrainingSetup, n: int, types: list[Any] | None) -> Any:
@@ -491,13 +514,9 @@ def _cache_key(cfg: Any, setup: TrainingSetup, n: int, types: list[Any] | None) 
 
 def get_session(cfg: Any, setup: TrainingSetup, n: int, types: list[Any] | None) -> FakeSession:
     """A ``FakeSession`` for this config, setup (batch and sequence aside) and depth; cached."""
-    key = _cache_key(cfg, setup, n, types)
-    sess = _CACHE.pop(key, None)
-    if sess is None:
-        sess = FakeSession(cfg, setup, n, types)
-    _CACHE[key] = sess  # most recently used last
-    while len(_CACHE) > _CACHE_SIZE:
-        _CACHE.pop(next(iter(_CACHE)))
+    sess: FakeSession = _SESSIONS.get(
+        _cache_key(cfg, setup, n, types), lambda: FakeSession(cfg, setup, n, types)
+    )
     return sess
 
 
@@ -521,5 +540,4 @@ def model_totals(cfg: Any, setup: TrainingSetup) -> TensorTotals:
 
 def keep_only(session: FakeSession) -> None:
     """Forget every cached fake model but ``session``."""
-    for key in [k for k, v in _CACHE.items() if v is not session]:
-        del _CACHE[key]
+    _SESSIONS.items = {k: v for k, v in _SESSIONS.items.items() if v is session}
