@@ -1,0 +1,131 @@
+"""Markdown for a ``benchmarks.gpu_check`` results document (the ``.md`` file and the README section)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["render_markdown"]
+
+GiB = 2**30
+
+
+def _gib(n: Any) -> str:
+    return f"{n / GiB:.2f}" if isinstance(n, (int, float)) and n else "–"
+
+
+def _pct(x: Any, signed: bool = True) -> str:
+    if not isinstance(x, (int, float)):
+        return "–"
+    return f"{x:+.1%}" if signed else f"{x:.0%}"
+
+
+def _machine(m: dict[str, Any]) -> str:
+    parts = [f"**{m.get('device', '?')}**"]
+    if m.get("memory_bytes"):
+        parts.append(f"{m['memory_bytes'] / GiB:.0f} GiB")
+    if m.get("driver"):
+        parts.append(f"driver {m['driver']}")
+    if m.get("cuda"):
+        parts.append(f"CUDA {m['cuda']}")
+    parts.append(f"torch {m.get('torch')}")
+    for lib in ("transformers", "peft"):
+        parts.append(f"{lib} {m.get(lib) or 'not installed'}")
+    return ", ".join(parts)
+
+
+def _tests(t: dict[str, Any] | None) -> list[str]:
+    if not t:
+        return ["Tests: not run (see skipped)."]
+    counts = ", ".join(f"{n} {k}" for k, n in sorted(t.get("counts", {}).items())) or "no results"
+    out = [f"`gpu`-marked tests (`{t.get('command')}`): {counts}, exit {t.get('returncode')}, "
+           f"{t.get('seconds', 0):.0f} s."]
+    bad = [c for c in t.get("cases", []) if c["outcome"] in ("failed", "error")]
+    if bad:
+        out.append("")
+        out += [f"- {c['outcome']}: `{c['name']}`: {c['message'][:300]}" for c in bad]
+    return out
+
+
+def _table(rows: list[dict[str, Any]]) -> list[str]:
+    head = (
+        "| policy | plan | allocated GiB | predicted | error | reserved GiB | predicted | error "
+        "| speed cost | predicted (roofline) | status |"
+    )
+    out = [head, "|" + "---|" * 11]
+    for r in rows:
+        p = r.get("predicted") or {}
+        out.append(
+            "| "
+            + " | ".join(
+                [
+                    f"`{r['policy']}`",
+                    str(r.get("plan", "")).replace("|", "/")[:60],
+                    _gib(r.get("allocated_bytes")),
+                    _gib(p.get("allocated_bytes")),
+                    _pct(r.get("allocated_error")),
+                    _gib(r.get("reserved_bytes")),
+                    _gib(p.get("reserved_bytes")),
+                    _pct(r.get("reserved_error")),
+                    _pct(r.get("speed_cost")) if r["policy"] != "none" else "(ref)",
+                    _pct(p.get("speed_cost")) if r["policy"] != "none" else "(ref)",
+                    r.get("status", ""),
+                ]
+            )
+            + " |"
+        )
+    return out
+
+
+def render_markdown(res: dict[str, Any], *, heading: str = "#") -> str:
+    """The results as Markdown: machine, tests, one table per workload and sequence length.
+
+    Args:
+        res: a ``benchmarks.gpu_check`` results document.
+        heading: the Markdown heading level of the title (``"##"`` inside the README).
+    """
+    smoke = res.get("smoke")
+    title = "gradckpt GPU check" + (" (CPU smoke run: tiny models, not GPU figures)" if smoke else "")
+    state = "complete" if res.get("complete") else "partial (stopped before the end)"
+    out = [
+        f"{heading} {title}",
+        "",
+        f"{_machine(res.get('machine', {}))}. {res.get('date')}, {state}, "
+        f"{res.get('elapsed_s', 0):.0f} s. Reproduce: `{res.get('command', 'make gpu-check')}`.",
+        "",
+        *_tests(res.get("tests")),
+        "",
+        "Memory: peak `torch.cuda.max_memory_allocated` / `max_memory_reserved` of one steady-state "
+        "step (optimizer states exist, allocator cache emptied and warmed by one step), next to "
+        "`gradckpt.estimate`'s prediction for the same config and setup (bf16 weights under bf16 "
+        "autocast, fused AdamW, SDPA, batch 1); error = (predicted - measured) / measured. Speed "
+        "cost: median over interleaved rounds of the step time (CUDA events) over `none`'s in the "
+        "same round, minus 1; predicted: the estimate's per-op roofline on "
+        f"`{res.get('settings', {}).get('speed_gpu')}`. `hf` is transformers' own "
+        "`gradient_checkpointing_enable()`, compared with `full`'s prediction; `auto` is "
+        "`gradckpt.plan` at the budget halfway between the predicted peaks of `none` and `full`.",
+    ]
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in res.get("rows", []):
+        groups.setdefault((r["workload"], r["seq"]), []).append(r)
+    for (name, seq), rows in groups.items():
+        budget = next((r.get("budget_bytes") for r in rows if r.get("budget_bytes")), None)
+        extra = f", auto budget {_gib(budget)} GiB" if budget else ""
+        method = rows[0].get("method")
+        out += ["", f"{heading}# {name} ({method}), batch {rows[0].get('batch')} x seq {seq}{extra}", ""]
+        out += _table(rows)
+        pred = res.get("predictions", {}).get(f"{name}@{seq}", {})
+        if pred.get("error") or pred.get("auto_error"):
+            out += ["", f"Estimate: {pred.get('error') or pred.get('auto_error')}"]
+    off = res.get("offload") or {}
+    if off:
+        out += ["", f"{heading}# Offload: copies hidden behind compute", "",
+                "| workload | host MiB | copies alone ms | offload - full ms | hidden |", "|---|---|---|---|---|"]
+        for key, o in off.items():
+            out.append(
+                f"| {key} | {o['host_bytes'] / 2**20:.0f} | {o['copy_s'] * 1e3:.1f} | "
+                f"{o['exposed_s'] * 1e3:.1f} | {_pct(o.get('hidden'), signed=False)} |"
+            )
+    if res.get("skipped"):
+        out += ["", f"{heading}# Skipped", ""]
+        out += [f"- {s['what']}: {s['why']}" for s in res["skipped"]]
+    return "\n".join(out) + "\n"
