@@ -111,10 +111,11 @@ class StepTracker(LiveStorageTracker, TorchDispatchMode):
             self.flops[phase] += flops
         if is_recomputing() and not getattr(func, "is_view", False):
             self.recompute_bytes += io_bytes(args, kwargs, out)
-        if not self.use_allocator:
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor):
-                    self.track(t)
+        for t in tree_flatten(out)[0]:
+            # With the allocator, CUDA bytes come from its statistics; host (CPU) storages, such
+            # as offloaded activations, exist only in this count, so they are tracked still.
+            if isinstance(t, torch.Tensor) and not (self.use_allocator and t.device.type == "cuda"):
+                self.track(t)
         return out
 
 
