@@ -4,9 +4,57 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["render_markdown"]
+__all__ = ["CLAIMS", "claims_table", "render_markdown"]
 
 GiB = 2**30
+
+#: What gradckpt claims about CUDA, and the gpu-marked tests (``tests/test_gpu.py``,
+#: ``tests/test_offload.py``) or kit measurements that settle each: (claim, test names, kind).
+CLAIMS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    (
+        "offload's copies run on side streams, overlapping compute",
+        (
+            "test_offload_copies_run_while_compute_runs",
+            "test_gpu_offload_overlaps_copies_with_compute_and_reuses_pinned_memory",
+        ),
+        "tests",
+    ),
+    (
+        "offload never makes the host wait for the device",
+        ("test_offload_never_makes_the_host_wait",),
+        "tests",
+    ),
+    (
+        "offload reuses pinned host buffers step after step",
+        ("test_gpu_offload_overlaps_copies_with_compute_and_reuses_pinned_memory",),
+        "tests",
+    ),
+    (
+        "offload_saved: same gradients, bytes moved to host",
+        ("test_gpu_offload_saved_matches_and_moves_bytes_to_host",),
+        "tests",
+    ),
+    (
+        "measure reads the CUDA allocator exactly (and agrees with the CPU tracker)",
+        (
+            "test_measure_reads_the_allocator_exactly",
+            "test_measure_per_block_bytes_match_the_cpu_tracker",
+        ),
+        "tests",
+    ),
+    (
+        "every policy's gradients equal none's: fp32 bit-identical (deterministic kernels)",
+        ("test_every_policy_gives_nones_gradients_fp32_exact",),
+        "tests",
+    ),
+    (
+        "every policy's gradients equal none's: bf16 within 2e-2 relative",
+        ("test_every_policy_gives_nones_gradients_bf16_within_tolerance",),
+        "tests",
+    ),
+    ("plan/estimate's peak memory (allocated and reserved) per policy", (), "memory"),
+    ("speed cost per policy vs the estimate's roofline and HF's own checkpointing", (), "speed"),
+)
 
 
 def _gib(n: Any) -> str:
@@ -37,8 +85,10 @@ def _tests(t: dict[str, Any] | None) -> list[str]:
     if not t:
         return ["Tests: not run (see skipped)."]
     counts = ", ".join(f"{n} {k}" for k, n in sorted(t.get("counts", {}).items())) or "no results"
-    out = [f"`gpu`-marked tests (`{t.get('command')}`): {counts}, exit {t.get('returncode')}, "
-           f"{t.get('seconds', 0):.0f} s."]
+    out = [
+        f"`gpu`-marked tests (`{t.get('command')}`): {counts}, exit {t.get('returncode')}, "
+        f"{t.get('seconds', 0):.0f} s."
+    ]
     bad = [c for c in t.get("cases", []) if c["outcome"] in ("failed", "error")]
     if bad:
         out.append("")
@@ -76,6 +126,48 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _claim_status(res: dict[str, Any] | None, tests: tuple[str, ...], kind: str) -> str:
+    if not res:
+        return "CPU-only: not yet run on a GPU"
+    device = res.get("machine", {}).get("device", "?")
+    if kind == "tests":
+        cases = (res.get("tests") or {}).get("cases", [])
+        got = [
+            c
+            for c in cases
+            if any(c["name"].endswith(f"::{t}") or f"::{t}[" in c["name"] for t in tests)
+        ]
+        if not got:
+            return "not run in this check"
+        outcomes = {c["outcome"] for c in got}
+        if outcomes & {"failed", "error"}:
+            return f"**failed** on {device}"
+        if outcomes == {"skipped"}:
+            return "skipped: " + got[0]["message"][:80]
+        return f"passed on {device}"
+    rows = [r for r in res.get("rows", []) if r.get("status") == "ok"]
+    if kind == "memory":
+        errs = [
+            abs(r["allocated_error"]) for r in rows if isinstance(r.get("allocated_error"), float)
+        ]
+        if not errs:
+            return "not measured"
+        return (
+            f"measured on {device}: {len(errs)} configurations, |error| of allocated peak "
+            f"median {sorted(errs)[len(errs) // 2]:.1%}, worst {max(errs):.1%}"
+        )
+    timed = [r for r in rows if isinstance(r.get("speed_cost"), float) and r["policy"] != "none"]
+    return f"measured on {device}: {len(timed)} configurations" if timed else "not measured"
+
+
+def claims_table(res: dict[str, Any] | None) -> list[str]:
+    """Markdown lines: each CUDA claim and whether this results document settles it."""
+    out = ["| claim | status |", "|---|---|"]
+    for claim, tests, kind in CLAIMS:
+        out.append(f"| {claim} | {_claim_status(res, tests, kind)} |")
+    return out
+
+
 def render_markdown(res: dict[str, Any], *, heading: str = "#") -> str:
     """The results as Markdown: machine, tests, one table per workload and sequence length.
 
@@ -84,7 +176,9 @@ def render_markdown(res: dict[str, Any], *, heading: str = "#") -> str:
         heading: the Markdown heading level of the title (``"##"`` inside the README).
     """
     smoke = res.get("smoke")
-    title = "gradckpt GPU check" + (" (CPU smoke run: tiny models, not GPU figures)" if smoke else "")
+    title = "gradckpt GPU check" + (
+        " (CPU smoke run: tiny models, not GPU figures)" if smoke else ""
+    )
     state = "complete" if res.get("complete") else "partial (stopped before the end)"
     out = [
         f"{heading} {title}",
@@ -93,6 +187,8 @@ def render_markdown(res: dict[str, Any], *, heading: str = "#") -> str:
         f"{res.get('elapsed_s', 0):.0f} s. Reproduce: `{res.get('command', 'make gpu-check')}`.",
         "",
         *_tests(res.get("tests")),
+        "",
+        *claims_table(res if not smoke else None),
         "",
         "Memory: peak `torch.cuda.max_memory_allocated` / `max_memory_reserved` of one steady-state "
         "step (optimizer states exist, allocator cache emptied and warmed by one step), next to "
@@ -111,15 +207,24 @@ def render_markdown(res: dict[str, Any], *, heading: str = "#") -> str:
         budget = next((r.get("budget_bytes") for r in rows if r.get("budget_bytes")), None)
         extra = f", auto budget {_gib(budget)} GiB" if budget else ""
         method = rows[0].get("method")
-        out += ["", f"{heading}# {name} ({method}), batch {rows[0].get('batch')} x seq {seq}{extra}", ""]
+        out += [
+            "",
+            f"{heading}# {name} ({method}), batch {rows[0].get('batch')} x seq {seq}{extra}",
+            "",
+        ]
         out += _table(rows)
         pred = res.get("predictions", {}).get(f"{name}@{seq}", {})
         if pred.get("error") or pred.get("auto_error"):
             out += ["", f"Estimate: {pred.get('error') or pred.get('auto_error')}"]
     off = res.get("offload") or {}
     if off:
-        out += ["", f"{heading}# Offload: copies hidden behind compute", "",
-                "| workload | host MiB | copies alone ms | offload - full ms | hidden |", "|---|---|---|---|---|"]
+        out += [
+            "",
+            f"{heading}# Offload: copies hidden behind compute",
+            "",
+            "| workload | host MiB | copies alone ms | offload - full ms | hidden |",
+            "|---|---|---|---|---|",
+        ]
         for key, o in off.items():
             out.append(
                 f"| {key} | {o['host_bytes'] / 2**20:.0f} | {o['copy_s'] * 1e3:.1f} | "

@@ -27,8 +27,10 @@ __all__ = [
     "gpu_spec",
     "make_step",
     "missing_packages",
+    "owned_bytes",
     "policies_to_run",
     "predict",
+    "predict_auto",
 ]
 
 
@@ -85,13 +87,15 @@ def _tiny(kind: str) -> Callable[[], Any]:
 GPU_WORKLOADS: tuple[Workload, ...] = (
     Workload("qwen2.5-0.5b", "qwen2.5-0.5b", "full", (1024, 4096, 8192), share=0.25),
     Workload("llama-3.2-1b", "llama-3.2-1b", "full", (1024, 4096, 8192), share=0.3),
-    Workload("llama-3.1-8b-lora", "llama-3.1-8b", "lora", (1024, 4096), share=0.45, needs=("peft",)),
+    Workload(
+        "llama-3.1-8b-lora", "llama-3.1-8b", "lora", (1024, 4096), share=0.45, needs=("peft",)
+    ),
 )
 
 #: The CPU smoke run: the same code paths on two-block configs of the same families.
 SMOKE_WORKLOADS: tuple[Workload, ...] = (
-    Workload("tiny-qwen2", _tiny("qwen2"), "full", (128, 256), share=0.6),
-    Workload("tiny-llama-lora", _tiny("llama"), "lora", (256,), share=0.4, needs=("peft",)),
+    Workload("tiny-qwen2", _tiny("qwen2"), "full", (256,), share=0.5),
+    Workload("tiny-llama-lora", _tiny("llama"), "lora", (256,), share=0.5, needs=("peft",)),
 )
 
 
@@ -150,8 +154,8 @@ def build_model(workload: Workload, device: torch.device) -> nn.Module:
 
 def make_step(
     model: nn.Module, batch: int, seq: int, device: torch.device
-) -> tuple[Callable[[], None], dict[str, torch.Tensor]]:
-    """One optimizer step of ``model`` on a random batch: ``(step, batch)``.
+) -> tuple[Callable[[], None], dict[str, torch.Tensor], torch.optim.Optimizer]:
+    """One optimizer step of ``model`` on a random batch: ``(step, batch, optimizer)``.
 
     bf16 autocast around the forward (as ``Trainer(bf16=True)``), the output dropped before
     backward, fused AdamW over the trainable parameters,
@@ -173,7 +177,7 @@ def make_step(
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return step, data
+    return step, data, opt
 
 
 def policies_to_run() -> list[str]:
@@ -249,54 +253,61 @@ def _row(pe: Any) -> dict[str, Any]:
     }
 
 
-def predict(
-    workload: Workload, seq: int, policies: Sequence[str], gpu: Any
-) -> dict[str, Any]:
-    """``gradckpt.estimate``'s predictions for every policy, and ``auto`` at the kit's budget.
-
-    The budget is halfway between the predicted allocated peaks of ``none`` and ``full``, so that
-    ``none`` does not fit and ``full`` does: ``auto`` must choose. It is estimated with no CUDA
-    allowance and a GPU of exactly the budget, so the estimator's planner plans for the same
-    bytes that ``gradckpt.plan(model, budget, ...)`` is given on the device.
+def predict(workload: Workload, seq: int, policies: Sequence[str], gpu: Any) -> dict[str, Any]:
+    """``gradckpt.estimate``'s predictions for every policy of ``policies`` at ``seq`` on ``gpu``.
 
     Returns:
-        ``{"policies": {policy: row}, "budget_bytes": int, "auto": row | None, "notes": [...],
-        "speed_gpu": name, "elapsed_s": float}``; a row has ``allocated_bytes``,
-        ``reserved_bytes``, ``peak_bytes``, ``speed_cost``, ``step_time_s``, ``plan``.
+        ``{"policies": {policy: row}, "notes": [...], "speed_gpu": name, "elapsed_s": float}``;
+        a row has ``allocated_bytes``, ``reserved_bytes``, ``peak_bytes``, ``speed_cost``,
+        ``step_time_s`` and ``plan``.
     """
     import time
 
     import gradckpt
+
+    t0 = time.perf_counter()
+    report = gradckpt.estimate(
+        config_of(workload),
+        setup=setup_of(workload, seq),
+        policies=list(policies),
+        gpu=gpu,
+        alternatives=False,
+    )
+    return {
+        "policies": {r.policy: _row(r) for r in report.results},
+        "notes": list(report.notes),
+        "speed_gpu": report.speed_gpu,
+        "elapsed_s": time.perf_counter() - t0,
+    }
+
+
+def predict_auto(workload: Workload, seq: int, budget: int, gpu: Any) -> dict[str, Any]:
+    """The estimator's ``auto`` at ``budget`` bytes: the plan its planner picks, and its costs.
+
+    Estimated with no CUDA allowance on a GPU of exactly ``budget`` bytes (``gpu``'s speed
+    figures), so the estimator's planner plans for the same bytes ``gradckpt.plan(model,
+    budget, ...)`` is given on the device.
+
+    Returns:
+        ``{"auto": row}`` (a row as in ``predict``), or ``{"auto_error": why}``.
+    """
+    import gradckpt
     from gradckpt.errors import GradCkptError
     from gradckpt.estimate import GPU
 
-    t0 = time.perf_counter()
-    cfg = config_of(workload)
-    setup = setup_of(workload, seq)
-    report = gradckpt.estimate(
-        cfg, setup=setup, policies=list(policies), gpu=gpu, alternatives=False
-    )
-    rows = {r.policy: _row(r) for r in report.results}
-    out: dict[str, Any] = {
-        "policies": rows,
-        "notes": list(report.notes),
-        "speed_gpu": report.speed_gpu,
-        "budget_bytes": None,
-        "auto": None,
-    }
-    if "none" in rows and "full" in rows:
-        budget = (rows["none"]["allocated_bytes"] + rows["full"]["allocated_bytes"]) // 2
-        out["budget_bytes"] = budget
-        room = GPU(f"budget {budget}", budget, gpu.bf16_tflops, gpu.bandwidth_gbs, "gpu_check")
-        try:
-            auto = gradckpt.estimate(
-                cfg, setup=setup, policies=["auto"], gpu=room, overhead=0, alternatives=False
-            )
-            out["auto"] = _row(auto.results[0])
-        except GradCkptError as e:
-            out["auto_error"] = str(e)
-    out["elapsed_s"] = time.perf_counter() - t0
-    return out
+    room = GPU(f"budget {budget}", budget, gpu.bf16_tflops, gpu.bandwidth_gbs, "gpu_check")
+    try:
+        auto = gradckpt.estimate(
+            config_of(workload),
+            setup=setup_of(workload, seq),
+            policies=["auto"],
+            gpu=room,
+            overhead=0,
+            alternatives=False,
+        )
+    except GradCkptError as e:
+        return {"auto_error": str(e)}
+    return {"auto": _row(auto.results[0])}
 
 
 def fits(predicted_bytes: int | None, device: torch.device) -> bool:
@@ -307,9 +318,19 @@ def fits(predicted_bytes: int | None, device: torch.device) -> bool:
     return predicted_bytes <= 0.95 * (free + torch.cuda.memory_reserved(device))
 
 
+def owned_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Bytes of the model's parameters, buffers and optimizer states (each storage once)."""
+    seen: dict[int, int] = {}
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+    for t in tensors:
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
 def relative_error(measured: int | None, predicted: int | None) -> float | None:
     """(predicted - measured) / measured: positive when the estimate is above the measurement."""
     if not measured or predicted is None:
         return None
     return (predicted - measured) / measured
-

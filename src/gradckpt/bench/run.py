@@ -224,7 +224,10 @@ def time_interleaved(
                 prepare(label)
             sync()
             if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start, end = (
+                    torch.cuda.Event(enable_timing=True),
+                    torch.cuda.Event(enable_timing=True),
+                )
                 start.record()
             t0, c0 = time.perf_counter(), time.process_time()
             step()
