@@ -287,7 +287,12 @@ def run_workload(
                     clock,
                 )
                 continue
-            run_seq(w, seq, model, res, clock, until, dev, preds, policies, max_rounds)
+            try:
+                run_seq(w, seq, model, res, clock, until, dev, preds, policies, max_rounds)
+            except Exception as e:  # one sequence length failing must not end the run
+                model.zero_grad(set_to_none=True)
+                _free(dev)
+                res.skip(f"{w.name} seq {seq}", f"failed: {type(e).__name__}: {e}", clock)
     finally:
         Configs(model).reset()
         del model
@@ -332,6 +337,9 @@ def run_seq(
         r["status"] = measure_one(
             label, r, rows, w, seq, (step, data, opt), cfgs, clock, until, dev, preds
         )
+        early = preds.peek((w.name, seq))
+        if early is not None:  # predictions in as soon as they arrive (a killed run keeps them)
+            attach_predictions(rows, early)
         mem = r.get("allocated_bytes")
         say(
             clock,
@@ -460,13 +468,18 @@ def time_rounds(
             break
         k = r % len(labels)
         order = labels[k:] + labels[:k]
-        t = time_interleaved(
-            dict.fromkeys(order, step),
-            repeats=1,
-            warmup=1 if r == 0 else 0,
-            prepare=cfgs.apply,
-            device=dev,
-        )
+        try:
+            t = time_interleaved(
+                dict.fromkeys(order, step),
+                repeats=1,
+                warmup=1 if r == 0 else 0,
+                prepare=cfgs.apply,
+                device=dev,
+            )
+        except Exception as e:  # an OOM in a later round: keep the rounds already timed
+            _free(dev)
+            res.skip(f"timing {what} round {r + 1}", f"{type(e).__name__}: {e}", clock)
+            break
         got = t.gpu if clock_name == "gpu" else t.wall
         for lbl in labels:
             times[lbl].append(got[lbl][0])
@@ -522,16 +535,21 @@ def offload_overlap(
     """
     import gradckpt
 
-    if (
-        until - clock.elapsed() < 3 * rows["offload"]["step_s"] + 3
-        or "time_s" not in rows["offload"]
-    ):
-        res.skip(f"offload overlap {key}", "time guard or no timing", clock)
+    if "time_s" not in rows["offload"] or "time_s" not in rows["full"]:
+        res.skip(f"offload overlap {key}", "offload or full was not timed", clock)
         return
-    cfgs.apply("offload")
-    st = gradckpt.measure(step, model=model, device=dev)
-    nbytes = st.host_activation_bytes
-    copy_s = copy_seconds(nbytes, dev) if nbytes else 0.0
+    if until - clock.elapsed() < 3 * rows["offload"]["step_s"] + 3:
+        res.skip(f"offload overlap {key}", "time guard", clock)
+        return
+    try:
+        cfgs.apply("offload")
+        st = gradckpt.measure(step, model=model, device=dev)
+        nbytes = st.host_activation_bytes
+        copy_s = copy_seconds(nbytes, dev) if nbytes else 0.0
+    except Exception as e:
+        _free(dev)
+        res.skip(f"offload overlap {key}", f"{type(e).__name__}: {e}", clock)
+        return
     exposed = max(0.0, rows["offload"]["time_s"] - rows["full"]["time_s"])
     out = {
         "host_bytes": nbytes,

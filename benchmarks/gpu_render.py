@@ -58,7 +58,9 @@ CLAIMS: tuple[tuple[str, tuple[str, ...], str], ...] = (
 
 
 def _gib(n: Any) -> str:
-    return f"{n / GiB:.2f}" if isinstance(n, (int, float)) and n else "–"
+    from gradckpt.units import format_bytes
+
+    return format_bytes(int(n)) if isinstance(n, (int, float)) and n else "–"
 
 
 def _pct(x: Any, signed: bool = True) -> str:
@@ -98,7 +100,7 @@ def _tests(t: dict[str, Any] | None) -> list[str]:
 
 def _table(rows: list[dict[str, Any]]) -> list[str]:
     head = (
-        "| policy | plan | allocated GiB | predicted | error | reserved GiB | predicted | error "
+        "| policy | plan | allocated | predicted | error | reserved | predicted | error "
         "| speed cost | predicted (roofline) | status |"
     )
     out = [head, "|" + "---|" * 11]
@@ -198,14 +200,20 @@ def render_markdown(res: dict[str, Any], *, heading: str = "#") -> str:
         "same round, minus 1; predicted: the estimate's per-op roofline on "
         f"`{res.get('settings', {}).get('speed_gpu')}`. `hf` is transformers' own "
         "`gradient_checkpointing_enable()`, compared with `full`'s prediction; `auto` is "
-        "`gradckpt.plan` at the budget halfway between the predicted peaks of `none` and `full`.",
+        "`gradckpt.plan` at the budget halfway between the measured peaks of `none` and `full`, "
+        "and its prediction the estimator's `auto` at the same budget."
+        + (
+            " On this CPU smoke run, times are wall-clock and there is no reserved figure."
+            if smoke
+            else ""
+        ),
     ]
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in res.get("rows", []):
         groups.setdefault((r["workload"], r["seq"]), []).append(r)
     for (name, seq), rows in groups.items():
         budget = next((r.get("budget_bytes") for r in rows if r.get("budget_bytes")), None)
-        extra = f", auto budget {_gib(budget)} GiB" if budget else ""
+        extra = f", auto budget {_gib(budget)}" if budget else ""
         method = rows[0].get("method")
         out += [
             "",
