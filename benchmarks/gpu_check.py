@@ -44,7 +44,15 @@ from typing import Any
 import torch
 
 from benchmarks import gpu_workloads as wl
-from benchmarks.gpu_measure import Clock, Predictions, Results, predict_named, run_workload, say
+from benchmarks.gpu_measure import (
+    Clock,
+    Predictions,
+    Results,
+    finish_predictions,
+    predict_named,
+    run_workload,
+    say,
+)
 
 __all__ = ["Clock", "Results", "main", "machine", "run_tests"]
 
@@ -209,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         "--time-limit",
         type=float,
         default=None,
-        help=f"seconds for the whole run (default {DEFAULT_LIMIT_S:.0f}; smoke 120)",
+        help=f"seconds for the whole run (default {DEFAULT_LIMIT_S:.0f}; smoke 300)",
     )
     p.add_argument(
         "--out",
@@ -230,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--estimate-workers",
         type=int,
-        default=1,
-        help="processes computing predictions meanwhile (0: in this one)",
+        default=None,
+        help="processes computing predictions meanwhile (0: in this one; default 2, smoke 1)",
     )
     a = p.parse_args(argv)
     smoke = a.cpu_smoke
@@ -250,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
     dev = torch.device("cpu") if smoke else torch.device("cuda", torch.cuda.current_device())
-    clock = Clock(a.time_limit or (120.0 if smoke else DEFAULT_LIMIT_S))
+    clock = Clock(a.time_limit or (300.0 if smoke else DEFAULT_LIMIT_S))
     workloads = list(wl.SMOKE_WORKLOADS if smoke else wl.GPU_WORKLOADS)
     if a.only:
         wanted = [s.strip() for s in a.only.split(",") if s.strip()]
@@ -308,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
             res.skip(w.name, f"needs {', '.join(missing)}, not installed here", clock)
         else:
             runnable.append(w)
-    preds = Predictions(a.estimate_workers, "smoke" if smoke else "gpu", gpu)
+    workers = a.estimate_workers if a.estimate_workers is not None else (1 if smoke else 2)
+    preds = Predictions(workers, "smoke" if smoke else "gpu", gpu)
     if preds.note:
         res.skip("estimate worker", preds.note, clock)
     try:
@@ -329,6 +338,12 @@ def main(argv: list[str] | None = None) -> int:
                 w, res, clock, until, dev, preds, policies, a.rounds or (2 if smoke else 5)
             )
             until = max(until, clock.elapsed())  # time a workload did not use passes on
+        if res.pending:
+            say(
+                clock,
+                f"waiting up to {clock.left() - RESERVE_S / 2:.0f} s for the last predictions",
+            )
+            finish_predictions(res, preds, clock, clock.left() - RESERVE_S / 2)
         res.data["complete"] = True
     finally:
         preds.close()

@@ -26,8 +26,18 @@ import torch
 
 from benchmarks import gpu_workloads as wl
 from benchmarks.gpu_render import render_markdown
+from gradckpt.units import format_bytes
 
-__all__ = ["Clock", "Configs", "Predictions", "Results", "predict_named", "run_workload", "say"]
+__all__ = [
+    "Clock",
+    "Configs",
+    "Predictions",
+    "Results",
+    "finish_predictions",
+    "predict_named",
+    "run_workload",
+    "say",
+]
 
 
 # -- time and output ------------------------------------------------------------------------
@@ -58,6 +68,8 @@ class Results:
     json_path: Path
     md_path: Path
     data: dict[str, Any] = field(default_factory=dict)
+    #: (workload, seq, rows) measured but still without their predictions
+    pending: list[tuple[str, int, dict[str, dict[str, Any]]]] = field(default_factory=list)
 
     def save(self) -> None:
         self.data["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -344,7 +356,7 @@ def run_seq(
         say(
             clock,
             f"{where} {label}: {r['status']}"
-            + (f", peak allocated {mem / 2**30:.2f} GiB" if mem else ""),
+            + (f", peak allocated {format_bytes(mem)}" if mem else ""),
         )
         res.save()
     timed = [lbl for lbl, r in rows.items() if r["status"] == "ok"]
@@ -353,14 +365,25 @@ def run_seq(
     if dev.type == "cuda" and {"offload", "full"} <= set(timed):
         offload_overlap(rows, cfgs, step, model, res, clock, until, dev, f"{w.name}@{seq}")
     cfgs.reset()
-    wait = max(0.0, min(60.0, until - clock.elapsed() - 5))
-    pred = dict(preds.get((w.name, seq), timeout=wait))
-    if "budget_bytes" in rows["auto"]:
-        pred.update(preds.get((w.name, seq, "auto"), timeout=max(0.0, until - clock.elapsed() - 3)))
-    attach_predictions(rows, pred)
+    # Predictions still being computed are collected at the end of the run (finish_predictions),
+    # so the GPU never waits for the estimator; on CPU they are computed here.
+    res.pending.append((w.name, seq, rows))
+    if preds.pool is None:
+        finish_predictions(res, preds, clock, until - clock.elapsed())
+
+
+def finish_predictions(res: Results, preds: Predictions, clock: Clock, wait_s: float) -> None:
+    """Attach the predictions of every measured sequence length, waiting at most ``wait_s`` in all."""
+    deadline = clock.elapsed() + max(0.0, wait_s)
     keep = ("notes", "speed_gpu", "elapsed_s", "error", "auto_error")
-    res.data["predictions"][f"{w.name}@{seq}"] = {k: v for k, v in pred.items() if k in keep}
-    res.save()
+    while res.pending:
+        name, seq, rows = res.pending.pop(0)
+        pred = dict(preds.get((name, seq), timeout=deadline - clock.elapsed()))
+        if "budget_bytes" in rows.get("auto", {}):
+            pred.update(preds.get((name, seq, "auto"), timeout=deadline - clock.elapsed()))
+        attach_predictions(rows, pred)
+        res.data["predictions"][f"{name}@{seq}"] = {k: v for k, v in pred.items() if k in keep}
+        res.save()
 
 
 def measure_one(

@@ -27,7 +27,9 @@ pytest.importorskip("peft")
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
     out = tmp_path_factory.mktemp("gpu-check")
+    # in-process predictions (no worker to start) and a time limit no loaded CI machine reaches
     argv = ["--cpu-smoke", "--out", str(out), "--skip-tests", "--estimate-workers", "0"]
+    argv += ["--time-limit", "900"]
     assert gpu_check.main(argv) == 0
     (path,) = out.glob("gpu-cpu-smoke-*.json")
     assert path.with_suffix(".md").exists()
