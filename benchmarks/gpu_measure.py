@@ -144,8 +144,14 @@ class Predictions:
         return out
 
     def close(self) -> None:
+        """Stop the workers now: an estimate still running would otherwise hold the interpreter's
+        exit until it ends (concurrent.futures joins its workers at exit), past the time limit."""
         if self.pool is not None:
+            workers = list((getattr(self.pool, "_processes", None) or {}).values())
             self.pool.shutdown(wait=False, cancel_futures=True)
+            for proc in workers:  # the pool's own worker processes, by handle
+                if proc.is_alive():
+                    proc.terminate()
 
 
 def _worker_init(workers: int) -> None:
