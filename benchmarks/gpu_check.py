@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         if res.pending:
             say(
                 clock,
-                f"waiting up to {clock.left() - RESERVE_S / 2:.0f} s for the last predictions",
+                f"waiting up to {max(0.0, clock.left() - RESERVE_S / 2):.0f} s for the last predictions",
             )
             finish_predictions(res, preds, clock, clock.left() - RESERVE_S / 2)
         res.data["complete"] = True
