@@ -32,9 +32,11 @@ import importlib.util
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import xml.etree.ElementTree as ET
 from datetime import datetime, timezone
@@ -316,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
             res.skip(w.name, f"needs {', '.join(missing)}, not installed here", clock)
         else:
             runnable.append(w)
+    if threading.current_thread() is threading.main_thread():
+        # killed at a time limit (timeout sends SIGTERM first): leave through the finally below,
+        # which stops the estimate workers and saves the elapsed time
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workers = a.estimate_workers if a.estimate_workers is not None else (1 if smoke else 2)
     preds = Predictions(workers, "smoke" if smoke else "gpu", gpu)
     if preds.note:
@@ -351,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         res.save()
     say(clock, f"done in {clock.elapsed():.0f} s: {res.json_path} and {res.md_path.name}")
     if not smoke:
-        say(clock, "next: python -m benchmarks.render_readme (README section), then commit both")
+        say(clock, "next: python -m benchmarks.render_readme --section gpu, then commit both")
     failed = [
         c
         for c in (res.data.get("tests") or {}).get("cases", [])
