@@ -10,7 +10,7 @@ PIP := .venv/bin/pip
 STAMP := .venv/.gradckpt-installed
 PYTEST_ARGS ?= -n 2 --durations=15
 
-.PHONY: demo test lint typecheck pytest test-newest test-oldest clean
+.PHONY: demo test lint typecheck pytest test-newest test-oldest gpu-check gpu-check-smoke clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -53,6 +53,21 @@ test-oldest:
 	.venv-oldest/bin/pip install -q -c constraints-oldest.txt -e '.[hf,plot,dev]'
 	.venv-oldest/bin/pip freeze --exclude-editable | grep -iE '^(torch|transformers|peft|trl|accelerate|datasets)=='
 	.venv-oldest/bin/python -m pytest $(PYTEST_ARGS)
+
+# On a GPU machine: `make gpu-check` (benchmarks/gpu_check.py, under 8 minutes on one H100/H200).
+# Nothing is installed: it runs from the checkout with whatever python already has torch (CUDA)
+# and transformers (GPU_PY=... to choose another); parts whose optional packages are missing are
+# skipped with a line. Results: benchmarks/results/gpu-<device>-<date>.{json,md}; then
+# `python -m benchmarks.render_readme --section gpu`. `make gpu-check-smoke` runs the same code
+# on tiny models on CPU (tests/test_gpu_check.py runs it in `make test`). ARGS=... passes options.
+GPU_PY ?= python3
+SMOKE_PY ?= $(shell test -x .venv/bin/python && echo .venv/bin/python || echo python3)
+
+gpu-check:
+	PYTHONPATH=src:.$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) -m benchmarks.gpu_check $(ARGS)
+
+gpu-check-smoke:
+	PYTHONPATH=src:.$${PYTHONPATH:+:$$PYTHONPATH} $(SMOKE_PY) -m benchmarks.gpu_check --cpu-smoke $(ARGS)
 
 clean:
 	rm -rf .venv .venv-newest .venv-oldest build *.egg-info

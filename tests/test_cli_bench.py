@@ -143,6 +143,12 @@ def test_time_interleaved_rotates_the_order_and_leaves_warmup_out() -> None:
     assert {k: len(v) for k, v in times.wall.items()} == {"a": 2, "b": 2, "c": 2}
     assert {k: len(v) for k, v in times.cpu.items()} == {"a": 2, "b": 2, "c": 2}
     assert len(times.ratios("b", reference="a", clock="cpu")) == 2
+    # CUDA-event times exist only for steps timed on a CUDA device
+    assert times.gpu == {}
+    with pytest.raises(ConfigError, match="only for steps timed on CUDA"):
+        times.ratios("b", reference="a", clock="gpu")
+    with pytest.raises(ConfigError, match="clock must be"):
+        times.ratios("b", reference="a", clock="cuda")
     with pytest.raises(ConfigError, match="repeats"):
         time_interleaved({"a": lambda: None}, repeats=0)
     with pytest.raises(ConfigError, match="warmup"):

@@ -143,3 +143,18 @@ def test_estimate_timeline_counts_the_peak_measure_counts() -> None:
     tracker.mark("step")
     assert sum(tracker.intervals[-1].at_max) == st.peak_bytes - st.baseline_bytes
     assert tracker.peak["cpu"] - tracker.baseline["cpu"] == st.peak_bytes - st.baseline_bytes
+
+
+def test_allocator_mode_still_counts_host_storages() -> None:
+    # On CUDA, measure reads device bytes from the allocator and tracks no storage itself; host
+    # memory (offloaded activations) has no allocator statistics, so CPU storages must still be
+    # tracked, or host_activation_bytes reads 0 on every GPU run. Checked on CPU: the tracker in
+    # allocator mode for a CUDA device, fed CPU ops only (no CUDA call is made).
+    from gradckpt.measure.step import StepTracker
+
+    tracker = StepTracker(device_type="cuda", use_allocator=True)
+    tracker.seed([])
+    with tracker:
+        kept = torch.ones(256)  # 1024 bytes of host memory
+    assert tracker.current.get("cpu") == kept.nbytes == 1024
+    assert tracker.peak.get("cpu") == 1024

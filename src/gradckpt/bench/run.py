@@ -144,14 +144,25 @@ class StepTimes:
     Attributes:
         wall: label -> wall-clock seconds per step (synchronized on CUDA).
         cpu: label -> process CPU seconds per step (every thread of this process).
+        gpu: label -> seconds between CUDA events recorded on the current stream before and
+            after each step (the device's own clock); empty unless the device is CUDA.
     """
 
     wall: dict[str, list[float]]
     cpu: dict[str, list[float]]
+    gpu: dict[str, list[float]] = field(default_factory=dict)
 
     def ratios(self, label: str, reference: str = "none", clock: str = "wall") -> list[float]:
-        """Per round, ``label``'s step time over ``reference``'s in the same round."""
-        times = self.wall if clock == "wall" else self.cpu
+        """Per round, ``label``'s step time over ``reference``'s in the same round.
+
+        Args:
+            clock: ``"wall"``, ``"cpu"`` or ``"gpu"`` (CUDA events; only on a CUDA device).
+        """
+        if clock not in ("wall", "cpu", "gpu"):
+            raise ConfigError(f"clock must be 'wall', 'cpu' or 'gpu', got {clock!r}")
+        if clock == "gpu" and not self.gpu:
+            raise ConfigError("no CUDA-event times: they exist only for steps timed on CUDA")
+        times = {"wall": self.wall, "cpu": self.cpu, "gpu": self.gpu}[clock]
         return [t / b for t, b in zip(times[label], times[reference])]
 
 
@@ -175,11 +186,13 @@ def time_interleaved(
         steps: label -> one training step (the timed part), in the order of the first round.
         repeats: timed rounds (>= 1), after ``warmup`` untimed ones (>= 0).
         prepare: called with the label before each step, untimed (e.g. install its plan).
-        device: a CUDA device is synchronized before the clock starts and before it stops.
+        device: a CUDA device is synchronized before the clock starts and before it stops, and
+            each step is also timed with CUDA events (``StepTimes.gpu``).
         progress: called with (round index counting warmup rounds, label) before each step.
 
     Returns:
-        ``StepTimes`` with ``repeats`` wall-clock and CPU times per label.
+        ``StepTimes`` with ``repeats`` wall-clock and CPU times (and CUDA-event times on CUDA)
+        per label.
 
     Example:
         >>> t = time_interleaved({"none": step_a, "full": step_b}, repeats=5)
@@ -200,6 +213,8 @@ def time_interleaved(
     order = list(steps.items())
     wall: dict[str, list[float]] = {label: [] for label, _ in order}
     cpu: dict[str, list[float]] = {label: [] for label, _ in order}
+    cuda = dev is not None and dev.type == "cuda"
+    gpu: dict[str, list[float]] = {label: [] for label, _ in order} if cuda else {}
     for r in range(warmup + repeats):
         k = r % len(order)
         for label, step in order[k:] + order[:k]:
@@ -208,13 +223,23 @@ def time_interleaved(
             if prepare is not None:
                 prepare(label)
             sync()
+            if cuda:
+                start, end = (
+                    torch.cuda.Event(enable_timing=True),
+                    torch.cuda.Event(enable_timing=True),
+                )
+                start.record()
             t0, c0 = time.perf_counter(), time.process_time()
             step()
+            if cuda:
+                end.record()
             sync()
             if r >= warmup:
                 wall[label].append(time.perf_counter() - t0)
                 cpu[label].append(time.process_time() - c0)
-    return StepTimes(wall=wall, cpu=cpu)
+                if cuda:
+                    gpu[label].append(start.elapsed_time(end) / 1000.0)  # ms -> s
+    return StepTimes(wall=wall, cpu=cpu, gpu=gpu)
 
 
 def run_bench(

@@ -118,10 +118,11 @@ class StepTracker(LiveStorageTracker, TorchDispatchMode):
             self.op_bytes += moved
             if is_recomputing():
                 self.recompute_bytes += moved
-        if not self.use_allocator:
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor):
-                    self.track(t)
+        for t in tree_flatten(out)[0]:
+            # With the allocator, CUDA bytes come from its statistics; host (CPU) storages, such
+            # as offloaded activations, exist only in this count, so they are tracked still.
+            if isinstance(t, torch.Tensor) and not (self.use_allocator and t.device.type == "cuda"):
+                self.track(t)
         return out
 
 
