@@ -247,6 +247,8 @@ class _Inputs:
         return g if g is not None and g.has_speed else GPU_PRESETS[REFERENCE_GPU]
 
 
+#: plans the budget planner makes at most for policy 'auto' (each one lower by the excess)
+_AUTO_TRIES = 3
 # estimate()'s keyword arguments that are not TrainingSetup fields
 _RESOLVED = ("setup", "overhead", "full_depth")
 
@@ -320,23 +322,21 @@ def _estimate(inp: _Inputs, t0: float) -> tuple[EstimateReport | None, list[str]
         force_full = True
         full = fake_model.get_session(cfg, st, L, types)
         full_names = [n for n, _ in full.blocks]
+        del full
     notes.extend(probe.notes)
+    # Hold no session here: the 'auto' planner counts every live tensor as already in memory,
+    # so a small build kept alive by this frame would be counted as weights (3 blocks of an 8B
+    # model: +3.0 GiB, and 'auto' refused budgets that 'full' fits).
+    del probe
 
     results: list[PolicyEstimate] = []
     skipped: list[str] = []
     totals_full = None
     replayed: set[str] = set()
     offloaded: list[str] = []
-    for policy in names:
-        if policy == "auto":
-            plan, why = _planner_plan(cfg, st, L, types, the_gpu, fixed_overhead)
-            if plan is None:
-                skipped.append(str(why))
-                continue
-        else:
-            plan = make_plan(policy, full_names)
-        if Decision.OFFLOAD in plan.decisions:
-            offloaded.append(policy)
+
+    def run_policy(policy: str, plan: Plan) -> tuple[PolicyEstimate, Any]:
+        # A function, so that no session outlives it in this frame (see ``del probe``).
         layout = None if force_full else periodic.reduced_layout(plan, types)
         if layout is None:
             sess = fake_model.get_session(cfg, st, L, types)
@@ -366,17 +366,47 @@ def _estimate(inp: _Inputs, t0: float) -> tuple[EstimateReport | None, list[str]
             st.optimizer,
         )
 
-        def step(sess: Any = sess, run_plan: Plan = run_plan, order: Any = order) -> Any:
+        def step() -> Any:
             timeline = sess.run(run_plan, st.batch, st.seq, grad_accum=st.grad_accum)
             whole, per_block = sess.totals(st.optimizer)
             return replay(timeline, order), replayed_totals(whole, per_block, order)
 
         # asking again with another GPU (or overhead) is instant
         prof, tot = sess.steps.get(key, step)
+        return policy_estimate(policy, plan, prof, tot, st, the_gpu, speed_gpu, fixed_overhead), tot
+
+    for policy in names:
+        if policy != "auto":
+            plan = make_plan(policy, full_names)
+            if Decision.OFFLOAD in plan.decisions:
+                offloaded.append(policy)
+            result, totals_full = run_policy(policy, plan)
+            results.append(result)
+            continue
+        # The planner's peak model is close to the replayed step, not equal to it: a plan the
+        # replay puts over the GPU is planned again with the budget lowered by the excess.
+        shrink = 0
+        for _ in range(_AUTO_TRIES):
+            auto, why = _planner_plan(cfg, st, L, types, the_gpu, fixed_overhead, shrink)
+            if auto is None:
+                break
+            result, tot = run_policy(policy, auto)
+            if result.fits is not False or result.headroom_bytes is None:
+                break
+            shrink += -result.headroom_bytes
+        if auto is None:
+            skipped.append(str(why))
+            continue
+        if result.fits is False and the_gpu is not None:
+            notes.append(
+                f"'auto': the planner's plan is over {the_gpu.name} by "
+                f"{format_bytes(-(result.headroom_bytes or 0))} in this estimate after "
+                f"{_AUTO_TRIES} tries"
+            )
+        if Decision.OFFLOAD in auto.decisions:
+            offloaded.append(policy)
+        results.append(result)
         totals_full = tot
-        results.append(
-            policy_estimate(policy, plan, prof, tot, st, the_gpu, speed_gpu, fixed_overhead)
-        )
 
     if totals_full is None:
         return None, skipped
@@ -436,7 +466,13 @@ def _estimate(inp: _Inputs, t0: float) -> tuple[EstimateReport | None, list[str]
 
 
 def _planner_plan(
-    cfg: Any, st: TrainingSetup, L: int, types: Any, gpu: GPU | None, fixed_overhead: int | None
+    cfg: Any,
+    st: TrainingSetup,
+    L: int,
+    types: Any,
+    gpu: GPU | None,
+    fixed_overhead: int | None,
+    shrink: int = 0,
 ) -> tuple[Any, str | None]:
     """Hook for the memory-budget planner (``gradckpt.planner``): the cheapest plan that fits ``gpu``.
 
@@ -447,6 +483,7 @@ def _planner_plan(
     counts every live CPU tensor of the process as already in memory (as ``gradckpt.measure``
     does), so cached fake models are dropped first; large real CPU tensors the caller keeps
     alive make its plan more conservative. The plan it returns is then estimated like any other.
+    ``shrink``: bytes taken off that budget (a re-plan after the estimate found the plan over).
     """
     if gpu is None:
         return None, "policy 'auto' needs a GPU (--gpu): the memory it plans for"
@@ -460,7 +497,7 @@ def _planner_plan(
         room = int((gpu.memory_bytes - CUDA_CONTEXT_BYTES) / (1 + ALLOCATOR_SLACK))
     else:
         room = gpu.memory_bytes - fixed_overhead
-    budget = room - whole.optimizer_bytes
+    budget = room - whole.optimizer_bytes - shrink
     if budget <= 0:
         return None, f"policy 'auto' skipped: the optimizer states alone exceed {gpu.name}"
     with sess.mode:
