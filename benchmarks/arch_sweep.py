@@ -994,8 +994,11 @@ def run_step(
     phase = phase or Phase()
     model.zero_grad(set_to_none=True)
     calls: dict[str, int] = {}
+    # Pre-hooks: a recompute that early stop cuts short right after a module's last saved
+    # tensor never reaches that module's forward hook (a block that is one convolution, as
+    # PoolFormer's patch embeddings, looked "not recomputed"), but always starts its forward.
     handles = [
-        m.register_forward_hook(_counter(calls, name))
+        m.register_forward_pre_hook(_counter(calls, name))
         for name, m in model.named_modules()
         if name and any(True for _ in m.parameters(recurse=False))
     ]
@@ -1020,7 +1023,7 @@ def run_step(
 
 
 def _counter(calls: dict[str, int], name: str) -> Callable[..., None]:
-    def count(_m: nn.Module, _args: Any, _out: Any) -> None:
+    def count(_m: nn.Module, _args: Any) -> None:
         calls[name] = calls.get(name, 0) + 1
 
     return count
@@ -1030,8 +1033,9 @@ def not_recomputed(plan: Any, ref: Step, got: Step) -> list[str]:
     """Blocks the plan checkpoints in which no module ran again during backward.
 
     A checkpointed block's recompute calls its submodules a second time (early stop may cut
-    the tail short, never the first module), so a block whose modules all ran as often as
-    without gradckpt was not checkpointed at all: no memory saved, whatever the plan says.
+    the tail short, never the first module's start: calls are counted by forward pre-hooks),
+    so a block whose modules all ran as often as without gradckpt was not checkpointed at all:
+    no memory saved, whatever the plan says.
     """
     from gradckpt.plans import Decision
 

@@ -168,3 +168,28 @@ def test_a_block_that_is_not_recomputed_is_caught() -> None:
     assert (
         sweep.not_recomputed(gradckpt.make_plan("none", ["layers.0", "layers.1"]), ref, got) == []
     )
+
+
+def test_a_block_cut_short_by_early_stop_still_counts_as_recomputed() -> None:
+    # A block whose only op is one convolution (PoolFormer's patch embeddings): early stop ends
+    # the recompute right after the conv saved its tensors, before the conv's forward returns,
+    # so only a pre-hook sees that the recompute ran. The sweep reported these as FAIL.
+    class Embed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(x)
+
+    model = torch.nn.Sequential(Embed(), Embed())
+    x = torch.randn(1, 3, 4, 4)
+    ref = sweep.run_step(model, {"input": x}, seed=0)
+    plan = gradckpt.enable(model, policy="full")
+    try:
+        got = sweep.run_step(model, {"input": x}, seed=0)
+    finally:
+        gradckpt.disable(model)
+    assert got.calls == {"0.proj": 2, "1.proj": 2} and ref.calls == {"0.proj": 1, "1.proj": 1}
+    assert sweep.not_recomputed(plan, ref, got) == []
+    assert sweep.compare(ref, got) is None
