@@ -193,3 +193,16 @@ def test_a_block_cut_short_by_early_stop_still_counts_as_recomputed() -> None:
     assert got.calls == {"0.proj": 2, "1.proj": 2} and ref.calls == {"0.proj": 1, "1.proj": 1}
     assert sweep.not_recomputed(plan, ref, got) == []
     assert sweep.compare(ref, got) is None
+
+
+@pytest.mark.parametrize("policy", ["full", "sqrt", "selective"])
+def test_reversible_reformer_layers_are_refused_by_name(policy: str) -> None:
+    # Reformer runs its layers inside its own autograd.Function under no_grad and recomputes
+    # them in backward_pass: a checkpoint there was never recomputed (no memory saved, while
+    # the plan said RECOMPUTE). Refused at enable, naming the block; policy 'none' still works.
+    run = arch_run("reformer")
+    res = sweep.run_case(run, policy)
+    assert res["status"] == "refusal", res
+    assert "'reformer.encoder.layers.0' (ReformerLayer) is a reversible layer" in res["error"]
+    assert "policy='none'" in res["error"] and res["phase"] == "enable"
+    assert sweep.run_case(run, "none")["status"] == "pass"
