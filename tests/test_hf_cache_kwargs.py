@@ -6,6 +6,8 @@ dict before 5). A checkpointed block that appends to it appends again when backw
 it, and the second pass saw keys of twice the length: backward crashed under every policy.
 The HF guard passes such blocks no cache while gradients are recorded (they get an empty one
 anyway) and refuses a cache that already holds tokens. FSMT hands its cache to its decoder layers
+as ``layer_state=`` and builds its causal mask only when ``use_cache`` is off, so its
+``use_cache`` is left as it is and only the layers' ``layer_state`` is neutralised. FSMT hands its cache to its decoder layers
 as ``layer_state=`` and builds its causal mask only when ``use_cache`` is off: its cache stays on. Loss and gradients are compared bit for
 bit with no checkpointing (fp32, CPU, dropout on, same seed).
 
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 
 import gradckpt
-from conftest import run_step
+from conftest import grads_of, run_step
 
 transformers = pytest.importorskip("transformers")
 
@@ -121,3 +123,65 @@ def test_dict_cache_of_transformers_4_is_read() -> None:
     assert _cached_tokens({0: (k, k)}) == 3  # no "slen": the keys' length
     assert _cached_tokens({"slen": 0}) == 0
     assert _cached_tokens({}) == 0
+
+
+def _fsmt(use_cache: bool) -> nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.FSMTConfig(
+        langs=["en", "de"],
+        src_vocab_size=64,
+        tgt_vocab_size=64,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=32,
+        dropout=0.1,
+        pad_token_id=1,
+        use_cache=use_cache,
+    )
+    return transformers.FSMTForConditionalGeneration(cfg).train()
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_fsmt_keeps_its_use_cache_and_is_exact(
+    use_cache: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # FSMTModel builds the decoder's causal mask only when use_cache is False. The guard turned
+    # the cache off, so with the config's default use_cache=True every decoder gradient changed
+    # (46 in the sweep, up to 3.4e-3) under every policy, with no error.
+    model = _fsmt(use_cache)
+    g = torch.Generator().manual_seed(1)
+    batch = {
+        "input_ids": torch.randint(4, 64, (2, 10), generator=g),
+        "decoder_input_ids": torch.randint(4, 64, (2, 6), generator=g),
+    }
+    w = torch.randn(2, 6, 64, generator=g)
+
+    def step() -> tuple[torch.Tensor, dict]:
+        # No labels: with labels FSMT switches use_cache off itself (a loss of your own on the
+        # logits is where the cache decided the mask).
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        loss = (model(**batch).logits * w).mean()
+        loss.backward()
+        return loss.detach(), grads_of(model)
+
+    ref = step()
+    for policy in ["full", "sqrt", "selective"]:
+        with caplog.at_level("WARNING", logger="gradckpt"):
+            gradckpt.enable(model, policy=policy)
+        try:
+            loss, grads = step()
+            assert model.config.use_cache is use_cache  # seen by the forward, restored after
+        finally:
+            gradckpt.disable(model)
+        assert torch.equal(loss, ref[0]), f"fsmt/{policy}: loss differs"
+        for name, g_ref in ref[1].items():
+            got = grads[name]
+            assert g_ref is None or torch.equal(g_ref, got), f"fsmt/{policy}: {name} differs"
+    warned = [r.getMessage() for r in caplog.records if "FSMTModel builds" in r.getMessage()]
+    assert bool(warned) is use_cache  # told only when the model trains without a causal mask
