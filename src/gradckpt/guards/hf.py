@@ -14,7 +14,8 @@ all undone by ``gradckpt.disable``:
   ``save_pretrained`` writes the config unchanged) and an explicit ``use_cache=True`` is turned
   off; a cache that already holds tokens (prefix tuning) reaching a checkpointed block is
   refused with a ``GradCkptError``. Inference under ``torch.no_grad()`` (``generate``) keeps
-  its cache.
+  its cache. A model whose training forward computes something else without the cache (FSMT:
+  ``_FORWARD_READS_USE_CACHE``) keeps ``use_cache`` as it is; only its layers get no cache.
 - **No ``enable_input_require_grads``.** gradckpt's checkpoint is the non-reentrant one, which
   gives adapters their gradients when the embeddings are frozen.
 
