@@ -26,7 +26,7 @@ difference: which parameter and the max abs diff, or what else differed); ``cras
 exception, with the phase it was raised in); ``skip`` (the reference itself is not
 deterministic).
 
-Run: PYTHONPATH=src .venv/bin/python benchmarks/arch_sweep.py           (whole sweep, ~5-10 min, 1 core)
+Run: PYTHONPATH=src .venv/bin/python benchmarks/arch_sweep.py           (whole sweep, ~2-4 min, 1 core)
      PYTHONPATH=src .venv/bin/python benchmarks/arch_sweep.py --only gpt2,t5 --no-write
 Writes benchmarks/results/arch-sweep-<date>.json and .md.
 """
@@ -1327,6 +1327,7 @@ def sweep(
     archs: Sequence[Arch] = ARCHS,
     policies: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = print,
+    command: str = "PYTHONPATH=src .venv/bin/python benchmarks/arch_sweep.py",
 ) -> dict[str, Any]:
     """Run every (architecture, policy) case; returns the JSON-ready result."""
     policies = list(policies or sweep_policies())
@@ -1366,7 +1367,7 @@ def sweep(
         fb_counts[s] = fb_counts.get(s, 0) + 1
     return {
         "date": dt.date.today().isoformat(),
-        "command": "PYTHONPATH=src .venv/bin/python benchmarks/arch_sweep.py",
+        "command": command,
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -1511,12 +1512,40 @@ def render_md(res: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _command(argv: Sequence[str] | None) -> str:
+    """The command line that reproduces this run (the interpreter relative to the repository)."""
+    root = Path(__file__).resolve().parent.parent
+    exe = Path(sys.executable)
+    try:
+        python = str(exe.relative_to(root))
+    except ValueError:  # a checkout's shared venv (git worktrees): named as make creates it
+        python = (
+            f"{exe.parent.parent.name}/bin/{exe.name}"
+            if exe.parent.parent.name.startswith(".venv")
+            else str(exe)
+        )
+    given = list(sys.argv[1:] if argv is None else argv)
+    args: list[str] = []
+    skip = False
+    for a in given:  # where the files went is no part of what they hold
+        if skip or a.startswith("--out"):
+            skip = a == "--out"
+            continue
+        args.append(a)
+    return " ".join(["PYTHONPATH=src", python, "benchmarks/arch_sweep.py", *args])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", help="comma-separated architecture names (default: all)")
     p.add_argument("--policies", help="comma-separated policies (default: every registered one)")
     p.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON and Markdown")
     p.add_argument("--no-write", action="store_true", help="print only; write no files")
+    p.add_argument(
+        "--suffix",
+        default="",
+        help="appended to the file names (--suffix=-transformers-4.46.2 for another stack)",
+    )
     p.add_argument("--list", action="store_true", help="list the architectures and exit")
     args = p.parse_args(argv)
     if args.list:
@@ -1533,14 +1562,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     policies = [x.strip() for x in args.policies.split(",")] if args.policies else None
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    res = sweep(archs, policies)
+    res = sweep(archs, policies, command=_command(argv))
     md = render_md(res)
     print()
     print(md.split("\n## Not passing")[0].splitlines()[6])
     print("## Not passing" + md.split("## Not passing", 1)[1])
     if not args.no_write:
         args.out.mkdir(parents=True, exist_ok=True)
-        stem = args.out / f"arch-sweep-{res['date']}"
+        stem = args.out / f"arch-sweep-{res['date']}{args.suffix}"
         stem.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
         stem.with_suffix(".md").write_text(md)
         print(f"wrote {stem}.json and {stem}.md")
