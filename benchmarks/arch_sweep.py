@@ -1570,8 +1570,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_write:
         args.out.mkdir(parents=True, exist_ok=True)
         stem = args.out / f"arch-sweep-{res['date']}{args.suffix}"
-        stem.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
-        stem.with_suffix(".md").write_text(md)
+        # not with_suffix: a suffix with a version in it ("-4.46.2") has a dot of its own
+        stem.with_name(stem.name + ".json").write_text(json.dumps(res, indent=1) + "\n")
+        stem.with_name(stem.name + ".md").write_text(md)
         print(f"wrote {stem}.json and {stem}.md")
     return 0
 
