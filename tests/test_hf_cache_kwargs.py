@@ -74,10 +74,10 @@ def test_every_policy_exact(kind: str) -> None:
 def test_sqrt_keeps_the_inputs_of_blocks_that_do_not_chain(
     kind: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # XLM's blocks are its parallel lists attentions[i] and ffns[i]; attentions.1 takes the
-    # normed sum of attentions.0's output and its input, so no two of them chain. sqrt was
-    # refused at the first forward; now each segment keeps such a block's inputs (exact:
-    # test_every_policy_exact) and one warning per segment names the blocks.
+    # XLM's blocks are its parallel lists attentions[i] and ffns[i], called in turn; no two of
+    # one list chain. sqrt was refused at the first forward; now a segment ends where another
+    # list's block runs, its next block is checkpointed from its own inputs (exact:
+    # test_every_policy_exact), and a warning names the blocks.
     model = _model(kind)
     gradckpt.enable(model, policy="sqrt")
     try:
@@ -86,8 +86,8 @@ def test_sqrt_keeps_the_inputs_of_blocks_that_do_not_chain(
     finally:
         gradckpt.disable(model)
     assert any(
-        "block 'transformer.attentions.1' does not take block 'transformer.attentions.0'"
-        in r.getMessage()
+        "block 'transformer.ffns.0' ran between two blocks of the segment from "
+        "'transformer.attentions.0'" in r.getMessage()
         for r in caplog.records
     )
     assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None

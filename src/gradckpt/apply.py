@@ -147,6 +147,7 @@ def install(model: nn.Module, plan: Plan, found: Sequence[tuple[str, nn.Module]]
                 stateful=stateful_modules(seg_blocks),
                 early_stop=decisions.early_stop_option(plan.options),
             )
+            run.peers = state.segments  # shared: each run sees every segment of the model
             state.segments.append(run)
             for j, blk in enumerate(seg_blocks):
                 state.restores.append(_override_forward(blk, segment_forward(run, j)))

@@ -29,6 +29,7 @@ from .checkpoint import (
     saved_hooks_top,
 )
 from .decisions import refuse_lazy_output, run_checkpointed
+from .replay import pause_recording, recorders
 
 __all__ = ["SegmentRun", "closer", "segment_forward"]
 
@@ -150,7 +151,7 @@ def _fill(obj: Any, out: Any) -> Any:
     return obj
 
 
-@dataclass
+@dataclass(eq=False)  # identity: runs hold each other (peers)
 class SegmentRun:
     """The blocks of one segment: one checkpointed region from the first block that runs to the
     last, whose recompute replays the blocks that ran, each from the RNG state it saw.
@@ -179,11 +180,23 @@ class SegmentRun:
         default_factory=list
     )
     warned: bool = False  # the "keeps this block's inputs" warning was given
+    recorders: list[Any] = field(default_factory=list)  # decision recorders the region entered
+    # every segment of the model (this one included): one region is open at a time, so the
+    # regions' saved-tensor hooks and dispatch modes stay nested (XLM calls its attention and
+    # FFN lists in turn, which would interleave their segments)
+    peers: list[SegmentRun] = field(default_factory=list, repr=False)
 
     def _resume(self) -> None:
         if self.paused:
             resume_region(self.hooks)
+            pause_recording(self.recorders, False)
             self.paused = False
+
+    def _pause(self) -> bool:
+        self.paused = pause_region(self.hooks)
+        if self.paused:
+            pause_recording(self.recorders, True)
+        return self.paused
 
     def abort(self) -> None:
         """Close the region after an error: nothing it saved will be used."""
@@ -203,6 +216,7 @@ class SegmentRun:
 
     def _reset(self) -> None:
         self.gen, self.hooks, self.paused, self.prev, self.last = None, [], False, None, -1
+        self.recorders = []
 
     def _open(self, j: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         records: list[tuple[int, Any, Any, RngState, list[tuple[torch.Tensor, int]]]] = [
@@ -227,11 +241,13 @@ class SegmentRun:
 
         self.records = records
         below = saved_hooks_top()
+        modes_below = {id(m) for m in recorders()}
         self.gen = open_region(
             replay, args, kwargs, stateful=self.stateful, name=label, early_stop=self.early_stop
         )
         try:
             self.hooks = pushed_since(below)
+            self.recorders = [m for m in recorders() if id(m) not in modes_below]
         except BaseException:
             self.abort()
             raise
@@ -248,6 +264,20 @@ class SegmentRun:
                     "another, each at most once: use policy='full' for this model"
                 )
             self.finish()  # a new forward: the previous one's region is complete as it is
+        if torch.is_grad_enabled():
+            for other in self.peers:
+                if other is not self and other.gen is not None:
+                    if not other.warned:
+                        other.warned = True
+                        logger.warning(
+                            "gradckpt sqrt: block %r ran between two blocks of the segment "
+                            "from %r, which ends there (its next block starts a region of its "
+                            "own: for lists called in turn, as XLM's attentions and ffns, the "
+                            "memory of policy 'full', gradients unchanged)",
+                            self.names[j],
+                            other.names[other.last],
+                        )
+                    other.finish()  # complete as it is; its later blocks open a region anew
         if self.gen is None:
             if not torch.is_grad_enabled():
                 return fwd(*args, **kwargs)
@@ -283,8 +313,7 @@ class SegmentRun:
             self.finish()
         else:
             self.prev, self.last = _Outputs(out), j
-            self.paused = pause_region(self.hooks)
-            if not self.paused:
+            if not self._pause():
                 self.abort()
                 raise GradCkptError(
                     f"block {self.names[j]!r} left saved-tensor hooks of its own open when it "
