@@ -179,7 +179,7 @@ class SegmentRun:
     records: list[tuple[int, Any, Any, RngState, list[tuple[torch.Tensor, int]]]] = field(
         default_factory=list
     )
-    warned: bool = False  # the "keeps this block's inputs" warning was given
+    warned: bool = False  # a warning about this segment's memory was given
     recorders: list[Any] = field(default_factory=list)  # decision recorders the region entered
     # every segment of the model (this one included): one region is open at a time, so the
     # regions' saved-tensor hooks and dispatch modes stay nested (XLM calls its attention and
@@ -287,10 +287,9 @@ class SegmentRun:
             prev = self.prev if self.prev is not None else _Outputs(None)
             rec = (_substitute(args, prev, found), _substitute(kwargs, prev, found))
             if not found and not self.warned:
-                # XLM's attentions.1 takes layer_norm(x + ffns.0(...)), PoolFormer's second
-                # patch embedding the last layer of stage 0: the replay gets this block's
-                # inputs as they were (as a checkpoint of its own would), exact, but the
-                # segment saves no memory on them.
+                # PoolFormer's second patch embedding takes the output of stage 0's last layer
+                # (another list): the replay gets this block's inputs as they were (as a
+                # checkpoint of its own would), exact, but the segment saves no memory on them.
                 self.warned = True
                 logger.warning(
                     "gradckpt sqrt: block %r does not take block %r's output as input, so "
