@@ -26,7 +26,7 @@ difference: which parameter and the max abs diff, or what else differed); ``cras
 exception, with the phase it was raised in); ``skip`` (the reference itself is not
 deterministic).
 
-Run: PYTHONPATH=src .venv/bin/python benchmarks/arch_sweep.py           (whole sweep, ~5-10 min, 1 core)
+Run: PYTHONPATH=src .venv/bin/python benchmarks/arch_sweep.py           (whole sweep, ~2-4 min, 1 core)
      PYTHONPATH=src .venv/bin/python benchmarks/arch_sweep.py --only gpt2,t5 --no-write
 Writes benchmarks/results/arch-sweep-<date>.json and .md.
 """
@@ -994,8 +994,11 @@ def run_step(
     phase = phase or Phase()
     model.zero_grad(set_to_none=True)
     calls: dict[str, int] = {}
+    # Pre-hooks: a recompute that early stop cuts short right after a module's last saved
+    # tensor never reaches that module's forward hook (a block that is one convolution, as
+    # PoolFormer's patch embeddings, looked "not recomputed"), but always starts its forward.
     handles = [
-        m.register_forward_hook(_counter(calls, name))
+        m.register_forward_pre_hook(_counter(calls, name))
         for name, m in model.named_modules()
         if name and any(True for _ in m.parameters(recurse=False))
     ]
@@ -1020,7 +1023,7 @@ def run_step(
 
 
 def _counter(calls: dict[str, int], name: str) -> Callable[..., None]:
-    def count(_m: nn.Module, _args: Any, _out: Any) -> None:
+    def count(_m: nn.Module, _args: Any) -> None:
         calls[name] = calls.get(name, 0) + 1
 
     return count
@@ -1030,8 +1033,9 @@ def not_recomputed(plan: Any, ref: Step, got: Step) -> list[str]:
     """Blocks the plan checkpoints in which no module ran again during backward.
 
     A checkpointed block's recompute calls its submodules a second time (early stop may cut
-    the tail short, never the first module), so a block whose modules all ran as often as
-    without gradckpt was not checkpointed at all: no memory saved, whatever the plan says.
+    the tail short, never the first module's start: calls are counted by forward pre-hooks),
+    so a block whose modules all ran as often as without gradckpt was not checkpointed at all:
+    no memory saved, whatever the plan says.
     """
     from gradckpt.plans import Decision
 
@@ -1323,6 +1327,7 @@ def sweep(
     archs: Sequence[Arch] = ARCHS,
     policies: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = print,
+    command: str = "PYTHONPATH=src .venv/bin/python benchmarks/arch_sweep.py",
 ) -> dict[str, Any]:
     """Run every (architecture, policy) case; returns the JSON-ready result."""
     policies = list(policies or sweep_policies())
@@ -1362,7 +1367,7 @@ def sweep(
         fb_counts[s] = fb_counts.get(s, 0) + 1
     return {
         "date": dt.date.today().isoformat(),
-        "command": "PYTHONPATH=src .venv/bin/python benchmarks/arch_sweep.py",
+        "command": command,
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -1507,12 +1512,40 @@ def render_md(res: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _command(argv: Sequence[str] | None) -> str:
+    """The command line that reproduces this run (the interpreter relative to the repository)."""
+    root = Path(__file__).resolve().parent.parent
+    exe = Path(sys.executable)
+    try:
+        python = str(exe.relative_to(root))
+    except ValueError:  # a checkout's shared venv (git worktrees): named as make creates it
+        python = (
+            f"{exe.parent.parent.name}/bin/{exe.name}"
+            if exe.parent.parent.name.startswith(".venv")
+            else str(exe)
+        )
+    given = list(sys.argv[1:] if argv is None else argv)
+    args: list[str] = []
+    skip = False
+    for a in given:  # where the files went is no part of what they hold
+        if skip or a.startswith("--out"):
+            skip = a == "--out"
+            continue
+        args.append(a)
+    return " ".join(["PYTHONPATH=src", python, "benchmarks/arch_sweep.py", *args])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", help="comma-separated architecture names (default: all)")
     p.add_argument("--policies", help="comma-separated policies (default: every registered one)")
     p.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON and Markdown")
     p.add_argument("--no-write", action="store_true", help="print only; write no files")
+    p.add_argument(
+        "--suffix",
+        default="",
+        help="appended to the file names (--suffix=-transformers-4.46.2 for another stack)",
+    )
     p.add_argument("--list", action="store_true", help="list the architectures and exit")
     args = p.parse_args(argv)
     if args.list:
@@ -1529,16 +1562,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     policies = [x.strip() for x in args.policies.split(",")] if args.policies else None
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    res = sweep(archs, policies)
+    res = sweep(archs, policies, command=_command(argv))
     md = render_md(res)
     print()
     print(md.split("\n## Not passing")[0].splitlines()[6])
     print("## Not passing" + md.split("## Not passing", 1)[1])
     if not args.no_write:
         args.out.mkdir(parents=True, exist_ok=True)
-        stem = args.out / f"arch-sweep-{res['date']}"
-        stem.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
-        stem.with_suffix(".md").write_text(md)
+        stem = args.out / f"arch-sweep-{res['date']}{args.suffix}"
+        # not with_suffix: a suffix with a version in it ("-4.46.2") has a dot of its own
+        stem.with_name(stem.name + ".json").write_text(json.dumps(res, indent=1) + "\n")
+        stem.with_name(stem.name + ".md").write_text(md)
         print(f"wrote {stem}.json and {stem}.md")
     return 0
 

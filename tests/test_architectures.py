@@ -64,10 +64,11 @@ KNOWN_FIND_BLOCKS: dict[str, str] = {}
 
 
 # transformers < 4.52 (4.46.2, make test-oldest) has no GradientCheckpointingLayer to tell
-# find_blocks Jamba's layers: its structural search picks the experts, which sqrt refuses
-# (a loud refusal naming the block; README, "Supported versions").
+# find_blocks Jamba's layers: its structural search picks the experts. sqrt refused them (the
+# experts do not take each other's outputs); its segments now keep such a block's inputs, and
+# the case passes on 4.46.2 too. Cases that fail only before 4.52 go here.
 BEFORE_4_52 = importlib.util.find_spec("transformers.modeling_layers") is None
-KNOWN_BEFORE_4_52 = {("jamba", "sqrt"): "transformers < 4.52: Jamba's experts are the blocks"}
+KNOWN_BEFORE_4_52: dict[tuple[str, str], str] = {}
 
 
 def _param(arch: str, policy: str | None = None) -> Any:
@@ -168,3 +169,41 @@ def test_a_block_that_is_not_recomputed_is_caught() -> None:
     assert (
         sweep.not_recomputed(gradckpt.make_plan("none", ["layers.0", "layers.1"]), ref, got) == []
     )
+
+
+def test_a_block_cut_short_by_early_stop_still_counts_as_recomputed() -> None:
+    # A block whose only op is one convolution (PoolFormer's patch embeddings): early stop ends
+    # the recompute right after the conv saved its tensors, before the conv's forward returns,
+    # so only a pre-hook sees that the recompute ran. The sweep reported these as FAIL.
+    class Embed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(x)
+
+    model = torch.nn.Sequential(Embed(), Embed())
+    x = torch.randn(1, 3, 4, 4)
+    ref = sweep.run_step(model, {"input": x}, seed=0)
+    plan = gradckpt.enable(model, policy="full")
+    try:
+        got = sweep.run_step(model, {"input": x}, seed=0)
+    finally:
+        gradckpt.disable(model)
+    assert got.calls == {"0.proj": 2, "1.proj": 2} and ref.calls == {"0.proj": 1, "1.proj": 1}
+    assert sweep.not_recomputed(plan, ref, got) == []
+    assert sweep.compare(ref, got) is None
+
+
+@pytest.mark.parametrize("policy", ["full", "sqrt", "selective"])
+def test_reversible_reformer_layers_are_refused_by_name(policy: str) -> None:
+    # Reformer runs its layers inside its own autograd.Function under no_grad and recomputes
+    # them in backward_pass: a checkpoint there was never recomputed (no memory saved, while
+    # the plan said RECOMPUTE). Refused at enable, naming the block; policy 'none' still works.
+    run = arch_run("reformer")
+    res = sweep.run_case(run, policy)
+    assert res["status"] == "refusal", res
+    assert "'reformer.encoder.layers.0' (ReformerLayer) is a reversible layer" in res["error"]
+    assert "policy='none'" in res["error"] and res["phase"] == "enable"
+    assert sweep.run_case(run, "none")["status"] == "pass"

@@ -99,6 +99,18 @@ def _check_installable(plan: Plan, found: Sequence[tuple[str, nn.Module]]) -> No
                 "its code runs after the call returns, outside any checkpoint; leave it out "
                 "with blocks= or keep its activations (Decision.SAVE)"
             )
+        if decision is not Decision.SAVE and callable(getattr(block, "backward_pass", None)):
+            # Reversible layers (RevNet; transformers' ReformerLayer): the model calls them
+            # inside its own autograd.Function, under no_grad, and backward_pass rebuilds their
+            # inputs from their outputs and recomputes them. They keep no activations, so a
+            # checkpoint around their forward has nothing to save and is never recomputed.
+            raise BlockError(
+                f"block {name!r} ({type(block).__name__}) is a reversible layer: its model "
+                "runs it without recording gradients and recomputes it in its own backward "
+                f"({type(block).__name__}.backward_pass), so it keeps no activations and "
+                "checkpointing it saves nothing; use policy='none' (reversible layers already "
+                "use the memory checkpointing would give) or leave it out with blocks="
+            )
 
 
 def install(model: nn.Module, plan: Plan, found: Sequence[tuple[str, nn.Module]]) -> Installed:
@@ -135,6 +147,7 @@ def install(model: nn.Module, plan: Plan, found: Sequence[tuple[str, nn.Module]]
                 stateful=stateful_modules(seg_blocks),
                 early_stop=decisions.early_stop_option(plan.options),
             )
+            run.peers = state.segments  # shared: each run sees every segment of the model
             state.segments.append(run)
             for j, blk in enumerate(seg_blocks):
                 state.restores.append(_override_forward(blk, segment_forward(run, j)))

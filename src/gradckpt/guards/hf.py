@@ -14,7 +14,8 @@ all undone by ``gradckpt.disable``:
   ``save_pretrained`` writes the config unchanged) and an explicit ``use_cache=True`` is turned
   off; a cache that already holds tokens (prefix tuning) reaching a checkpointed block is
   refused with a ``GradCkptError``. Inference under ``torch.no_grad()`` (``generate``) keeps
-  its cache.
+  its cache. A model whose training forward computes something else without the cache (FSMT:
+  ``_FORWARD_READS_USE_CACHE``) keeps ``use_cache`` as it is; only its layers get no cache.
 - **No ``enable_input_require_grads``.** gradckpt's checkpoint is the non-reentrant one, which
   gives adapters their gradients when the embeddings are frozen.
 
@@ -43,6 +44,20 @@ logger = logging.getLogger("gradckpt")
 # Keyword names layers take their KV cache under (transformers >= 5.24 `cache`, 5.x
 # `past_key_values`, 4.x Llama-likes `past_key_value`, 4.x GPT-2-likes `layer_past`).
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+# Names that hold a cache in some models only (FSMT's decoder layers take theirs as
+# `layer_state`): neutralised when the value is a cache (a `Cache` object or a dict of them).
+_CACHE_LIKE_KWARGS = ("layer_state",)
+
+# Models whose training forward computes something else when use_cache is switched off, so
+# gradckpt leaves use_cache as it is for them (their layers' cache arguments are still
+# neutralised, so nothing is written twice). FSMTModel builds its decoder's causal mask only
+# when use_cache is False (modeling_fsmt.py, transformers 4.46 to 5.24): with the config's
+# default use_cache=True it trains its decoder without one, and switching the cache off changed
+# every decoder gradient (up to 3.4e-3 in benchmarks/arch_sweep.py).
+_FORWARD_READS_USE_CACHE = {
+    "FSMTModel": "builds its decoder's causal mask only when use_cache=False (with "
+    "use_cache=True it trains its decoder without one)",
+}
 
 
 def is_hf_model(m: nn.Module) -> bool:
@@ -73,11 +88,28 @@ def cached_tokens(cache: Any) -> int:
     return 0
 
 
+def _is_cache(value: Any) -> bool:
+    """A KV cache object (transformers' ``Cache``) or a dict of cached keys and values."""
+    return hasattr(value, "get_seq_length") or isinstance(value, Mapping)
+
+
+def _reads_use_cache(models: Sequence[nn.Module]) -> tuple[str, str, Any] | None:
+    """The first model in ``_FORWARD_READS_USE_CACHE``: its class name, why, its config."""
+    for m in models:
+        why = _FORWARD_READS_USE_CACHE.get(type(m).__name__)
+        if why is not None:
+            return type(m).__name__, why, m.config
+    return None
+
+
 class HFGuard:
     """What ``enable`` changes on a Hugging Face-style model, and how to undo it (``remove``)."""
 
-    def __init__(self, flag_modules: list[nn.Module], configs: list[Any]) -> None:
+    def __init__(
+        self, flag_modules: list[nn.Module], configs: list[Any], keep_use_cache: bool = False
+    ) -> None:
         self._flag_modules = flag_modules
+        self._keep_use_cache = keep_use_cache  # no use_cache=True kwarg is turned off either
         # module -> (had an instance attribute, its value) before gradckpt switched it off
         self._flags: dict[nn.Module, tuple[bool, Any]] = {}
         self._configs = configs
@@ -105,14 +137,25 @@ class HFGuard:
         # Layers that only read the cache (transformers' `_can_checkpoint_with_cache`) keep it.
         writers = [b for b in checkpointed if not getattr(b, "_can_checkpoint_with_cache", False)]
         configs: list[Any] = []
-        if writers and len(writers) == len(checkpointed):
+        reads = _reads_use_cache(hf_models)
+        if writers and len(writers) == len(checkpointed) and not reads:
             seen: set[int] = set()
             for m in hf_models:
                 cfg = m.config
                 if isinstance(getattr(cfg, "use_cache", None), bool) and id(cfg) not in seen:
                     seen.add(id(cfg))
                     configs.append(cfg)
-        guard = cls(flag_modules, configs)
+        if reads and writers:
+            name, why, cfg = reads
+            if getattr(cfg, "use_cache", False):
+                logger.warning(
+                    "gradckpt: %s %s; gradckpt leaves use_cache on, so gradients are those "
+                    "of training without gradckpt (checkpointed layers get no cache to "
+                    "write). Set model.config.use_cache = False if that is not what you want",
+                    name,
+                    why,
+                )
+        guard = cls(flag_modules, configs, keep_use_cache=bool(reads))
         guard._switch_off_flags()
         try:
             if checkpointed:
@@ -166,7 +209,7 @@ class HFGuard:
                 if cfg.use_cache:
                     self._stash.append((cfg, True))
                     cfg.use_cache = False
-        if kwargs.get("use_cache"):
+        if kwargs.get("use_cache") and not self._keep_use_cache:
             if not self._told_cache:
                 self._told_cache = True
                 logger.info(
@@ -187,9 +230,11 @@ class HFGuard:
         if not torch.is_grad_enabled():
             return None
         changed: dict[str, Any] | None = None
-        for key in _CACHE_KWARGS:
+        for key in (*_CACHE_KWARGS, *_CACHE_LIKE_KWARGS):
             cache = kwargs.get(key)
             if cache is None:
+                continue
+            if key in _CACHE_LIKE_KWARGS and not _is_cache(cache):
                 continue
             n = cached_tokens(cache)
             if n:

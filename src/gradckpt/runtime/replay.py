@@ -27,7 +27,14 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import CheckpointMismatchError
 
-__all__ = ["DecisionLog", "Kept", "decision_contexts", "is_data_dependent"]
+__all__ = [
+    "DecisionLog",
+    "Kept",
+    "decision_contexts",
+    "is_data_dependent",
+    "pause_recording",
+    "recorders",
+]
 
 aten = torch.ops.aten
 
@@ -182,17 +189,38 @@ class DecisionLog:
 
 
 class _RecordDecisions(TorchDispatchMode):
-    """Forward: keep the outputs of data-dependent ops."""
+    """Forward: keep the outputs of data-dependent ops (none while ``paused``)."""
 
     def __init__(self, log: DecisionLog) -> None:
         super().__init__()
         self.log = log
+        self.paused = False
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        if is_data_dependent(func):
+        if not self.paused and is_data_dependent(func):
             self.log.record(func, out)
         return out
+
+
+def recorders() -> list[TorchDispatchMode]:
+    """The decision recorders (forward modes of ``decision_contexts``) active now, bottom first."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return [m for m in _get_current_dispatch_mode_stack() if isinstance(m, _RecordDecisions)]
+
+
+def pause_recording(modes: list[TorchDispatchMode], paused: bool) -> None:
+    """Stop (or restart) ``modes`` keeping decisions, leaving them on the mode stack.
+
+    A checkpointed segment steps aside between its blocks: the model's own code there (LayerDrop's
+    ``bool(torch.rand([]) < p)``, an ``.item()``) is not replayed by the recompute, so its
+    decisions must not enter the segment's log, or the replay hands them to the next block's
+    ops (the same op, ``_local_scalar_dense``: another value, silently).
+    """
+    for m in modes:
+        if isinstance(m, _RecordDecisions):
+            m.paused = paused
 
 
 class _ReplayDecisions(TorchDispatchMode):
