@@ -28,6 +28,7 @@ from .gpus import GPU, GPU_PRESETS, get_gpu
 from .presets import resolve_model
 from .report import GpuOption, LargestFit, PolicyEstimate, SweepPoint, SweepReport
 from .search import Capacity, largest_fitting
+from .sharding import sharding
 from .training import TrainingSetup
 
 __all__ = [
@@ -385,7 +386,9 @@ def sweep(
         seq_step: granularity of the ``max_seq`` search, in tokens (default 128).
         batch_limit: largest batch the ``max_batch`` search tries (default 4096).
         **settings: the rest of the setup, as ``estimate`` takes it: ``method``, ``precision``,
-            ``optimizer``, ``grad_accum``, ``attention``, ``lora_rank``..., ``overhead``.
+            ``optimizer``, ``grad_accum``, ``attention``, ``lora_rank``..., ``overhead``, and
+            ``gpus``/``shard`` (data parallel: every figure per GPU, ``max_batch`` and
+            ``max_seq`` search each GPU's micro-batch).
 
     Comma-separated strings (``seq="512,1024"``, ``gpu="rtx-4090,a100-80gb"``, ``gpu="all"``,
     ``policies="none,full"``, ``prices="rtx-4090=0.35"``) still work until the next release,
@@ -442,6 +445,7 @@ def sweep(
         raise ConfigError(f"setup must be a TrainingSetup, got {type(base).__name__}")
     st = base.with_(**{k: v for k, v in settings.items() if k in fields and v is not None})
     accum = st.grad_accum
+    split = sharding(settings.get("gpus"), settings.get("shard"))  # checked before any estimate
     spec = resolve_model(model)
     max_pos = check_positions(spec, seqs[-1])
     if max_seq and max_pos is not None and max_pos < seq_step:
@@ -555,7 +559,8 @@ def sweep(
         )
     return SweepReport(
         model=spec.name,
-        setup={k: v for k, v in st.to_dict().items() if k not in ("batch", "seq")},
+        setup={k: v for k, v in st.to_dict().items() if k not in ("batch", "seq")}
+        | ({} if split is None else split.to_dict()),
         policies=names,
         gpus=[{**g.to_dict(), "price_per_hour": price_of.get(g.name)} for g in gpus],
         prices=dict(price_of),
