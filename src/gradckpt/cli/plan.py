@@ -14,6 +14,7 @@ from ..estimate.sweep import sweep
 from ..estimate.training import ATTENTION, METHODS, OPTIMIZERS, PRECISIONS
 from ..plot import png_path
 from ._args import gpu_names, int_list, lora_targets, parse_prices, policy_names
+from ._progress import progress_bar
 from .render import (
     plot_sweep,
     presets_data,
@@ -226,15 +227,17 @@ def _gpu_count(args: argparse.Namespace, gpus: list[str], policies: list[str] | 
             "--gpus auto answers for one setting: give one --seq and one --batch, without "
             "--max-batch, --max-seq, --which-gpu, --price or --plot"
         )
-    report = gpus_needed(
-        args.model,
-        gpu=gpus[0],
-        shard=args.shard or "fsdp2",
-        policies=policies,
-        batch=args.batch[0],
-        seq=args.seq[0],
-        **{k: v for k, v in _settings(args).items() if k not in ("gpus", "shard")},
-    )
+    with progress_bar("GPU counts", None, enabled=not args.json) as step:
+        report = gpus_needed(
+            args.model,
+            progress=step,
+            gpu=gpus[0],
+            shard=args.shard or "fsdp2",
+            policies=policies,
+            batch=args.batch[0],
+            seq=args.seq[0],
+            **{k: v for k, v in _settings(args).items() if k not in ("gpus", "shard")},
+        )
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -269,20 +272,22 @@ def _sweep(args: argparse.Namespace, gpus: list[str], policies: list[str] | None
                 "--plot draws a sweep: give several --seq values (e.g. 512,1024,2048,4096) "
                 "or several --batch values"
             )
-    report = sweep(
-        args.model,
-        seq=args.seq,
-        batch=args.batch,
-        policies=policies,
-        gpu=gpus or None,
-        prices=parse_prices(args.price) if args.price is not None else None,
-        max_batch=args.max_batch,
-        max_seq=args.max_seq,
-        # one setting on several GPUs compares them (prices alone imply it: sweep's rule)
-        which_gpu=args.which_gpu or not (several_points or searching),
-        seq_step=args.seq_step,
-        **_settings(args),
-    )
+    with progress_bar("estimates", None, enabled=not args.json) as step:
+        report = sweep(
+            args.model,
+            seq=args.seq,
+            batch=args.batch,
+            policies=policies,
+            gpu=gpus or None,
+            prices=parse_prices(args.price) if args.price is not None else None,
+            max_batch=args.max_batch,
+            max_seq=args.max_seq,
+            # one setting on several GPUs compares them (prices alone imply it: sweep's rule)
+            which_gpu=args.which_gpu or not (several_points or searching),
+            seq_step=args.seq_step,
+            progress=step,
+            **_settings(args),
+        )
     plot_path = plot_sweep(report, args.plot) if args.plot else None
     if args.json:
         data = report.to_dict()

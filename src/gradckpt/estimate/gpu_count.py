@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -87,6 +87,7 @@ def gpus_needed(
     shard: str = "fsdp2",
     policies: Sequence[str] | str | None = None,
     counts: Sequence[int] = GPU_COUNTS,
+    progress: Callable[[str], None] | None = None,
     **settings: Any,
 ) -> GpuCountReport:
     """The smallest number of ``gpu`` GPUs on which each policy's per-GPU peak fits.
@@ -97,6 +98,7 @@ def gpus_needed(
         shard: ``"ddp"``, ``"fsdp2"`` (default), ``"zero1"``, ``"zero2"`` or ``"zero3"``.
         policies: policies to answer for (default ``none`` and ``full``).
         counts: GPU counts to try, increasing (default ``GPU_COUNTS``: 1, 2, 4, 8, 16... 1024).
+        progress: called with a short description after each count is estimated.
         **settings: the rest of ``estimate``'s keyword arguments (``method``, ``batch``,
             ``seq``, ``precision``...); ``batch`` is per GPU.
 
@@ -129,6 +131,8 @@ def gpus_needed(
         report = estimate(
             model, gpu=gpu, gpus=n, shard=mode, policies=policies, alternatives=False, **settings
         )
+        if progress is not None:
+            progress(f"{n} GPU{'s' if n > 1 else ''}")
         for r in report.results:
             if r.policy in found:
                 continue
