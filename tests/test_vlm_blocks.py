@@ -1,7 +1,9 @@
 """Vision-language models: the vision tower's blocks are blocks too, and every policy stays exact.
 
-Tiny random LLaVA (CLIP tower), Qwen2-VL and SigLIP, built from configs: ``find_blocks`` returns
-the vision tower's list and the language model's (two ``block_groups``); ``every:K`` and ``sqrt``
+Tiny random LLaVA (CLIP tower), Qwen2-VL, SigLIP, PaliGemma, Gemma 3 and Idefics3 (SmolVLM's
+architecture), built from configs: ``find_blocks`` returns
+the vision tower's list and the language model's (SigLIP: its text and vision towers), each its
+own ``block_groups`` entry; ``every:K`` and ``sqrt``
 count within each list; ``gradckpt.verify`` (loss, every gradient, every buffer bit for bit
 against no checkpointing) passes for every policy on an image + text batch.
 
@@ -32,7 +34,7 @@ TEXT = {
 }
 
 
-def llava() -> tuple[Any, dict[str, torch.Tensor], tuple[str, str]]:
+def llava() -> tuple[Any, dict[str, Any], tuple[tuple[str, int], ...]]:
     cfg = t.LlavaConfig(
         text_config=t.LlamaConfig(**TEXT),
         vision_config=t.CLIPVisionConfig(
@@ -56,13 +58,13 @@ def llava() -> tuple[Any, dict[str, torch.Tensor], tuple[str, str]]:
         model,
         {"input_ids": ids, "pixel_values": pixels, "labels": ids},
         (
-            "model.vision_tower.encoder.layers.",
-            "model.language_model.layers.",
+            ("model.vision_tower.encoder.layers.", 2),
+            ("model.language_model.layers.", 3),
         ),
     )
 
 
-def qwen2_vl() -> tuple[Any, dict[str, torch.Tensor], tuple[str, str]]:
+def qwen2_vl() -> tuple[Any, dict[str, Any], tuple[tuple[str, int], ...]]:
     cfg = t.Qwen2VLConfig(
         text_config={**TEXT, "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}},
         vision_config={
@@ -87,13 +89,118 @@ def qwen2_vl() -> tuple[Any, dict[str, torch.Tensor], tuple[str, str]]:
     pixels = torch.randn(16, 3 * 2 * 14 * 14, generator=g)
     batch = {"input_ids": ids, "pixel_values": pixels, "image_grid_thw": grid, "labels": ids}
     batch["mm_token_type_ids"] = (ids == 5).long()  # what the processor returns: 1 on image tokens
-    return model, batch, ("model.visual.blocks.", "model.language_model.layers.")
+    return model, batch, (("model.visual.blocks.", 2), ("model.language_model.layers.", 3))
 
 
-CASES = {"llava": llava, "qwen2-vl": qwen2_vl}
+VISION = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 28,
+    "patch_size": 14,
+}
+PIXELS = (2, 3, 28, 28)  # (28 / 14)**2 = 4 patches per image
 
 
-def _built(name: str) -> tuple[Any, dict[str, torch.Tensor], tuple[str, str]]:
+def _ids(first: int, image_token: int, at: slice) -> torch.Tensor:
+    ids = torch.randint(first, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    ids[:, at] = image_token
+    return ids
+
+
+def siglip() -> tuple[Any, dict[str, Any], tuple[tuple[str, int], ...]]:
+    cfg = t.SiglipConfig(text_config={**TEXT, "max_position_embeddings": 16}, vision_config=VISION)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "pixel_values": torch.randn(*PIXELS), "return_loss": True}
+    return (
+        t.SiglipModel(cfg),
+        batch,
+        (
+            ("text_model.encoder.layers.", 3),
+            ("vision_model.encoder.layers.", 2),
+        ),
+    )
+
+
+def paligemma() -> tuple[Any, dict[str, Any], tuple[tuple[str, int], ...]]:
+    cfg = t.PaliGemmaConfig(
+        text_config={**TEXT, "model_type": "gemma", "head_dim": 8},
+        vision_config={**VISION, "projection_dim": 32},
+        image_token_index=5,
+        projection_dim=32,
+    )
+    ids = _ids(6, 5, slice(0, 4))  # 4 image tokens first, as its processor puts them
+    batch = {
+        "input_ids": ids,
+        "pixel_values": torch.randn(*PIXELS),
+        "labels": ids,
+        "token_type_ids": (ids == 5).long(),
+    }
+    return (
+        t.PaliGemmaForConditionalGeneration(cfg),
+        batch,
+        (
+            ("model.vision_tower.encoder.layers.", 2),
+            ("model.language_model.layers.", 3),
+        ),
+    )
+
+
+def gemma3() -> tuple[Any, dict[str, Any], tuple[tuple[str, int], ...]]:
+    cfg = t.Gemma3Config(
+        text_config={**TEXT, "head_dim": 8, "sliding_window": 8},
+        vision_config=VISION,
+        mm_tokens_per_image=4,
+        image_token_index=5,
+        boi_token_index=6,
+        eoi_token_index=7,
+    )
+    ids = _ids(8, 5, slice(1, 5))
+    batch = {
+        "input_ids": ids,
+        "pixel_values": torch.randn(*PIXELS),
+        "labels": ids,
+        "token_type_ids": (ids == 5).long(),
+    }
+    return (
+        t.Gemma3ForConditionalGeneration(cfg),
+        batch,
+        (
+            ("model.vision_tower.encoder.layers.", 2),
+            ("model.language_model.layers.", 3),
+        ),
+    )
+
+
+def idefics3() -> tuple[Any, dict[str, Any], tuple[tuple[str, int], ...]]:
+    # SmolVLM's architecture: 4 patches per image, pixel shuffle by 2: 1 image token each
+    cfg = t.Idefics3Config(
+        text_config=t.LlamaConfig(**TEXT), vision_config=VISION, scale_factor=2, image_token_id=5
+    )
+    ids = _ids(8, 5, slice(2, 3))
+    batch = {"input_ids": ids, "pixel_values": torch.randn(2, 1, 3, 28, 28), "labels": ids}
+    return (
+        t.Idefics3ForConditionalGeneration(cfg),
+        batch,
+        (
+            ("model.vision_model.encoder.layers.", 2),
+            ("model.text_model.layers.", 3),
+        ),
+    )
+
+
+CASES = {
+    "llava": llava,
+    "qwen2-vl": qwen2_vl,
+    "siglip": siglip,
+    "paligemma": paligemma,
+    "gemma3": gemma3,
+    "idefics3-smolvlm": idefics3,
+}
+
+
+def _built(name: str) -> tuple[Any, dict[str, Any], tuple[tuple[str, int], ...]]:
     torch.manual_seed(0)
     try:
         return CASES[name]()
@@ -103,19 +210,16 @@ def _built(name: str) -> tuple[Any, dict[str, torch.Tensor], tuple[str, str]]:
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_vision_tower_is_its_own_block_list(name: str) -> None:
-    model, _batch, (vision, text) = _built(name)
+    model, _batch, lists = _built(name)
     names = [n for n, _ in gradckpt.find_blocks(model)]
     groups = block_groups(names)
-    assert len(groups) == 2, names
-    tower = names[groups[0][0] : groups[0][1]]
-    lm = names[groups[1][0] : groups[1][1]]
-    assert tower == [f"{vision}{i}" for i in range(2)]
-    assert lm == [f"{text}{i}" for i in range(3)]
-    # every:2 and sqrt count within each list: the first block of each is recomputed
+    assert len(groups) == len(lists), names
+    for (start, stop), (prefix, count) in zip(groups, lists, strict=True):
+        assert names[start:stop] == [f"{prefix}{i}" for i in range(count)]
+    # every:2 counts within each list: the first block of each list is recomputed
     every = gradckpt.make_plan("every:2", names)
-    assert [d.value for d in every.decisions] == [
-        "recompute", "save", "recompute", "save", "recompute",
-    ]  # fmt: skip
+    expect = [i % 2 == 0 for _, count in lists for i in range(count)]
+    assert [d.value == "recompute" for d in every.decisions] == expect
     sqrt = gradckpt.make_plan("sqrt", names)
     assert all(any(a >= s and b <= e for s, e in groups) for a, b in sqrt.segments), sqrt.segments
 
@@ -127,3 +231,19 @@ def test_every_policy_exact_on_image_and_text(name: str) -> None:
     for policy in policies:
         report = gradckpt.verify(model, batch, policy)
         assert report.passed, (policy, report.problems)
+
+
+def test_plan_refuses_a_vlm_config_with_one_line(tmp_path: Any) -> None:
+    import contextlib
+    import io
+
+    from gradckpt.cli import main
+
+    model, _batch, _ = _built("qwen2-vl")
+    model.config.save_pretrained(tmp_path)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = main(["plan", str(tmp_path / "config.json"), "--seq", "64"])
+    lines = err.getvalue().strip().splitlines()
+    assert rc == 2 and len(lines) == 1, err.getvalue()
+    assert "is a vision-language model" in lines[0] and "image size" in lines[0]
