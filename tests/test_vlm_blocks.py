@@ -247,3 +247,57 @@ def test_plan_refuses_a_vlm_config_with_one_line(tmp_path: Any) -> None:
     lines = err.getvalue().strip().splitlines()
     assert rc == 2 and len(lines) == 1, err.getvalue()
     assert "is a vision-language model" in lines[0] and "image size" in lines[0]
+
+
+class _Layer(torch.nn.Module):
+    """A transformer block in plain PyTorch (no transformers marker class): attention + MLP."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(dim, 4 * dim), torch.nn.GELU(), torch.nn.Linear(4 * dim, dim)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        return x + self.mlp(x)
+
+
+class _TinyVLM(torch.nn.Module):
+    """A small vision tower (2 blocks of width 8) next to a language model (4 blocks of 64)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = torch.nn.Linear(12, 8)
+        self.vision = torch.nn.ModuleList(_Layer(8) for _ in range(2))
+        self.project = torch.nn.Linear(8, 64)
+        self.embed = torch.nn.Embedding(32, 64)
+        self.layers = torch.nn.ModuleList(_Layer(64) for _ in range(4))
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(64, 32) for _ in range(2))  # no attention
+
+    def forward(self, ids: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        v = self.patch(patches)
+        for block in self.vision:
+            v = block(v)
+        x = torch.cat([self.project(v), self.embed(ids)], dim=1)
+        for block in self.layers:
+            x = block(x)
+        return sum(h(x).logsumexp(-1).mean() for h in self.heads)
+
+
+def test_structural_search_keeps_a_small_vision_tower() -> None:
+    torch.manual_seed(0)
+    model = _TinyVLM()
+    tower = sum(p.numel() for p in model.vision.parameters())
+    lm = sum(p.numel() for p in model.layers.parameters())
+    assert tower < 0.25 * lm  # below the share rule: kept because its blocks hold attention
+    names = [n for n, _ in gradckpt.find_blocks(model)]
+    assert names == ["vision.0", "vision.1", "layers.0", "layers.1", "layers.2", "layers.3"]
+    batch = {
+        "ids": torch.randint(0, 32, (2, 5)),
+        "patches": torch.randn(2, 3, 12),
+    }
+    for policy in ("full", "sqrt", "every:2", "selective"):
+        report = gradckpt.verify(model, batch, policy, loss_fn=lambda out: out)
+        assert report.passed, (policy, report.problems)
