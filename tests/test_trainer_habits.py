@@ -123,6 +123,16 @@ def test_unsloth_policy_gives_identical_gradients() -> None:
         ),
         # kwargs without checkpointing switched on are not the trainer asking for anything
         ({"gradient_checkpointing_kwargs": {"use_reentrant": True}}, {}, None, None),
+        # what gradckpt does anyway is not reported
+        (
+            {
+                "gradient_checkpointing": True,
+                "gradient_checkpointing_kwargs": {"use_reentrant": False},
+            },
+            {},
+            "full",
+            "gradient_checkpointing=True -> gradckpt policy 'full' (",
+        ),
     ],
 )
 def test_trainer_choice_maps_the_trainers_flags(
@@ -228,3 +238,21 @@ def test_liger_fused_linear_cross_entropy_trains_under_gradckpt() -> None:
     assert got[0].isfinite() and torch.equal(ref[0], got[0])
     for n in ref[1]:
         assert torch.equal(ref[1][n], got[1][n]), n
+
+
+def test_trainer_choice_reads_trls_real_config(tmp_path: Path) -> None:
+    # A real SFTConfig, so the attribute names are TRL's own. SFTTrainer itself cannot run with
+    # activation_offloading=True on a CPU-only machine: TRL's OffloadActivations reads
+    # torch.accelerator.current_accelerator().type, which is None there (AttributeError).
+    trl = pytest.importorskip("trl")
+    cfg = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        gradient_checkpointing=True,
+        activation_offloading=True,
+        report_to=[],
+        use_cpu=True,
+    )
+    choice = trainer_choice(cfg)
+    assert choice.policy == "offload"
+    assert choice.message is not None and "activation_offloading=True" in choice.message
+    assert "use_reentrant" not in choice.message  # TRL's default (False) is what gradckpt does

@@ -73,12 +73,19 @@ class TrainerChoice:
     message: str | None = None
 
 
-# gradient_checkpointing_kwargs keys torch.utils.checkpoint takes, and what gradckpt does instead.
-_CKPT_KWARGS = {
-    "use_reentrant": "gradckpt always runs torch's non-reentrant checkpoint (reentrant gives "
-    "adapters over frozen embeddings no gradient)",
-    "preserve_rng_state": "gradckpt always replays the forward's RNG state (dropout masks match)",
-    "determinism_check": "gradckpt always checks the recompute saves what forward saved",
+# gradient_checkpointing_kwargs keys torch.utils.checkpoint takes: the value gradckpt always
+# runs with, and why it does not follow another.
+_CKPT_KWARGS: dict[str, tuple[object, str]] = {
+    "use_reentrant": (
+        False,
+        "gradckpt always runs torch's non-reentrant checkpoint (reentrant gives adapters over "
+        "frozen embeddings no gradient)",
+    ),
+    "preserve_rng_state": (True, "gradckpt always replays the forward's RNG state"),
+    "determinism_check": (
+        "default",
+        "gradckpt always checks the recompute saves what forward saved",
+    ),
 }
 
 
@@ -150,11 +157,10 @@ def trainer_choice(
             )
     if hf_ckpt or offloading:
         for key in sorted(kwargs):
-            what = _CKPT_KWARGS.get(key)
-            said.append(
-                f"gradient_checkpointing_kwargs {key}={kwargs[key]!r} not used: "
-                + (what or "torch.utils.checkpoint option gradckpt does not take")
-            )
+            same, why = _CKPT_KWARGS.get(key, (None, "an option gradckpt does not take"))
+            if key in _CKPT_KWARGS and kwargs[key] == same:
+                continue  # what gradckpt does anyway (TRL's default use_reentrant=False)
+            said.append(f"gradient_checkpointing_kwargs {key}={kwargs[key]!r} not used: {why}")
     message = None
     if said:
         tail = " (transformers' own checkpointing switched off: nothing checkpointed twice)"
