@@ -6,8 +6,10 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from . import __doc__ as package_doc
 from .analysis import refresh
@@ -40,6 +42,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=("cpu", "wall"),
         help="time the speed cost is computed from (default: cpu on a CPU run, else wall)",
     )
+    p.add_argument(
+        "--log",
+        action="store_true",
+        help="print each step with its elapsed time on stderr (default: a progress bar on a "
+        "terminal, nothing otherwise)",
+    )
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--stem", help="output file name without extension (default <machine>-<date>)")
     p.add_argument(
@@ -60,12 +68,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         if v is not None:
             base[k] = v
     budgets = [float(x) for x in a.compile_budgets.split(",") if x.strip()]
+    with _progress(a.log) as progress:
+        res = _run(a, base, budgets, progress)
+    paths = write_outputs(res, a.out_dir, a.stem)
+    print(render_markdown(res))
+    for path in paths:
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+@contextmanager
+def _progress(log: bool) -> Iterator[Callable[[str], None]]:
+    """A transient progress bar on a terminal; timestamped lines with ``--log``; else silent."""
     t0 = time.perf_counter()
+    if log:
+        yield lambda msg: print(
+            f"[{time.perf_counter() - t0:6.0f}s] {msg}", file=sys.stderr, flush=True
+        )
+        return
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    def progress(msg: str) -> None:
-        print(f"[{time.perf_counter() - t0:6.0f}s] {msg}", file=sys.stderr, flush=True)
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield lambda msg: None
+        return
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("peers", total=None)
+        yield lambda msg: bar.update(task, description=msg)
 
-    res = run_peers(
+
+def _run(
+    a: argparse.Namespace,
+    base: dict[str, Any],
+    budgets: list[float],
+    progress: Callable[[str], None],
+) -> Any:
+    return run_peers(
         model=base["model"],
         layers=base["layers"],
         batch=base["batch"],
@@ -79,11 +119,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         clock=a.clock,
         progress=progress,
     )
-    paths = write_outputs(res, a.out_dir, a.stem)
-    print(render_markdown(res))
-    for path in paths:
-        print(f"wrote {path}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

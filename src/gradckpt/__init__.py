@@ -27,7 +27,7 @@ from .estimate.sweep import SweepReport, sweep
 from .measure import MemoryStats, measure
 from .planner.api import plan  # the verb; Plan and Decision live in the module gradckpt.plans
 from .plans import Decision, Plan
-from .policies import make_plan, policy_names
+from .policies import make_plan, policy_aliases, policy_names
 from .runtime.builtin import register_builtin
 from .runtime.checkpoint import checkpoint
 from .units import format_bytes, parse_bytes
@@ -63,6 +63,7 @@ __all__ = [
     "measure",
     "parse_bytes",
     "plan",
+    "policy_aliases",
     "policy_names",
     "sweep",
     "verify",

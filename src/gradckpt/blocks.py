@@ -74,6 +74,20 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module, int]]:
     return found
 
 
+def _attention_blocks(mod: nn.Module) -> bool:
+    """Whether every child of a list holds an attention module: a tower of transformer blocks.
+
+    A vision tower is small next to its language model (SmolVLM's SigLIP encoder: ~93M of
+    ~2.2B parameters, 4%), so the share rule alone drops it; what tells its list from a list of
+    classifier heads is that each entry holds an attention module (a class named
+    ``...Attention``: CLIPAttention, SiglipAttention, torch's MultiheadAttention).
+    """
+    children = list(mod.children())
+    return bool(children) and all(
+        any("Attention" in type(m).__name__ for m in c.modules() if m is not c) for c in children
+    )
+
+
 def _within(name: str, prefix: str) -> bool:
     return prefix == "" or name == prefix or name.startswith(prefix + ".")
 
@@ -109,7 +123,8 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ``nn.Sequential`` of same-class children holding the most parameters is the block list
     (``model.layers`` of Llama, ``transformer.h`` of GPT-2, ``encoder.layer`` of BERT).
     Further lists that are not nested in it are added when their blocks are of the same
-    class or hold a comparable share of parameters (the decoder of an encoder-decoder model).
+    class, hold a comparable share of parameters (the decoder of an encoder-decoder model), or
+    each hold an attention module (a vision-language model's vision tower, however small).
     A list of lists contributes the inner lists' modules.
 
     ``block_groups`` on the returned names says which list each block belongs to.
@@ -146,7 +161,7 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if any(_within(name, c) or _within(c, name) for c, _ in chosen):
             continue
         same_cls = type(next(iter(mod.children()))) is top_cls
-        if same_cls or n >= _SECOND_LIST_SHARE * top_n:
+        if same_cls or n >= _SECOND_LIST_SHARE * top_n or _attention_blocks(mod):
             chosen.append((name, mod))
     order = {id(m): i for i, (_, m) in enumerate(model.named_modules())}
     chosen.sort(key=lambda c: order[id(c[1])])

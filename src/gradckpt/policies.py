@@ -12,7 +12,14 @@ from .blocks import block_groups
 from .errors import PolicyError
 from .plans import Decision, Plan
 
-__all__ = ["PolicySpec", "make_plan", "policy_names", "register_policy"]
+__all__ = [
+    "PolicySpec",
+    "make_plan",
+    "policy_aliases",
+    "policy_names",
+    "register_alias",
+    "register_policy",
+]
 
 #: ``maker(block_names, arg, options) -> Plan``; ``arg`` is the text after ``:`` (``"2"`` in ``"every:2"``).
 PlanMaker = Callable[[Sequence[str], "str | None", dict[str, Any]], Plan]
@@ -42,6 +49,8 @@ class PolicySpec:
 
 
 _REGISTRY: dict[str, PolicySpec] = {}
+#: Other tools' names for a registered policy: alias -> (policy, why it is the same thing).
+_ALIASES: dict[str, tuple[str, str]] = {}
 
 #: Options every policy takes, stored in ``Plan.options`` and read by the decision wrappers.
 #: ``early_stop`` (bool, default True): torch's early stop of a recompute; False re-runs whole
@@ -61,6 +70,24 @@ def register_policy(
     return deco
 
 
+def register_alias(alias: str, policy: str, why: str) -> None:
+    """Let ``alias`` (another tool's name) select the registered ``policy``; ``why`` says why.
+
+    An alias makes exactly the plan its policy makes (the plan says the policy's own name) and is
+    not listed by ``policy_names()``, so sweeps over every policy do not run it twice.
+    """
+    if policy not in _REGISTRY:
+        raise PolicyError(f"alias {alias!r}: no policy named {policy!r} is registered")
+    if alias in _REGISTRY:
+        raise PolicyError(f"alias {alias!r} would hide the policy of that name")
+    _ALIASES[alias] = (policy, why)
+
+
+def policy_aliases() -> dict[str, str]:
+    """Other tools' names gradckpt accepts, and the policy each selects (``{"unsloth": "offload"}``)."""
+    return {alias: target for alias, (target, _why) in _ALIASES.items()}
+
+
 def policy_names() -> list[str]:
     """The policies users can ask for, as typed (``["none", "full", "every:K", ...]``)."""
     return [spec.usage for spec in _REGISTRY.values()]
@@ -70,10 +97,13 @@ def get_policy(policy: str) -> tuple[PolicySpec, str | None]:
     if not isinstance(policy, str):
         raise PolicyError(f"policy must be a name like 'full', got {type(policy).__name__}")
     name, sep, arg = policy.strip().partition(":")
-    spec = _REGISTRY.get(name.lower())
+    alias = _ALIASES.get(name.lower())
+    spec = _REGISTRY.get(alias[0] if alias else name.lower())
     if spec is None:
-        close = difflib.get_close_matches(name.lower(), list(_REGISTRY), n=1)
-        hint = f" (did you mean {_REGISTRY[close[0]].usage!r}?)" if close else ""
+        close = difflib.get_close_matches(name.lower(), [*_REGISTRY, *_ALIASES], n=1)
+        hint = ""
+        if close:
+            hint = f" (did you mean {(_REGISTRY[close[0]].usage if close[0] in _REGISTRY else close[0])!r}?)"
         raise PolicyError(
             f"unknown policy {policy!r}{hint}; valid policies: {', '.join(policy_names())}"
         )

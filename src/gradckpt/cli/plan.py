@@ -8,11 +8,21 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..estimate import estimate
+from ..estimate.gpu_count import gpus_needed
+from ..estimate.sharding import SHARD_MODES
 from ..estimate.sweep import sweep
 from ..estimate.training import ATTENTION, METHODS, OPTIMIZERS, PRECISIONS
 from ..plot import png_path
 from ._args import gpu_names, int_list, lora_targets, parse_prices, policy_names
-from .render import plot_sweep, presets_data, render_estimate, render_presets, render_sweep
+from ._progress import progress_bar
+from .render import (
+    plot_sweep,
+    presets_data,
+    render_estimate,
+    render_gpu_count,
+    render_presets,
+    render_sweep,
+)
 
 __all__ = ["add_parser", "run"]
 
@@ -80,6 +90,18 @@ def add_parser(subparsers: Any) -> None:
         "(rtx-4090,a100-80gb) or 'all' to compare GPUs",
     )
     p.add_argument(
+        "--gpus",
+        metavar="N|auto",
+        help="data-parallel GPUs: every figure is then per GPU, each running --batch sequences; "
+        "'auto': the fewest of 1, 2, 4, 8, 16... on which each policy fits --gpu",
+    )
+    p.add_argument(
+        "--shard",
+        metavar="MODE",
+        help=f"how weights, gradients and optimizer states are split over --gpus: "
+        f"{', '.join(SHARD_MODES)} (default: ddp; zero* as DeepSpeed's stages)",
+    )
+    p.add_argument(
         "--overhead", help="CUDA allowance as a size (default: 512MiB + 5%% of the tensors' peak)"
     )
     p.add_argument(
@@ -144,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("name a model: gradckpt plan MODEL (see gradckpt plan --list-models)")
     gpus = gpu_names(args.gpu) if args.gpu is not None else []
     policies = policy_names(args.policy) if args.policy is not None else None
+    if args.gpus is not None and args.gpus.strip().lower() == "auto":
+        return _gpu_count(args, gpus, policies)
     if _is_sweep(args, gpus):
         return _sweep(args, gpus, policies)
     report = estimate(
@@ -177,7 +201,48 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "lora_targets": lora_targets(args.lora_targets),
         "overhead": args.overhead,
         "full_depth": args.full_depth,
+        **_data_parallel(args),
     }
+
+
+def _data_parallel(args: argparse.Namespace) -> dict[str, Any]:
+    """``--gpus N`` / ``--shard MODE`` as ``estimate`` takes them (the library checks the values)."""
+    out: dict[str, Any] = {}
+    if args.gpus is not None and args.gpus.strip().lower() != "auto":
+        text = args.gpus.strip()
+        if not text.lstrip("+-").isdigit():
+            raise ConfigError(f"--gpus takes a whole number of GPUs or 'auto', got {args.gpus!r}")
+        out["gpus"] = int(text)
+    if args.shard is not None:
+        out["shard"] = args.shard
+    return out
+
+
+def _gpu_count(args: argparse.Namespace, gpus: list[str], policies: list[str] | None) -> int:
+    """``--gpus auto``: how many GPUs each policy needs, for one setting on one GPU."""
+    if len(gpus) != 1:
+        raise ConfigError("--gpus auto counts GPUs of one kind: name exactly one with --gpu")
+    if _is_sweep(args, gpus):
+        raise ConfigError(
+            "--gpus auto answers for one setting: give one --seq and one --batch, without "
+            "--max-batch, --max-seq, --which-gpu, --price or --plot"
+        )
+    with progress_bar("GPU counts", None, enabled=not args.json) as step:
+        report = gpus_needed(
+            args.model,
+            progress=step,
+            gpu=gpus[0],
+            shard=args.shard or "fsdp2",
+            policies=policies,
+            batch=args.batch[0],
+            seq=args.seq[0],
+            **{k: v for k, v in _settings(args).items() if k not in ("gpus", "shard")},
+        )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        render_gpu_count(report)
+    return 0
 
 
 def _is_sweep(args: argparse.Namespace, gpus: list[str]) -> bool:
@@ -207,20 +272,22 @@ def _sweep(args: argparse.Namespace, gpus: list[str], policies: list[str] | None
                 "--plot draws a sweep: give several --seq values (e.g. 512,1024,2048,4096) "
                 "or several --batch values"
             )
-    report = sweep(
-        args.model,
-        seq=args.seq,
-        batch=args.batch,
-        policies=policies,
-        gpu=gpus or None,
-        prices=parse_prices(args.price) if args.price is not None else None,
-        max_batch=args.max_batch,
-        max_seq=args.max_seq,
-        # one setting on several GPUs compares them (prices alone imply it: sweep's rule)
-        which_gpu=args.which_gpu or not (several_points or searching),
-        seq_step=args.seq_step,
-        **_settings(args),
-    )
+    with progress_bar("estimates", None, enabled=not args.json) as step:
+        report = sweep(
+            args.model,
+            seq=args.seq,
+            batch=args.batch,
+            policies=policies,
+            gpu=gpus or None,
+            prices=parse_prices(args.price) if args.price is not None else None,
+            max_batch=args.max_batch,
+            max_seq=args.max_seq,
+            # one setting on several GPUs compares them (prices alone imply it: sweep's rule)
+            which_gpu=args.which_gpu or not (several_points or searching),
+            seq_step=args.seq_step,
+            progress=step,
+            **_settings(args),
+        )
     plot_path = plot_sweep(report, args.plot) if args.plot else None
     if args.json:
         data = report.to_dict()

@@ -104,7 +104,9 @@ def render_estimate(report: Any, file: Any = None) -> None:
     for r in report.results:
         t.add_column(r.policy, justify="right")
     for key, (label, _help) in BREAKDOWN.items():
-        t.add_row(label, *(_gib(r.breakdown[key]) for r in report.results))
+        if key == "shard_buffers" and not any(r.breakdown.get(key) for r in report.results):
+            continue  # one unsharded GPU: no such row
+        t.add_row(label, *(_gib(r.breakdown.get(key, 0)) for r in report.results))
     t.add_row(
         "[bold]peak[/bold]",
         *(f"[bold]{_gib(r.peak_bytes)}[/bold]" for r in report.results),
@@ -351,3 +353,46 @@ def _render_largest(console: Any, rows: list[Any], vary: str) -> None:
     if any(f.limited_by == "search limit" for f in rows):
         notes.append("+: fits at the search limit")
     console.print(f"[dim]{'; '.join(notes)}[/dim]", highlight=False)
+
+
+def render_gpu_count(report: Any, file: Any = None) -> None:
+    """``plan --gpus auto``: per policy, the fewest GPUs whose per-GPU peak fits, and the counts tried."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=file or sys.stdout)
+    gpu = report.gpu
+    console.print(
+        f"[bold]{report.model}[/bold]: how many {gpu['name']} ({format_bytes(gpu['memory_bytes'])}) "
+        f"with {report.shard}"
+    )
+    console.print(report.setup_line() + " (batch per GPU)")
+    t = Table(show_edge=False, pad_edge=False)
+    for col in (
+        "policy",
+        "GPUs",
+        "peak per GPU",
+        "spare",
+        "speed cost",
+        "per-GPU peak at 1, 2, 4...",
+    ):
+        t.add_column(
+            col, justify="left" if col in ("policy", "per-GPU peak at 1, 2, 4...") else "right"
+        )
+    for c in report.counts:
+        tried = ", ".join(f"{n}: {p / 1024**3:.1f}" for n, p in c.tried)
+        t.add_row(
+            c.policy,
+            str(c.gpus) if c.gpus is not None else "[red]-[/red]",
+            _gib(c.peak_bytes),
+            _gib(c.headroom_bytes) if c.gpus is not None else "",
+            f"+{c.speed_cost:.1%}",
+            tried,
+        )
+    console.print(t)
+    console.print("[dim]peak GiB per GPU at each count tried; -: none of the counts fit[/dim]")
+    for c in report.counts:
+        if c.why:
+            console.print(f"  {c.policy}: {c.why}")
+    for note in report.notes:
+        console.print(f"[dim]- {note}[/dim]")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, PlanError
+from ._progress import progress_bar
 from .bench import positive_int as _positive_int
 
 __all__ = ["add_parser", "render", "run"]
@@ -190,10 +191,14 @@ def run(args: argparse.Namespace) -> int:
         bm = build_bench_model(args.model, layers=args.layers)
         model = bm.model.to(device).train()
         batch = make_batch(bm, args.batch, args.seq, seed=args.seed)
-        reports = [
-            verify(model, batch, plan, atol=args.atol, rtol=args.rtol, seed=args.seed)
-            for plan in [*policies, *plans]
-        ]
+        todo = [*policies, *plans]
+        reports = []
+        with progress_bar("verify", len(todo), enabled=not args.json) as step:
+            for plan in todo:
+                reports.append(
+                    verify(model, batch, plan, atol=args.atol, rtol=args.rtol, seed=args.seed)
+                )
+                step(f"verified {getattr(plan, 'policy', plan)}")
     except (RuntimeError, MemoryError) as e:
         if not _out_of_memory(e):
             raise

@@ -31,6 +31,7 @@ from .compat import deprecated_csv
 from .gpus import GPU, GPU_PRESETS, get_gpu
 from .presets import ModelSpec, resolve_model
 from .report import Alternative, EstimateReport, PolicyEstimate
+from .sharding import Sharding, ShardTotals, sharding
 from .step_cost import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, policy_estimate, static_notes
 from .timeline import replay
 from .totals import replayed_totals
@@ -108,6 +109,8 @@ def estimate(
     overhead: int | str | None = None,
     alternatives: bool = True,
     full_depth: bool = False,
+    gpus: int | None = None,
+    shard: str | None = None,
 ) -> EstimateReport:
     """Predict peak memory and checkpointing cost of fine-tuning ``model``, without weights or a GPU.
 
@@ -142,6 +145,10 @@ def estimate(
         alternatives: when a GPU is given and no policy fits, estimate what would (LoRA, QLoRA,
             8-bit AdamW, smaller batch or sequence) and report it.
         full_depth: run every block instead of replaying a few (slower; same numbers).
+        gpus: data-parallel GPUs (default 1); every figure is then per GPU, each running
+            ``batch`` sequences (see ``gradckpt.estimate.sharding``).
+        shard: how weights, gradients and optimizer states are split over ``gpus``: ``"ddp"``
+            (default with ``gpus``), ``"fsdp2"``, ``"zero1"``, ``"zero2"`` or ``"zero3"``.
 
     Returns:
         An ``EstimateReport``: ``.results`` has one ``PolicyEstimate`` per policy
@@ -180,6 +187,8 @@ def estimate(
         overhead=overhead,
         alternatives=alternatives,
         full_depth=full_depth,
+        gpus=gpus,
+        shard=shard,
     )
     report, skipped = _estimate(inputs, t0)
     if report is None:
@@ -239,6 +248,8 @@ class _Inputs:
     overhead: int | None
     alternatives: bool
     full_depth: bool
+    #: data parallelism over several GPUs (None: one GPU, nothing sharded)
+    sharding: Sharding | None = None
 
     @property
     def speed_gpu(self) -> GPU:
@@ -250,7 +261,7 @@ class _Inputs:
 #: plans the budget planner makes at most for policy 'auto' (each one lower by the excess)
 _AUTO_TRIES = 3
 # estimate()'s keyword arguments that are not TrainingSetup fields
-_RESOLVED = ("setup", "overhead", "full_depth")
+_RESOLVED = ("setup", "overhead", "full_depth", "gpus", "shard")
 
 
 def _inputs(
@@ -263,6 +274,8 @@ def _inputs(
     overhead: int | str | None = None,
     alternatives: bool = True,
     full_depth: bool = False,
+    gpus: int | None = None,
+    shard: str | None = None,
 ) -> _Inputs:
     """``estimate``'s arguments checked and resolved (setup, GPU, policies, allowance, model).
 
@@ -274,7 +287,15 @@ def _inputs(
     st = (setup or TrainingSetup()).with_(**changes) if changes or setup is None else setup
     the_gpu = get_gpu(gpu) if gpu is not None else None
     names = policy_list(policies)
-    if policies is None and the_gpu is not None:
+    split = sharding(gpus, shard)
+    if split is not None:
+        split.check(st)
+        if "auto" in names:
+            raise ConfigError(
+                "policy 'auto' plans for one unsharded GPU's memory; with gpus/shard compare "
+                "fixed policies (e.g. none, selective, full)"
+            )
+    if policies is None and the_gpu is not None and split is None:
         names.append("auto")  # the cheapest plan that fits the GPU
     fixed_overhead = None
     if overhead is not None:
@@ -290,6 +311,26 @@ def _inputs(
         overhead=fixed_overhead,
         alternatives=alternatives,
         full_depth=full_depth,
+        sharding=split,
+    )
+
+
+def _shard_totals(cfg: Any, inp: _Inputs, sess: Any, step_tot: Any, step_st: Any) -> ShardTotals:
+    """What ``Sharding`` needs: the model's totals as stored (the setup's precision) and, from
+    the step's own session, the root's and the largest block's parameters in compute dtype."""
+    static = step_tot if step_st == inp.setup else fake_model.model_totals(cfg, inp.setup)
+    whole, per_block = sess.totals(step_st.optimizer)
+    blocks = sum(b.weight_bytes for b in per_block)
+    return ShardTotals(
+        weight_bytes=static.weight_bytes,
+        trainable_params=static.trainable,
+        trainable_bytes=static.grad_bytes,
+        grad_bytes=static.grad_bytes,
+        optimizer_bytes=static.optimizer_bytes,
+        step_grad_bytes=step_tot.grad_bytes,
+        root_bytes=whole.weight_bytes - blocks,
+        block_bytes=max((b.weight_bytes for b in per_block), default=0),
+        block_grad_bytes=max((b.grad_bytes for b in per_block), default=0),
     )
 
 
@@ -298,7 +339,8 @@ def _estimate(inp: _Inputs, t0: float) -> tuple[EstimateReport | None, list[str]
 
     The report is None when no policy could be estimated (``"auto"`` alone, with no plan).
     """
-    spec, st, names, the_gpu = inp.spec, inp.setup, inp.policies, inp.gpu
+    spec, names, the_gpu, split = inp.spec, inp.policies, inp.gpu, inp.sharding
+    st = inp.setup if split is None else split.step_setup(inp.setup)
     speed_gpu, fixed_overhead, full_depth = inp.speed_gpu, inp.overhead, inp.full_depth
     cfg = spec.config
     L = fake_model.num_layers(cfg)
@@ -332,6 +374,7 @@ def _estimate(inp: _Inputs, t0: float) -> tuple[EstimateReport | None, list[str]
     results: list[PolicyEstimate] = []
     skipped: list[str] = []
     totals_full = None
+    shard_tot: ShardTotals | None = None
     replayed: set[str] = set()
     offloaded: list[str] = []
 
@@ -373,7 +416,14 @@ def _estimate(inp: _Inputs, t0: float) -> tuple[EstimateReport | None, list[str]
 
         # asking again with another GPU (or overhead) is instant
         prof, tot = sess.steps.get(key, step)
-        return policy_estimate(policy, plan, prof, tot, st, the_gpu, speed_gpu, fixed_overhead), tot
+        res = policy_estimate(policy, plan, prof, tot, st, the_gpu, speed_gpu, fixed_overhead)
+        if split is not None:
+            nonlocal shard_tot
+            if shard_tot is None:
+                shard_tot = _shard_totals(cfg, inp, sess, tot, st)
+            memory = None if the_gpu is None else the_gpu.memory_bytes
+            res = split.apply(res, shard_tot, inp.setup, memory)
+        return res, tot
 
     for policy in names:
         if policy != "auto":
@@ -425,10 +475,14 @@ def _estimate(inp: _Inputs, t0: float) -> tuple[EstimateReport | None, list[str]
             + "); full_depth=True runs every block, same numbers"
         )
     notes.extend(static_notes(st, fixed_overhead, speed_gpu, the_gpu))
+    if split is not None:
+        notes.extend(split.notes(inp.setup))
 
     report_alts: list[Alternative] = []
     if the_gpu is not None and results and not any(r.fits for r in results):
         fixed = totals_full.weight_bytes + totals_full.grad_bytes + totals_full.optimizer_bytes
+        if split is not None and shard_tot is not None:
+            fixed = split.fixed_bytes(shard_tot, st.optimizer)
         if (
             fixed + (fixed_overhead if fixed_overhead is not None else CUDA_CONTEXT_BYTES)
             > the_gpu.memory_bytes
@@ -446,7 +500,7 @@ def _estimate(inp: _Inputs, t0: float) -> tuple[EstimateReport | None, list[str]
                 return None if report is None else report.results[0]
 
             report_alts = _alternatives(
-                st, frugal, run, fixed_fits=fixed + CUDA_CONTEXT_BYTES < the_gpu.memory_bytes
+                inp.setup, frugal, run, fixed_fits=fixed + CUDA_CONTEXT_BYTES < the_gpu.memory_bytes
             )
 
     return EstimateReport(
@@ -455,7 +509,7 @@ def _estimate(inp: _Inputs, t0: float) -> tuple[EstimateReport | None, list[str]
         params=totals_full.params,
         trainable_params=totals_full.trainable,
         layers=L,
-        setup=st.to_dict(),
+        setup=inp.setup.to_dict() if split is None else {**inp.setup.to_dict(), **split.to_dict()},
         gpu=None if the_gpu is None else the_gpu.to_dict(),
         speed_gpu=speed_gpu.name,
         results=results,

@@ -62,6 +62,14 @@ def _layer_count_key(cfg: Any) -> str:
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if isinstance(getattr(cfg, key, None), int):
             return key
+    if getattr(cfg, "vision_config", None) is not None and hasattr(cfg, "text_config"):
+        # A VLM step also runs the vision tower on the image's patches: its memory depends on
+        # the image size, which the estimate does not model yet.
+        raise ConfigError(
+            f"{type(cfg).__name__} is a vision-language model: plan estimates text models only "
+            "(a VLM step also depends on the image size, not modelled yet); estimate its "
+            "language model from its text_config (config.text_config.to_json_file('text.json'))"
+        )
     raise ConfigError(f"{type(cfg).__name__} has no num_hidden_layers; cannot estimate this model")
 
 

@@ -44,6 +44,11 @@ BREAKDOWN: dict[str, tuple[str, str]] = {
         "backward transient",
         "recomputed activations and gradient temporaries of the block in backward",
     ),
+    "shard_buffers": (
+        "shard buffers",
+        "data parallel: parameters all-gathered (one block + one prefetched, FSDP2's root), "
+        "gradients before reduce-scatter, DDP's gradient buckets (0 on one unsharded GPU)",
+    ),
     "cuda_overhead": (
         "CUDA overhead",
         "allowance: CUDA context and workspaces + caching-allocator slack",
@@ -76,6 +81,8 @@ def setup_words(setup: Mapping[str, Any], *, shape: bool = True) -> str:
             f"batch {setup['batch']} x seq {setup['seq']}" + (f" {accum}" if accum else "")
         )
     parts.append(f"{setup['attention']} attention")
+    if "gpus" in setup:  # a sharded estimate: every figure is per GPU
+        parts.append(f"per GPU of {setup['gpus']} ({setup['shard']})")
     if accum and not shape:
         parts.append(accum)
     return ", ".join(parts)

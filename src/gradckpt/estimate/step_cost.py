@@ -63,6 +63,7 @@ def policy_estimate(
         "activations": parts[ACT],
         "logits_loss": parts[HEAD],
         "backward_transient": parts[BWD],
+        "shard_buffers": 0,  # data-parallel buffers: estimate.sharding adds them
     }
     tensors = sum(breakdown.values())
     if fixed_overhead is None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..errors import ConfigError
@@ -28,6 +28,7 @@ from .gpus import GPU, GPU_PRESETS, get_gpu
 from .presets import resolve_model
 from .report import GpuOption, LargestFit, PolicyEstimate, SweepPoint, SweepReport
 from .search import Capacity, largest_fitting
+from .sharding import sharding
 from .training import TrainingSetup
 
 __all__ = [
@@ -249,9 +250,15 @@ def _cost_per_mtok(price: float | None, tokens_per_s: float | None) -> float | N
 class _Estimator:
     """Memoized ``estimate_one`` calls, one policy at a time, for one model and training setup."""
 
-    def __init__(self, model: Any, settings: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        model: Any,
+        settings: dict[str, Any],
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
         self.model = model
         self.settings = settings
+        self.progress = progress
         self.calls = 0
         self._peaks: dict[tuple[str, int, int, str], int | None] = {}
         self._results: dict[tuple[str, int, int, str], PolicyEstimate | None] = {}
@@ -262,6 +269,8 @@ class _Estimator:
             self.calls += 1
             # None: 'auto' found no plan for this GPU at this setting (left out of the point)
             res = estimate_one(self.model, policy, batch=batch, seq=seq, gpu=gpu, **self.settings)
+            if self.progress is not None:
+                self.progress(f"{policy} b{batch} x {seq}")
             self._results[key] = res
             self._peaks[self._peak_key(policy, batch, seq, gpu)] = (
                 None if res is None else res.peak_bytes
@@ -357,6 +366,7 @@ def sweep(
     which_gpu: bool = False,
     seq_step: int = SEQ_STEP,
     batch_limit: int = BATCH_LIMIT,
+    progress: Callable[[str], None] | None = None,
     **settings: Any,
 ) -> SweepReport:
     """Estimate a fine-tune over sequence lengths and batch sizes; find the largest that fits; compare GPUs.
@@ -384,8 +394,11 @@ def sweep(
             Implied by ``prices`` when there is no search.
         seq_step: granularity of the ``max_seq`` search, in tokens (default 128).
         batch_limit: largest batch the ``max_batch`` search tries (default 4096).
+        progress: called with a short description after each estimate (a progress bar's step).
         **settings: the rest of the setup, as ``estimate`` takes it: ``method``, ``precision``,
-            ``optimizer``, ``grad_accum``, ``attention``, ``lora_rank``..., ``overhead``.
+            ``optimizer``, ``grad_accum``, ``attention``, ``lora_rank``..., ``overhead``, and
+            ``gpus``/``shard`` (data parallel: every figure per GPU, ``max_batch`` and
+            ``max_seq`` search each GPU's micro-batch).
 
     Comma-separated strings (``seq="512,1024"``, ``gpu="rtx-4090,a100-80gb"``, ``gpu="all"``,
     ``policies="none,full"``, ``prices="rtx-4090=0.35"``) still work until the next release,
@@ -442,6 +455,7 @@ def sweep(
         raise ConfigError(f"setup must be a TrainingSetup, got {type(base).__name__}")
     st = base.with_(**{k: v for k, v in settings.items() if k in fields and v is not None})
     accum = st.grad_accum
+    split = sharding(settings.get("gpus"), settings.get("shard"))  # checked before any estimate
     spec = resolve_model(model)
     max_pos = check_positions(spec, seqs[-1])
     if max_seq and max_pos is not None and max_pos < seq_step:
@@ -449,7 +463,7 @@ def sweep(
 
     # The model goes to estimate() as given (a preset's name labels the reports); its config
     # is cached there, so each call rebuilds nothing but the step.
-    est = _Estimator(model, settings)
+    est = _Estimator(model, settings, progress)
     # The grid's estimates (speed figures, 'fits', the plan of 'auto') are for the first GPU
     # with throughput figures; whether each point fits every GPU is in SweepPoint.fits.
     first = next((g for g in gpus if g.has_speed), gpus[0] if gpus else None)
@@ -555,7 +569,8 @@ def sweep(
         )
     return SweepReport(
         model=spec.name,
-        setup={k: v for k, v in st.to_dict().items() if k not in ("batch", "seq")},
+        setup={k: v for k, v in st.to_dict().items() if k not in ("batch", "seq")}
+        | ({} if split is None else split.to_dict()),
         policies=names,
         gpus=[{**g.to_dict(), "price_per_hour": price_of.get(g.name)} for g in gpus],
         prices=dict(price_of),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from .._optional import require
 from ..errors import ConfigError, PolicyError
 from ..plans import Plan
 
-__all__ = ["GradCkptCallback", "peak_memory_logs"]  # noqa: F822
+__all__ = ["GradCkptCallback", "TrainerChoice", "peak_memory_logs", "trainer_choice"]  # noqa: F822
 
 logger = logging.getLogger("gradckpt")
 
@@ -56,6 +57,117 @@ def peak_memory_logs(model: nn.Module) -> dict[str, int]:
     return {"gradckpt/host_max_rss_bytes": rss if sys.platform == "darwin" else rss * 1024}
 
 
+@dataclass(frozen=True)
+class TrainerChoice:
+    """What ``GradCkptCallback`` installs once it has read the trainer's own settings.
+
+    Attributes:
+        policy: the policy name for ``gradckpt.enable`` (None when a budget or a plan was given).
+        options: policy options for ``gradckpt.enable``.
+        message: the one info line saying how the trainer's settings were mapped (None when the
+            trainer asked for nothing gradckpt had to interpret).
+    """
+
+    policy: str | None
+    options: dict[str, Any] = field(default_factory=dict)
+    message: str | None = None
+
+
+# gradient_checkpointing_kwargs keys torch.utils.checkpoint takes: the value gradckpt always
+# runs with, and why it does not follow another.
+_CKPT_KWARGS: dict[str, tuple[object, str]] = {
+    "use_reentrant": (
+        False,
+        "gradckpt always runs torch's non-reentrant checkpoint (reentrant gives adapters over "
+        "frozen embeddings no gradient)",
+    ),
+    "preserve_rng_state": (True, "gradckpt always replays the forward's RNG state"),
+    "determinism_check": (
+        "default",
+        "gradckpt always checks the recompute saves what forward saved",
+    ),
+}
+
+
+def trainer_choice(
+    args: Any,
+    policy: str | None = None,
+    *,
+    budget: int | str | None = None,
+    plan: Plan | None = None,
+    options: dict[str, Any] | None = None,
+) -> TrainerChoice:
+    """Map a trainer's own checkpointing settings onto gradckpt's, instead of silently overriding.
+
+    Read from ``args`` (``TrainingArguments``, or TRL's ``SFTConfig``/``DPOConfig``...):
+    ``gradient_checkpointing`` (True: policy ``full``, what transformers does),
+    ``gradient_checkpointing_kwargs`` (``use_reentrant``, ``preserve_rng_state``,
+    ``determinism_check``: gradckpt's behaviour is fixed, the line says what it does) and TRL's
+    ``activation_offloading`` (True: policy ``offload``, each block's input kept in host memory
+    and the block recomputed: with ``gradient_checkpointing=True`` that is what TRL's offloading
+    amounts to). A policy, budget or plan given to the callback wins; the line then says what it
+    replaced.
+
+    Args:
+        args: the trainer's arguments (any object; missing attributes count as unset).
+        policy, budget, plan, options: what the callback was given.
+
+    Returns:
+        A ``TrainerChoice``.
+
+    Example:
+        >>> trainer_choice(SFTConfig(gradient_checkpointing=True, activation_offloading=True)).policy
+        'offload'
+    """
+    options = dict(options or {})
+    hf_ckpt = bool(getattr(args, "gradient_checkpointing", False))
+    offloading = bool(getattr(args, "activation_offloading", False))
+    kwargs = getattr(args, "gradient_checkpointing_kwargs", None) or {}
+    if not isinstance(kwargs, dict):
+        raise ConfigError(
+            f"gradient_checkpointing_kwargs must be a dict, got {type(kwargs).__name__}"
+        )
+    given = (
+        f"policy {policy!r}"
+        if policy is not None
+        else f"budget {budget!r}"
+        if budget is not None
+        else "the plan given"
+        if plan is not None
+        else None
+    )
+    said: list[str] = []
+    if given is None:
+        if offloading:
+            policy = "offload"
+            said.append(
+                "activation_offloading=True -> gradckpt policy 'offload' (each block's input in "
+                "host memory, the block recomputed in backward)"
+            )
+        elif hf_ckpt:
+            policy = "full"
+            said.append("gradient_checkpointing=True -> gradckpt policy 'full'")
+    else:
+        if hf_ckpt:
+            said.append(f"gradient_checkpointing=True replaced by gradckpt's {given}")
+        if offloading:
+            said.append(
+                f"activation_offloading=True kept next to gradckpt's {given} (TRL moves only "
+                "tensors saved outside the blocks)"
+            )
+    if hf_ckpt or offloading:
+        for key in sorted(kwargs):
+            same, why = _CKPT_KWARGS.get(key, (None, "an option gradckpt does not take"))
+            if key in _CKPT_KWARGS and kwargs[key] == same:
+                continue  # what gradckpt does anyway (TRL's default use_reentrant=False)
+            said.append(f"gradient_checkpointing_kwargs {key}={kwargs[key]!r} not used: {why}")
+    message = None
+    if said:
+        tail = " (transformers' own checkpointing switched off: nothing checkpointed twice)"
+        message = "gradckpt: " + "; ".join(said) + (tail if hf_ckpt else "")
+    return TrainerChoice(policy=policy, options=options, message=message)
+
+
 def _make_callback() -> type:
     TrainerCallback = require("transformers", "hf", purpose="GradCkptCallback").TrainerCallback
     from ..enable import applied_plan, disable, enable
@@ -63,11 +175,16 @@ def _make_callback() -> type:
     class GradCkptCallback(TrainerCallback):  # type: ignore[misc,valid-type]
         """Apply a gradckpt plan when training starts; log the plan and peak memory.
 
-        Use it with ``gradient_checkpointing=False`` in the Trainer's arguments (gradckpt
-        switches the model's own checkpointing off anyway, so nothing is checkpointed twice).
+        The trainer's own settings are read, not silently overridden (``trainer_choice``):
+        without ``policy``/``budget``/``plan``, ``gradient_checkpointing=True`` means ``full``
+        and TRL's ``activation_offloading=True`` means ``offload``; one info line on the
+        ``gradckpt`` logger says how they were mapped. gradckpt switches the model's own
+        checkpointing off, so nothing is checkpointed twice.
 
         Args:
-            policy: a policy name (``"full"``, ``"sqrt"``... ``gradckpt.policy_names()``).
+            policy: a policy name (``"full"``, ``"sqrt"``... ``gradckpt.policy_names()``, or
+                ``"unsloth"``, an alias of ``"offload"``); default: from the trainer's arguments,
+                else ``"full"``.
             budget: a memory budget (``"20GiB"`` or bytes), passed to ``gradckpt.enable``.
             plan: a ``gradckpt.Plan`` made earlier.
             blocks: which modules are blocks (default: ``gradckpt.find_blocks``).
@@ -115,6 +232,7 @@ def _make_callback() -> type:
             self._given_plan = plan
             self._model: nn.Module | None = None
             self._logged_plan: str | None = None
+            self.choice: TrainerChoice | None = None
 
         def on_train_begin(
             self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kw: Any
@@ -124,13 +242,19 @@ def _make_callback() -> type:
                     "GradCkptCallback got no model at train start; pass it to a transformers "
                     "Trainer (or call gradckpt.enable(model) yourself)"
                 )
+            choice = trainer_choice(
+                args, self.policy, budget=self.budget, plan=self._given_plan, options=self.options
+            )
+            if choice.message is not None:
+                logger.info("%s", choice.message)
+            self.choice = choice
             self.plan = enable(
                 model,
-                self.policy,
+                choice.policy,
                 budget=self.budget,
                 plan=self._given_plan,
                 blocks=self.blocks,
-                **self.options,
+                **choice.options,
             )
             self._model = model
             self._logged_plan = None

@@ -8,7 +8,7 @@ offload and selective.
 from __future__ import annotations
 
 from ..plans import Decision
-from ..policies import register_policy
+from ..policies import register_alias, register_policy
 from . import offload, selective
 from .decisions import recompute_block, register_decision
 
@@ -16,7 +16,8 @@ __all__ = ["register_builtin"]
 
 
 def register_builtin() -> None:
-    """Register RECOMPUTE, SELECTIVE, OFFLOAD and SAVE (offload_saved); policies offload, selective."""
+    """Register RECOMPUTE, SELECTIVE, OFFLOAD and SAVE (offload_saved); policies offload, selective
+    and the alias ``unsloth`` (offload)."""
     register_decision(Decision.RECOMPUTE, recompute_block)
     register_decision(Decision.SELECTIVE, selective.selective_block)
     register_decision(Decision.OFFLOAD, offload.offload_block)
@@ -24,6 +25,7 @@ def register_builtin() -> None:
     register_policy("offload", offload.POLICY_HELP, options=offload.POLICY_OPTIONS)(
         offload.offload_policy
     )
+    register_alias("unsloth", "offload", offload.UNSLOTH_ALIAS)
     register_policy("selective", selective.POLICY_HELP, options=selective.POLICY_OPTIONS)(
         selective.selective_policy
     )

@@ -112,6 +112,14 @@ POLICY_HELP = (
     "ahead (same as full on a CPU-only run); offload_min_bytes="
 )
 POLICY_OPTIONS = ("offload_min_bytes",)
+#: Why ``policy="unsloth"`` selects ``offload``: Unsloth's ``use_gradient_checkpointing="unsloth"``
+#: (unsloth_zoo's offloaded gradient checkpointer) copies each decoder layer's input hidden state to
+#: host memory with a non-blocking copy in forward, brings it back in backward and recomputes the
+#: layer from it: OFFLOAD per block, which is what ``offload`` plans.
+UNSLOTH_ALIAS = (
+    "Unsloth's offloaded checkpointing keeps each layer's input in host memory and recomputes "
+    "the layer in backward, as 'offload' does"
+)
 
 
 def offload_policy(names: Any, arg: str | None, options: dict[str, Any]) -> Plan:
