@@ -9,7 +9,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..estimate import estimate
 from ..estimate.sweep import sweep
-from ..estimate.training import ATTENTION, METHODS, OPTIMIZERS, PRECISIONS
+from ..estimate.training import ADAPTER_DTYPES, ATTENTION, METHODS, OPTIMIZERS, PRECISIONS
 from ..plot import png_path
 from ._args import gpu_names, int_list, lora_targets, parse_prices, policy_names
 from .render import plot_sweep, presets_data, render_estimate, render_presets, render_sweep
@@ -51,7 +51,8 @@ def add_parser(subparsers: Any) -> None:
         "--precision",
         default="bf16",
         choices=PRECISIONS,
-        help="bf16 weights/grads/states, mixed (fp32 master weights), or fp32; bf16 and mixed run "
+        help="bf16 weights/grads/states, mixed (fp32 master weights), fp32, or bf16-true (bf16 "
+        "weights, no autocast: a model loaded in bf16 and run as is); bf16 and mixed run "
         "under bf16 autocast like Trainer(bf16=True) (default: bf16)",
     )
     p.add_argument(
@@ -67,6 +68,19 @@ def add_parser(subparsers: Any) -> None:
         "--lora-targets",
         default="all-linear",
         help="modules to adapt: all-linear or a comma list such as q_proj,v_proj (default: all-linear)",
+    )
+    p.add_argument(
+        "--adapter-dtype",
+        default="fp32",
+        choices=ADAPTER_DTYPES,
+        help="LoRA adapter weights: fp32 (peft's default, autocast_adapter_dtype) or in the "
+        "base weights' dtype (lit-gpt, torchtune) (default: fp32)",
+    )
+    p.add_argument(
+        "--no-kbit-prep",
+        action="store_true",
+        help="QLoRA without peft's prepare_model_for_kbit_training (which the default runs: "
+        "fp32 embeddings, norms and lm_head)",
     )
     p.add_argument(
         "--policy",
@@ -175,6 +189,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "lora_alpha": alpha,
         "lora_dropout": args.lora_dropout,
         "lora_targets": lora_targets(args.lora_targets),
+        "adapter_dtype": args.adapter_dtype,
+        "kbit_prep": not args.no_kbit_prep,
         "overhead": args.overhead,
         "full_depth": args.full_depth,
     }

@@ -26,6 +26,7 @@ from ..plans import Decision, Plan
 from ..policies import get_policy, make_plan
 from ..units import format_bytes, parse_size
 from . import fake_model, periodic
+from .allocator import step_allocation
 from .alternatives import alternatives as _alternatives
 from .compat import deprecated_csv
 from .gpus import GPU, GPU_PRESETS, get_gpu
@@ -109,6 +110,8 @@ def estimate(
     lora_alpha: int | None = None,
     lora_dropout: float | None = None,
     lora_targets: Sequence[str] | str | None = None,
+    adapter_dtype: str | None = None,
+    kbit_prep: bool | None = None,
     setup: TrainingSetup | None = None,
     overhead: int | str | None = None,
     alternatives: bool = True,
@@ -135,12 +138,17 @@ def estimate(
             (``"24GB"``); sets ``fits`` and the speed figures (without throughput figures,
             speed uses ``REFERENCE_GPU``).
         precision: ``"bf16"`` (default: bf16 weights, gradients, states, bf16 autocast),
-            ``"mixed"`` (fp32 master weights + bf16 autocast) or ``"fp32"`` (no autocast).
+            ``"mixed"`` (fp32 master weights + bf16 autocast), ``"fp32"`` (no autocast) or
+            ``"bf16-true"`` (bf16 weights, no autocast: a model loaded in bf16 and run as is).
         optimizer: ``"adamw"`` (default), ``"adamw-8bit"``, ``"sgd"``, ``"sgd-momentum"``.
         grad_accum: micro-batches per optimizer step (default 1).
         attention: ``"sdpa"`` (default), ``"flash"`` or ``"eager"``.
         lora_rank, lora_alpha, lora_dropout, lora_targets: LoRA settings (16, 32, 0.0,
             ``"all-linear"``; ``lora_targets`` also takes a list of module names).
+        adapter_dtype: LoRA adapters in ``"fp32"`` (default, peft's ``autocast_adapter_dtype``)
+            or in the base ``"weights"``' dtype.
+        kbit_prep: QLoRA: run peft's ``prepare_model_for_kbit_training`` (default True: fp32
+            embeddings, norms and ``lm_head``, as peft's and TRL's QLoRA recipes do).
         setup: a ``TrainingSetup`` to start from; the keyword arguments above override it.
         overhead: the CUDA allowance in bytes or as a size (``"1GiB"``); default
             ``CUDA_CONTEXT_BYTES`` + ``ALLOCATOR_SLACK`` of the tensors' peak; ``0`` for none.
@@ -178,6 +186,8 @@ def estimate(
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
         lora_targets=lora_targets,
+        adapter_dtype=adapter_dtype,
+        kbit_prep=kbit_prep,
         setup=setup,
         overhead=overhead,
         alternatives=alternatives,
@@ -263,6 +273,8 @@ def _inputs(
     lora_alpha: int | None = None,
     lora_dropout: float | None = None,
     lora_targets: Sequence[str] | str | None = None,
+    adapter_dtype: str | None = None,
+    kbit_prep: bool | None = None,
     setup: TrainingSetup | None = None,
     overhead: int | str | None = None,
     alternatives: bool = True,
@@ -283,6 +295,8 @@ def _inputs(
             lora_alpha=lora_alpha,
             lora_dropout=lora_dropout,
             lora_targets=lora_targets,
+            adapter_dtype=adapter_dtype,
+            kbit_prep=kbit_prep,
         ).items()
         if v is not None
     }
@@ -391,14 +405,15 @@ def _estimate(inp: _Inputs, t0: float) -> tuple[EstimateReport | None, list[str]
             prof = replay(timeline, order)
             whole, per_block = sess.totals(st.optimizer)
             tot = replayed_totals(whole, per_block, order)
-            cached = (sess, prof, tot)
+            held = step_allocation(timeline, order, sess.model, sess.blocks, st.optimizer)
+            cached = (sess, prof, tot, held)
         _PROFILES[key] = cached  # most recent last
         while len(_PROFILES) > _PROFILES_SIZE:
             _PROFILES.pop(next(iter(_PROFILES)))
-        _, prof, tot = cached
+        _, prof, tot, held = cached
         totals_full = tot
         results.append(
-            policy_estimate(policy, plan, prof, tot, st, the_gpu, speed_gpu, fixed_overhead)
+            policy_estimate(policy, plan, prof, tot, st, the_gpu, speed_gpu, fixed_overhead, held)
         )
 
     if totals_full is None:

@@ -74,6 +74,9 @@ class Interval:
     #: ``exit`` interval, which frees what every block made: autocast's weight-cast cache.
     freed_at_max: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
     freed_at_end: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
+    #: the storages created (``nbytes > 0``) and freed (``-nbytes``) in this interval, in order,
+    #: as ``(key, nbytes, label of the interval that created it)``: what ``allocator`` replays
+    events: list[tuple[int, int, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -217,6 +220,7 @@ class TimelineTracker(TorchDispatchMode):
         self._costs: Counter[tuple[str, int, int]] = Counter()
         self._freed: dict[int, list[int]] = {}  # origin interval -> bytes freed, by tag
         self._freed_max: dict[int, tuple[int, int, int, int]] = {}
+        self._events: list[tuple[int, int, int]] = []  # (key, +-bytes, origin interval)
         self.intervals: list[Interval] = []
 
     # storages -------------------------------------------------------------------------------
@@ -226,6 +230,7 @@ class TimelineTracker(TorchDispatchMode):
         if info is not None and info[1] >= 0:
             n, tag, origin = info
             self.vec[tag] -= n
+            self._events.append((key, -n, origin))
             if origin != len(self.intervals):
                 self._freed.setdefault(origin, [0, 0, 0, 0])[tag] += n
 
@@ -247,6 +252,7 @@ class TimelineTracker(TorchDispatchMode):
         n = int(st.nbytes())
         self._live[key] = (n, tag, len(self.intervals))
         if tag >= 0:
+            self._events.append((key, n, len(self.intervals)))
             self.vec[tag] += n
             total = self.vec[0] + self.vec[1] + self.vec[2] + self.vec[3]
             if total > self._max_total:
@@ -289,6 +295,8 @@ class TimelineTracker(TorchDispatchMode):
         iv = Interval(label, _sub(peak, self._start), _sub(now, self._start), self._costs)
         iv.freed_at_end = by_label(self._freed)
         iv.freed_at_max = by_label(self._freed_max if peak_inside else self._freed)
+        iv.events = [(k, n, names[o] if o < len(names) else label) for k, n, o in self._events]
+        self._events = []
         self.intervals.append(iv)
         self._start = now
         self._max = now

@@ -15,6 +15,7 @@ from ..errors import ConfigError
 from .compat import deprecated_csv
 
 __all__ = [
+    "ADAPTER_DTYPES",
     "ATTENTION",
     "METHODS",
     "OPTIMIZERS",
@@ -30,7 +31,16 @@ METHODS = ("full", "lora", "qlora")
 #: ``mixed``: fp32 master weights, gradients and states, forward under bf16 autocast
 #: (what ``Trainer(bf16=True)`` does with an fp32 model).
 #: ``fp32``: everything in fp32, no autocast.
-PRECISIONS = ("bf16", "mixed", "fp32")
+#: ``bf16-true``: bf16 weights, gradients and states and no autocast: the model is loaded in
+#: bf16 and run as it is (Lightning's ``precision="bf16-true"``, torchtune's ``dtype: bf16``,
+#: PEFT's MetaMathQA benchmark with ``use_amp: false``). Ops run in their inputs' dtypes, so
+#: an fp32 adapter or an fp32 upcast (norms, the loss) stays fp32 downstream instead of
+#: autocast casting it back to bf16 before the next matmul.
+PRECISIONS = ("bf16", "mixed", "fp32", "bf16-true")
+#: LoRA adapter weights: ``fp32`` (peft's default, ``autocast_adapter_dtype=True``: adapters
+#: over a bf16 base are created in fp32) or ``weights`` (the base weights' dtype: peft with
+#: ``autocast_adapter_dtype=False``, lit-gpt, torchtune).
+ADAPTER_DTYPES = ("fp32", "weights")
 #: ``adamw``: torch.optim.AdamW, fused: 2 states per trainable parameter in its dtype.
 #: ``adamw-8bit``: bitsandbytes AdamW8bit: 2 uint8 states + one fp32 absmax per 256 values for
 #: tensors of >= 4096 values (``min_8bit_size``), 2 fp32 states for smaller ones.
@@ -79,6 +89,12 @@ class TrainingSetup:
             linear but the output layer, as recommended by the QLoRA paper). A comma-separated
             string (``"q_proj,v_proj"``) is still split, with a DeprecationWarning, until the
             next release.
+        adapter_dtype: ``"fp32"`` (peft's default) or ``"weights"`` (see ``ADAPTER_DTYPES``).
+        kbit_prep: QLoRA only: run peft's ``prepare_model_for_kbit_training`` on the quantized
+            model, as the QLoRA recipes of peft, TRL and the QLoRA paper's ``qlora.py`` do (the
+            default). It casts every parameter that is not quantized (embeddings, norms,
+            ``lm_head``) to fp32, so the logits come out of an fp32 ``lm_head``. False: they
+            stay in the weights' dtype (torchtune, lit-gpt, Unsloth's own path).
     """
 
     method: str = "full"
@@ -92,12 +108,19 @@ class TrainingSetup:
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] | str = "all-linear"
+    adapter_dtype: str = "fp32"
+    kbit_prep: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", _choice(self.method, METHODS, "method"))
         object.__setattr__(self, "precision", _choice(self.precision, PRECISIONS, "precision"))
         object.__setattr__(self, "optimizer", _choice(self.optimizer, OPTIMIZERS, "optimizer"))
         object.__setattr__(self, "attention", _choice(self.attention, ATTENTION, "attention"))
+        object.__setattr__(
+            self, "adapter_dtype", _choice(self.adapter_dtype, ADAPTER_DTYPES, "adapter dtype")
+        )
+        if not isinstance(self.kbit_prep, bool):
+            raise ConfigError(f"kbit_prep must be True or False, got {self.kbit_prep!r}")
         _positive_int(self.batch, "batch")
         _positive_int(self.seq, "sequence length")
         _positive_int(self.grad_accum, "grad_accum")
@@ -130,7 +153,7 @@ class TrainingSetup:
     @property
     def weight_dtype(self) -> torch.dtype:
         """dtype the model's (non-quantized) weights are stored in."""
-        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+        return torch.bfloat16 if self.precision in ("bf16", "bf16-true") else torch.float32
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -139,8 +162,8 @@ class TrainingSetup:
 
     @property
     def autocast(self) -> bool:
-        """Whether the forward runs under bf16 autocast (all but ``fp32``)."""
-        return self.precision != "fp32"
+        """Whether the forward runs under bf16 autocast (``bf16`` and ``mixed``)."""
+        return self.precision in ("bf16", "mixed")
 
     @property
     def tokens_per_step(self) -> int:
@@ -220,10 +243,16 @@ def apply_method(model: nn.Module, setup: TrainingSetup) -> tuple[nn.Module, lis
         out = get_out() if callable(get_out) else None
         skip = tuple(n for n, m in model.named_modules() if out is not None and m is out)
         quantize_linears(model, setup.compute_dtype, skip=skip)
+        kept = str(setup.weight_dtype).removeprefix("torch.")
+        if setup.kbit_prep:
+            # peft's own function: it casts every bf16/fp16 parameter that is not 4-bit to
+            # fp32 (our NF4 codes are uint8, untouched). Checkpointing is gradckpt's to set.
+            peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+            kept = "fp32 (peft's prepare_model_for_kbit_training)"
         notes.append(
             "QLoRA: the blocks' linear layers stored as NF4 with double quantization "
             "(bitsandbytes layout, modelled in plain PyTorch: bitsandbytes needs CUDA); "
-            f"embeddings, norms and the output layer stay in {str(setup.weight_dtype).removeprefix('torch.')}"
+            f"embeddings, norms and the output layer in {kept}"
         )
     targets: Any = setup.lora_targets
     cfg = peft.LoraConfig(
@@ -233,13 +262,14 @@ def apply_method(model: nn.Module, setup: TrainingSetup) -> tuple[nn.Module, lis
         target_modules=targets if isinstance(targets, str) else list(targets),
         bias="none",
     )
+    peft_kwargs = {"autocast_adapter_dtype": setup.adapter_dtype == "fp32"}
     try:
         with warnings.catch_warnings():
             # GPT-2's Conv1D layers: peft switches fan_in_fan_out on by itself, and says so
             warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
             # peft reads transformers' renamed is_gradient_checkpointing flag
             warnings.simplefilter("ignore", FutureWarning)
-            model = peft.get_peft_model(model, cfg)
+            model = peft.get_peft_model(model, cfg, **peft_kwargs)
     except ValueError as e:
         raise ConfigError(
             f"LoRA targets {targets!r} do not match this model's modules: {e}"
