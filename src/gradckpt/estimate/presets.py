@@ -16,6 +16,7 @@ from typing import Any
 
 from .._optional import require
 from ..errors import ConfigError
+from .hub import is_hub_id, load_hub_config
 
 __all__ = ["MODEL_PRESETS", "ModelPreset", "ModelSpec", "hf_transformers", "resolve_model"]
 
@@ -172,7 +173,9 @@ def resolve_model(model: Any) -> ModelSpec:
 
     Args:
         model: a key of ``MODEL_PRESETS`` (case-insensitive), a path to a ``config.json`` (or a
-            directory holding one), or a ``transformers.PretrainedConfig``.
+            directory holding one), a Hugging Face Hub id (``"Qwen/Qwen2.5-7B"``: its
+            ``config.json`` from the local cache, else the Hub; see ``hub``), or a
+            ``transformers.PretrainedConfig``.
 
     Returns:
         A ``ModelSpec``.
@@ -212,6 +215,11 @@ def resolve_model(model: Any) -> ModelSpec:
                 f"{path} is not a Hugging Face config.json: it holds a {type(data).__name__}, not an object"
             )
         return ModelSpec(str(path), _config_from_dict(data, str(path)), str(path))
+    if is_hub_id(key):
+        data, where = load_hub_config(key)
+        return ModelSpec(
+            key, _config_from_dict(data, f"{key} ({where})"), f"{key} (Hugging Face Hub)"
+        )
     if key.endswith(".json") or "/" in key or "\\" in key:
         raise ConfigError(f"config file {key} does not exist")
     close = difflib.get_close_matches(key.lower(), list(MODEL_PRESETS), n=1, cutoff=0.5)
