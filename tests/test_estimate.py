@@ -321,6 +321,33 @@ def test_nf4_layer_quantizes_and_backpropagates() -> None:
     assert packed.shape == (8,)  # two codes per byte, odd sizes padded
 
 
+def test_nf4_without_double_quant_and_old_bitsandbytes_keeping_inputs() -> None:
+    """fp32 absmax without double quantization: 4 bytes per 64 weights, dequantized exactly as
+    stored. bitsandbytes < 0.44 kept each 4-bit layer's input for backward: more bytes kept."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(192, 80, bias=False)
+    q = NF4Linear(lin, torch.float32, double_quant=False)
+    stored = sum(
+        t.numel() * t.element_size()
+        for t in (q.weight, q.absmax_q, q.absmax_scale, q.absmax_offset)
+    )
+    assert stored == nf4_bytes(192 * 80, double_quant=False) == 192 * 80 // 2 + 4 * 192 * 80 // 64
+    blocks = lin.weight.detach().flatten().view(-1, 64)
+    gap = max(b - a for a, b in itertools.pairwise(NF4_CODE))
+    err = (q.dequantize().flatten().view(-1, 64) - blocks).abs().amax(dim=1)
+    assert torch.all(err <= blocks.abs().amax(dim=1) * gap / 2 * (1 + 1e-6))
+    cfg = build_bench_model("llama").model.config
+    kw = dict(batch=BATCH, seq=SEQ, policies="none", alternatives=False, method="qlora")
+    new = estimate(cfg, **kw).results[0]  # type: ignore[arg-type]
+    old = estimate(cfg, nf4_keeps_input=True, **kw).results[0]  # type: ignore[arg-type]
+    assert old.activation_bytes > new.activation_bytes
+    no_dq = estimate(cfg, nf4_double_quant=False, **kw).results[0]  # type: ignore[arg-type]
+    h, i = 512, 1376
+    linears = 8 * (4 * [h * h] + 3 * [h * i])
+    extra = sum(nf4_bytes(n, False) - nf4_bytes(n) for n in linears)
+    assert no_dq.breakdown["weights"] - new.breakdown["weights"] == extra
+
+
 def test_gradient_accumulation_keeps_all_gradients_at_the_peak() -> None:
     cfg = build_bench_model("llama", layers=4).model.config
     kw = dict(batch=BATCH, seq=SEQ, precision="fp32", policies="none", alternatives=False)

@@ -186,6 +186,17 @@ def markdown(
         )
         lines.append("")
     lines += [
+        "Modelled: Hugging Face `transformers` models run as their eager code; full fine-tune, "
+        "LoRA and QLoRA (NF4 with double quantization, peft's `prepare_model_for_kbit_training` "
+        "or not); bf16 autocast or `bf16-true`; fp32 or base-dtype adapters; LoRA dropout; SDPA, "
+        "flash or eager attention; AdamW, 8-bit AdamW, SGD; every checkpointing policy; the CUDA "
+        "caching allocator's reserved memory. Not modelled yet: `torch.compile` (fused, "
+        "re-materialized activations), chunked or fused losses (torchtune's "
+        "`CEWithChunkedOutputLoss`, lit-gpt's chunked CE, Liger, Cut Cross Entropy), activation "
+        "offloading to host memory on a GPU, model implementations other than transformers' "
+        "(lit-gpt, torchtune, Unsloth kernels), NF4 without double quantization, paged optimizer "
+        "states moving to host memory.",
+        "",
         "| row | setup | kind | measured | predicted | error |",
         "|---|---|---|---:|---:|---:|",
     ]

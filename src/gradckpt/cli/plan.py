@@ -83,6 +83,19 @@ def add_parser(subparsers: Any) -> None:
         "fp32 embeddings, norms and lm_head)",
     )
     p.add_argument(
+        "--bnb-before-0.44",
+        dest="nf4_keeps_input",
+        action="store_true",
+        help="QLoRA as bitsandbytes up to 0.43 ran it: each 4-bit layer keeps its input until "
+        "backward (0.44 stopped)",
+    )
+    p.add_argument(
+        "--no-double-quant",
+        dest="nf4_double_quant",
+        action="store_false",
+        help="QLoRA without bitsandbytes' double quantization (fp32 absmax per 64 weights)",
+    )
+    p.add_argument(
         "--policy",
         default=None,
         help="comma-separated policies to compare, e.g. none,full,every:2,sqrt,auto (default: "
@@ -191,6 +204,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "lora_targets": lora_targets(args.lora_targets),
         "adapter_dtype": args.adapter_dtype,
         "kbit_prep": not args.no_kbit_prep,
+        "nf4_keeps_input": args.nf4_keeps_input,
+        "nf4_double_quant": args.nf4_double_quant,
         "overhead": args.overhead,
         "full_depth": args.full_depth,
     }

@@ -112,6 +112,8 @@ def estimate(
     lora_targets: Sequence[str] | str | None = None,
     adapter_dtype: str | None = None,
     kbit_prep: bool | None = None,
+    nf4_keeps_input: bool | None = None,
+    nf4_double_quant: bool | None = None,
     setup: TrainingSetup | None = None,
     overhead: int | str | None = None,
     alternatives: bool = True,
@@ -149,6 +151,9 @@ def estimate(
             or in the base ``"weights"``' dtype.
         kbit_prep: QLoRA: run peft's ``prepare_model_for_kbit_training`` (default True: fp32
             embeddings, norms and ``lm_head``, as peft's and TRL's QLoRA recipes do).
+        nf4_keeps_input: QLoRA: 4-bit layers keep their input until backward, as bitsandbytes
+            up to 0.43 did (default False: bitsandbytes >= 0.44).
+        nf4_double_quant: QLoRA: ``bnb_4bit_use_double_quant`` (default True).
         setup: a ``TrainingSetup`` to start from; the keyword arguments above override it.
         overhead: the CUDA allowance in bytes or as a size (``"1GiB"``); default
             ``CUDA_CONTEXT_BYTES`` + ``ALLOCATOR_SLACK`` of the tensors' peak; ``0`` for none.
@@ -188,6 +193,8 @@ def estimate(
         lora_targets=lora_targets,
         adapter_dtype=adapter_dtype,
         kbit_prep=kbit_prep,
+        nf4_keeps_input=nf4_keeps_input,
+        nf4_double_quant=nf4_double_quant,
         setup=setup,
         overhead=overhead,
         alternatives=alternatives,
@@ -275,6 +282,8 @@ def _inputs(
     lora_targets: Sequence[str] | str | None = None,
     adapter_dtype: str | None = None,
     kbit_prep: bool | None = None,
+    nf4_keeps_input: bool | None = None,
+    nf4_double_quant: bool | None = None,
     setup: TrainingSetup | None = None,
     overhead: int | str | None = None,
     alternatives: bool = True,
@@ -297,6 +306,8 @@ def _inputs(
             lora_targets=lora_targets,
             adapter_dtype=adapter_dtype,
             kbit_prep=kbit_prep,
+            nf4_keeps_input=nf4_keeps_input,
+            nf4_double_quant=nf4_double_quant,
         ).items()
         if v is not None
     }

@@ -95,6 +95,12 @@ class TrainingSetup:
             default). It casts every parameter that is not quantized (embeddings, norms,
             ``lm_head``) to fp32, so the logits come out of an fp32 ``lm_head``. False: they
             stay in the weights' dtype (torchtune, lit-gpt, Unsloth's own path).
+        nf4_keeps_input: QLoRA only: each 4-bit layer keeps its input until backward, as
+            bitsandbytes up to 0.43 did (``MatMul4Bit`` stored ``ctx.tensors = (A, B)``; 0.44.0
+            stores ``(None, B)``). Default False: current bitsandbytes.
+        nf4_double_quant: QLoRA only: ``bnb_4bit_use_double_quant`` (default True, as the QLoRA
+            paper and peft's QLoRA examples set it; False keeps fp32 absmax values, 0.5 bits
+            per weight instead of 0.127).
     """
 
     method: str = "full"
@@ -110,6 +116,8 @@ class TrainingSetup:
     lora_targets: tuple[str, ...] | str = "all-linear"
     adapter_dtype: str = "fp32"
     kbit_prep: bool = True
+    nf4_keeps_input: bool = False
+    nf4_double_quant: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", _choice(self.method, METHODS, "method"))
@@ -119,8 +127,9 @@ class TrainingSetup:
         object.__setattr__(
             self, "adapter_dtype", _choice(self.adapter_dtype, ADAPTER_DTYPES, "adapter dtype")
         )
-        if not isinstance(self.kbit_prep, bool):
-            raise ConfigError(f"kbit_prep must be True or False, got {self.kbit_prep!r}")
+        for flag in ("kbit_prep", "nf4_keeps_input", "nf4_double_quant"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         _positive_int(self.batch, "batch")
         _positive_int(self.seq, "sequence length")
         _positive_int(self.grad_accum, "grad_accum")
@@ -242,7 +251,13 @@ def apply_method(model: nn.Module, setup: TrainingSetup) -> tuple[nn.Module, lis
         get_out = getattr(model, "get_output_embeddings", None)
         out = get_out() if callable(get_out) else None
         skip = tuple(n for n, m in model.named_modules() if out is not None and m is out)
-        quantize_linears(model, setup.compute_dtype, skip=skip)
+        quantize_linears(
+            model,
+            setup.compute_dtype,
+            skip=skip,
+            keeps_input=setup.nf4_keeps_input,
+            double_quant=setup.nf4_double_quant,
+        )
         kept = str(setup.weight_dtype).removeprefix("torch.")
         if setup.kbit_prep:
             # peft's own function: it casts every bf16/fp16 parameter that is not 4-bit to
@@ -250,8 +265,9 @@ def apply_method(model: nn.Module, setup: TrainingSetup) -> tuple[nn.Module, lis
             peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
             kept = "fp32 (peft's prepare_model_for_kbit_training)"
         notes.append(
-            "QLoRA: the blocks' linear layers stored as NF4 with double quantization "
-            "(bitsandbytes layout, modelled in plain PyTorch: bitsandbytes needs CUDA); "
+            "QLoRA: the blocks' linear layers stored as NF4 "
+            + ("with double quantization " if setup.nf4_double_quant else "with fp32 absmax ")
+            + "(bitsandbytes layout, modelled in plain PyTorch: bitsandbytes needs CUDA); "
             f"embeddings, norms and the output layer in {kept}"
         )
     targets: Any = setup.lora_targets
