@@ -3,7 +3,8 @@
 Checks the allocator's rules one by one on hand-made request sequences (rounding, pools,
 segment sizes, best fit, splitting, merging, reuse), then that replaying a fake training step
 through it is consistent: every free finds its storage, the peak of allocated blocks equals
-the estimate's tensor peak up to block rounding, and reserved is at least that.
+the estimate's tensor peak up to block rounding, reserved is at least that, and replaying a
+few blocks to full depth gives the reserved bytes of a run of every block.
 
 Run: PYTHONPATH=src python -m pytest -q -p no:xdist tests/test_allocator.py
 """
@@ -116,3 +117,8 @@ def test_fake_step_replay_is_consistent(policy: str) -> None:
     got = default.results[0]
     # the CUDA allowance is the context plus what the allocator holds beyond the tensors
     assert got.peak_bytes == r.reserved_bytes + CUDA_CONTEXT_BYTES
+    # a few blocks replayed to full depth hold what running every block holds, byte for byte
+    deep = gradckpt.estimate(
+        cfg, batch=2, seq=256, policies=[policy], alternatives=False, overhead=0, full_depth=True
+    ).results[0]
+    assert deep.reserved_bytes == r.reserved_bytes and deep.peak_bytes == r.peak_bytes
