@@ -38,6 +38,8 @@ import torch
 import gradckpt
 from gradckpt.estimate import CUDA_CONTEXT_BYTES
 from gradckpt.estimate.estimator import estimate_one
+from gradckpt.estimate.fake_model import max_positions
+from gradckpt.estimate.presets import resolve_model
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -96,9 +98,13 @@ def predict_capacity(row: dict[str, Any]) -> dict[str, Any]:
             probes[seq] = r.reserved_bytes + CUDA_CONTEXT_BYTES
         return probes[seq]
 
-    lo, hi = 0, step * 16  # lo fits (0: nothing yet), hi does not
+    limit = max_positions(resolve_model(model).config) or 1 << 30
+    lo, hi = 0, min(step * 16, limit)  # lo fits (0: nothing yet), hi does not
     while total(hi) <= cap:
-        lo, hi = hi, hi * 2
+        if hi == limit:  # the model's positions, not memory, stop the search
+            return {"seq": hi, "device_total": probes[hi], "next_total": None,
+                    "probes": len(probes), "limited_by": "max_position_embeddings"}  # fmt: skip
+        lo, hi = hi, min(hi * 2, limit)
     while hi - lo > step:
         mid = (lo + hi) // 2 // step * step
         if total(mid) <= cap:
@@ -186,16 +192,18 @@ def markdown(
         )
         lines.append("")
     lines += [
-        "Modelled: Hugging Face `transformers` models run as their eager code; full fine-tune, "
-        "LoRA and QLoRA (NF4 with double quantization, peft's `prepare_model_for_kbit_training` "
-        "or not); bf16 autocast or `bf16-true`; fp32 or base-dtype adapters; LoRA dropout; SDPA, "
-        "flash or eager attention; AdamW, 8-bit AdamW, SGD; every checkpointing policy; the CUDA "
-        "caching allocator's reserved memory. Not modelled yet: `torch.compile` (fused, "
-        "re-materialized activations), chunked or fused losses (torchtune's "
-        "`CEWithChunkedOutputLoss`, lit-gpt's chunked CE, Liger, Cut Cross Entropy), activation "
-        "offloading to host memory on a GPU, model implementations other than transformers' "
-        "(lit-gpt, torchtune, Unsloth kernels), NF4 without double quantization, paged optimizer "
-        "states moving to host memory.",
+        "Modelled: Hugging Face `transformers` models run as their eager code (the loss as the "
+        "installed transformers computes it: fp32 logits inside its loss function); full "
+        "fine-tune, LoRA and QLoRA (NF4 with or without double quantization, bitsandbytes "
+        "before or from 0.44, peft's `prepare_model_for_kbit_training` or not); bf16 autocast "
+        "or `bf16-true`; fp32 or base-dtype adapters; LoRA dropout; SDPA, flash or eager "
+        "attention; AdamW, 8-bit AdamW, SGD; every checkpointing policy; the CUDA caching "
+        "allocator's reserved memory. lit-gpt's rows run transformers' Llama of the same "
+        "shapes in place of lit-gpt's own code (an assumption each row states). Not modelled "
+        "yet: `torch.compile` (fused, re-materialized activations), chunked or fused losses "
+        "(torchtune's `CEWithChunkedOutputLoss`, lit-gpt's chunked CE, Liger, Cut Cross "
+        "Entropy), activation offloading to host memory on a GPU, Unsloth's kernels, paged "
+        "optimizer states moving to host memory.",
         "",
         "| row | setup | kind | measured | predicted | error |",
         "|---|---|---|---:|---:|---:|",
@@ -240,9 +248,21 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", help="comma-separated row ids")
     ap.add_argument("--no-write", action="store_true", help="print only; write no files")
+    ap.add_argument(
+        "--render",
+        metavar="RESULTS.json",
+        help="rebuild the .md and the README section from a results file, estimating nothing",
+    )
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     rows = load_rows()
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        section = markdown(rows, saved["results"], saved["meta"])
+        Path(args.render).with_suffix(".md").write_text(section)
+        write_readme(section)
+        print(f"wrote {Path(args.render).with_suffix('.md')} and the README section")
+        return 0
     if args.only:
         wanted = set(args.only.split(","))
         unknown = wanted - {r["id"] for r in rows}
