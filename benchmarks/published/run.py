@@ -10,7 +10,8 @@ Steps:
    - ``reserved`` (``torch.cuda.memory_reserved``): what the caching allocator holds at that
      peak, from the estimate's ``reserved_bytes``;
    - ``capacity`` (the longest sequence that fits a card): the largest multiple of
-     ``seq_step`` whose predicted device total (reserved + CUDA context) fits, by bisection.
+     ``seq_step`` whose predicted peak (``peak_bytes``: CUDA context + the segments the
+     allocator must hold, wholly free cached ones given back) fits, by bisection.
 3. Error = predicted / measured - 1, per row; median and worst over the rows gradckpt models.
    Rows whose setup it cannot model yet are still estimated and listed, with the reason, but
    left out of the median and worst.
@@ -36,7 +37,6 @@ from typing import Any
 import torch
 
 import gradckpt
-from gradckpt.estimate import CUDA_CONTEXT_BYTES
 from gradckpt.estimate.estimator import estimate_one
 from gradckpt.estimate.fake_model import max_positions
 from gradckpt.estimate.presets import resolve_model
@@ -73,13 +73,15 @@ def predict_memory(row: dict[str, Any]) -> dict[str, Any]:
     """Predicted allocated and reserved bytes of one step of the row's setup."""
     model, policy, est = _settings(row)
     r = estimate_one(model, policy, gpu=None, overhead=0, **est)
-    if r is None:  # pragma: no cover - only "auto" gives None, and no row uses it
+    # the same step again (cached): with the allowance, the peak a card must hold
+    full = estimate_one(model, policy, gpu=None, **est)
+    if r is None or full is None:  # pragma: no cover - only "auto" gives None; no row uses it
         raise RuntimeError(f"{row['id']}: no estimate")
     return {
         "allocated": r.peak_bytes,
         "reserved": r.reserved_bytes,
-        "device_total": r.reserved_bytes + CUDA_CONTEXT_BYTES,
-        "breakdown": r.breakdown,
+        "device_total": full.peak_bytes,
+        "breakdown": full.breakdown,
     }
 
 
@@ -92,10 +94,10 @@ def predict_capacity(row: dict[str, Any]) -> dict[str, Any]:
 
     def total(seq: int) -> int:
         if seq not in probes:
-            r = estimate_one(model, policy, gpu=None, overhead=0, seq=seq, **est)
+            r = estimate_one(model, policy, gpu=None, seq=seq, **est)
             if r is None:  # pragma: no cover
                 raise RuntimeError(f"{row['id']}: no estimate at seq {seq}")
-            probes[seq] = r.reserved_bytes + CUDA_CONTEXT_BYTES
+            probes[seq] = r.peak_bytes  # what the card must hold: context + held segments
         return probes[seq]
 
     limit = max_positions(resolve_model(model).config) or 1 << 30

@@ -95,6 +95,10 @@ class CachingAllocator:
         reserved: bytes in segments (``memory_reserved``).
         allocated: bytes in blocks handed out (``memory_allocated``, rounded sizes).
         peak_reserved, peak_allocated: their maxima so far.
+        peak_held: the most bytes in segments holding at least one live block. When
+            ``cudaMalloc`` fails, the allocator gives back every cached segment that is wholly
+            free (``release_cached_blocks`` frees unsplit blocks only) and tries again; so on a
+            card too small for ``peak_reserved`` a step still fits while it has ``peak_held``.
     """
 
     def __init__(self) -> None:
@@ -102,6 +106,9 @@ class CachingAllocator:
         self.allocated = 0
         self.peak_reserved = 0
         self.peak_allocated = 0
+        self.peak_held = 0
+        self._whole_free = 0  # bytes of segments whose one block is free
+        self._seg_size: list[int] = []
         # free blocks per pool, sorted: (size, segment, offset), the best fit first
         self._free: tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]] = ([], [])
         self._seg_pool: list[int] = []
@@ -121,6 +128,8 @@ class CachingAllocator:
         if i < len(free):
             bsize, seg, off = free.pop(i)
             self._is_free.discard((seg, off))
+            if off == 0 and bsize == self._seg_size[seg]:
+                self._whole_free -= bsize
         else:
             seg, off, bsize = self._new_segment(segment_size(size), pool)
         remaining = bsize - size
@@ -133,6 +142,7 @@ class CachingAllocator:
         self._handles[self._next] = (seg, off, bsize)
         self.allocated += bsize
         self.peak_allocated = max(self.peak_allocated, self.allocated)
+        self.peak_held = max(self.peak_held, self.reserved - self._whole_free)
         return self._next
 
     def free(self, handle: int) -> None:
@@ -157,11 +167,14 @@ class CachingAllocator:
         starts[off] = size
         ends[off + size] = off
         self._add_free(pool, seg, off, size)
+        if off == 0 and size == self._seg_size[seg]:
+            self._whole_free += size
 
     # internals ------------------------------------------------------------------------------
     def _new_segment(self, nbytes: int, pool: int) -> tuple[int, int, int]:
         seg = len(self._seg_pool)
         self._seg_pool.append(pool)
+        self._seg_size.append(nbytes)
         self._starts.append({0: nbytes})
         self._ends.append({nbytes: 0})
         self.reserved += nbytes
@@ -197,12 +210,15 @@ class StepAllocation:
             ever holds: it gives nothing back without ``empty_cache``).
         peak_allocated_bytes: the most bytes in blocks at any moment (rounded sizes:
             ``max_memory_allocated``'s figure).
+        peak_held_bytes: the most bytes in segments holding a live block at any moment: what
+            the step needs on a card where memory runs short (``CachingAllocator.peak_held``).
         unmatched_frees: frees of the replayed step that had no live storage of that size to
             free (0 when the replay is consistent).
     """
 
     reserved_bytes: int
     peak_allocated_bytes: int
+    peak_held_bytes: int
     unmatched_frees: int
 
 
@@ -290,7 +306,7 @@ def replay_step(
                 alloc.malloc(n)
         for h in list(alive):
             alloc.free(h)
-    return StepAllocation(alloc.reserved, alloc.peak_allocated, unmatched)
+    return StepAllocation(alloc.reserved, alloc.peak_allocated, alloc.peak_held, unmatched)
 
 
 # -- a fake step's allocations at full depth -------------------------------------------------

@@ -69,12 +69,15 @@ def policy_estimate(
         "backward_transient": parts[BWD],
     }
     tensors = sum(breakdown.values())
-    # What the caching allocator holds beyond the live tensors: from the replay of the step's
-    # allocations through its model (``allocator``), else the flat allowance.
+    # What the caching allocator holds beyond the live tensors, from the replay of the step's
+    # allocations through its model (``allocator``), else the flat allowance: the peak counts
+    # the segments that hold a live block (a card short of memory gets the wholly free ones
+    # back before an OOM), ``reserved`` everything it keeps when memory is plentiful.
     slack = int(ALLOCATOR_SLACK * tensors)
-    if held is not None:
-        slack = max(0, held.reserved_bytes - tensors)
     reserved = tensors + slack
+    if held is not None:
+        slack = max(0, held.peak_held_bytes - tensors)
+        reserved = max(tensors, held.reserved_bytes)
     overhead = CUDA_CONTEXT_BYTES + slack if fixed_overhead is None else fixed_overhead
     breakdown["cuda_overhead"] = overhead
     peak = tensors + overhead
@@ -116,9 +119,10 @@ def static_notes(
     if fixed_overhead is None:
         notes.append(
             f"cuda_overhead = {format_bytes(CUDA_CONTEXT_BYTES)} (CUDA context, cuBLAS/cuDNN "
-            "workspaces) + what PyTorch's caching allocator holds beyond the live tensors (block "
-            "rounding, cached free blocks), from a replay of the step's allocations through a "
-            "model of its rules (gradckpt.estimate.allocator): reserved_bytes"
+            "workspaces) + what PyTorch's caching allocator holds beyond the live tensors at "
+            "worst (block rounding, free space in segments that hold live blocks), from a replay "
+            "of the step's allocations through a model of its rules (gradckpt.estimate.allocator); "
+            "reserved_bytes adds the wholly free segments it keeps cached when memory is plentiful"
         )
     else:
         notes.append(f"cuda_overhead set to {format_bytes(fixed_overhead)}")
