@@ -348,6 +348,20 @@ def test_nf4_without_double_quant_and_old_bitsandbytes_keeping_inputs() -> None:
     assert no_dq.breakdown["weights"] - new.breakdown["weights"] == extra
 
 
+def test_shift_copy_loss_keeps_one_more_fp32_copy_of_the_logits() -> None:
+    """transformers < 4.49 copied the shifted fp32 logits (``.contiguous()``) while the fp32
+    upcast was alive: at the loss, bf16 logits, their fp32 upcast, the shifted copy and the
+    log-softmax output all live at once (LoRA, so the loss is the step's peak)."""
+    cfg = build_bench_model("llama").model.config
+    b, s, v = 2, 256, cfg.vocab_size
+    kw = dict(batch=b, seq=s, policies="full", alternatives=False, method="lora")
+    new = estimate(cfg, **kw).results[0]  # type: ignore[arg-type]
+    old = estimate(cfg, hf_loss="shift-copy", **kw).results[0]  # type: ignore[arg-type]
+    assert old.step_peak_bytes > new.step_peak_bytes and old.peak_phase == "forward"
+    at_loss = b * s * v * (2 + 4) + 2 * b * (s - 1) * v * 4
+    assert at_loss <= old.breakdown["logits_loss"] <= at_loss * 1.05
+
+
 def test_gradient_accumulation_keeps_all_gradients_at_the_peak() -> None:
     cfg = build_bench_model("llama", layers=4).model.config
     kw = dict(batch=BATCH, seq=SEQ, precision="fp32", policies="none", alternatives=False)

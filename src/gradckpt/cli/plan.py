@@ -9,7 +9,14 @@ from typing import Any
 from ..errors import ConfigError
 from ..estimate import estimate
 from ..estimate.sweep import sweep
-from ..estimate.training import ADAPTER_DTYPES, ATTENTION, METHODS, OPTIMIZERS, PRECISIONS
+from ..estimate.training import (
+    ADAPTER_DTYPES,
+    ATTENTION,
+    HF_LOSSES,
+    METHODS,
+    OPTIMIZERS,
+    PRECISIONS,
+)
 from ..plot import png_path
 from ._args import gpu_names, int_list, lora_targets, parse_prices, policy_names
 from .render import plot_sweep, presets_data, render_estimate, render_presets, render_sweep
@@ -94,6 +101,14 @@ def add_parser(subparsers: Any) -> None:
         dest="nf4_double_quant",
         action="store_false",
         help="QLoRA without bitsandbytes' double quantization (fp32 absmax per 64 weights)",
+    )
+    p.add_argument(
+        "--hf-loss",
+        default="transformers",
+        choices=HF_LOSSES,
+        help="the causal-LM loss: the installed transformers' own, or shift-copy as "
+        "transformers before 4.49 computed it (an extra fp32 copy of the shifted logits) "
+        "(default: transformers)",
     )
     p.add_argument(
         "--policy",
@@ -206,6 +221,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "kbit_prep": not args.no_kbit_prep,
         "nf4_keeps_input": args.nf4_keeps_input,
         "nf4_double_quant": args.nf4_double_quant,
+        "hf_loss": args.hf_loss,
         "overhead": args.overhead,
         "full_depth": args.full_depth,
     }

@@ -114,6 +114,7 @@ def estimate(
     kbit_prep: bool | None = None,
     nf4_keeps_input: bool | None = None,
     nf4_double_quant: bool | None = None,
+    hf_loss: str | None = None,
     setup: TrainingSetup | None = None,
     overhead: int | str | None = None,
     alternatives: bool = True,
@@ -154,6 +155,8 @@ def estimate(
         nf4_keeps_input: QLoRA: 4-bit layers keep their input until backward, as bitsandbytes
             up to 0.43 did (default False: bitsandbytes >= 0.44).
         nf4_double_quant: QLoRA: ``bnb_4bit_use_double_quant`` (default True).
+        hf_loss: ``"transformers"`` (default: the installed release's loss) or ``"shift-copy"``
+            (transformers before 4.49, which also kept an fp32 copy of the shifted logits).
         setup: a ``TrainingSetup`` to start from; the keyword arguments above override it.
         overhead: the CUDA allowance in bytes or as a size (``"1GiB"``); default
             ``CUDA_CONTEXT_BYTES`` + ``ALLOCATOR_SLACK`` of the tensors' peak; ``0`` for none.
@@ -195,6 +198,7 @@ def estimate(
         kbit_prep=kbit_prep,
         nf4_keeps_input=nf4_keeps_input,
         nf4_double_quant=nf4_double_quant,
+        hf_loss=hf_loss,
         setup=setup,
         overhead=overhead,
         alternatives=alternatives,
@@ -284,6 +288,7 @@ def _inputs(
     kbit_prep: bool | None = None,
     nf4_keeps_input: bool | None = None,
     nf4_double_quant: bool | None = None,
+    hf_loss: str | None = None,
     setup: TrainingSetup | None = None,
     overhead: int | str | None = None,
     alternatives: bool = True,
@@ -308,6 +313,7 @@ def _inputs(
             kbit_prep=kbit_prep,
             nf4_keeps_input=nf4_keeps_input,
             nf4_double_quant=nf4_double_quant,
+            hf_loss=hf_loss,
         ).items()
         if v is not None
     }

@@ -17,6 +17,7 @@ from .compat import deprecated_csv
 __all__ = [
     "ADAPTER_DTYPES",
     "ATTENTION",
+    "HF_LOSSES",
     "METHODS",
     "OPTIMIZERS",
     "PRECISIONS",
@@ -41,6 +42,11 @@ PRECISIONS = ("bf16", "mixed", "fp32", "bf16-true")
 #: over a bf16 base are created in fp32) or ``weights`` (the base weights' dtype: peft with
 #: ``autocast_adapter_dtype=False``, lit-gpt, torchtune).
 ADAPTER_DTYPES = ("fp32", "weights")
+#: The causal-LM loss: ``transformers`` (the installed release's own, default; from 4.49 it
+#: upcasts the logits to fp32 and pads the labels) or ``shift-copy`` (transformers before
+#: 4.49: fp32 logits plus a contiguous fp32 copy of the shifted logits, both alive through the
+#: cross entropy; read in the 4.46.3 and 4.48.3 wheels' ``ForCausalLMLoss``).
+HF_LOSSES = ("transformers", "shift-copy")
 #: ``adamw``: torch.optim.AdamW, fused: 2 states per trainable parameter in its dtype.
 #: ``adamw-8bit``: bitsandbytes AdamW8bit: 2 uint8 states + one fp32 absmax per 256 values for
 #: tensors of >= 4096 values (``min_8bit_size``), 2 fp32 states for smaller ones.
@@ -101,6 +107,7 @@ class TrainingSetup:
         nf4_double_quant: QLoRA only: ``bnb_4bit_use_double_quant`` (default True, as the QLoRA
             paper and peft's QLoRA examples set it; False keeps fp32 absmax values, 0.5 bits
             per weight instead of 0.127).
+        hf_loss: ``"transformers"`` or ``"shift-copy"`` (see ``HF_LOSSES``).
     """
 
     method: str = "full"
@@ -118,6 +125,7 @@ class TrainingSetup:
     kbit_prep: bool = True
     nf4_keeps_input: bool = False
     nf4_double_quant: bool = True
+    hf_loss: str = "transformers"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", _choice(self.method, METHODS, "method"))
@@ -127,6 +135,7 @@ class TrainingSetup:
         object.__setattr__(
             self, "adapter_dtype", _choice(self.adapter_dtype, ADAPTER_DTYPES, "adapter dtype")
         )
+        object.__setattr__(self, "hf_loss", _choice(self.hf_loss, HF_LOSSES, "hf_loss"))
         for flag in ("kbit_prep", "nf4_keeps_input", "nf4_double_quant"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
