@@ -94,3 +94,10 @@ def test_a_cached_file_that_is_not_a_config_object_is_refused(offline_cache: Pat
     (repo / "config.json").write_text("[1, 2]")
     with pytest.raises(ConfigError, match="not a JSON object"):
         load_hub_config("tiny-org/broken")
+
+
+def test_a_config_that_needs_remote_code_is_refused(offline_cache: Path) -> None:
+    remote = {"model_type": "my-own-arch", "auto_map": {"AutoConfig": "configuration_x.XConfig"}}
+    _cache(offline_cache, "tiny-org/remote", remote)
+    with pytest.raises(ConfigError, match="never runs"):
+        resolve_model("tiny-org/remote")

@@ -163,6 +163,12 @@ def _config_from_dict(data: dict[str, Any], where: str) -> Any:
     try:
         return t.AutoConfig.for_model(model_type, **data)
     except (ValueError, KeyError, TypeError) as e:
+        if "auto_map" in data:  # the repository ships its own modeling code
+            raise ConfigError(
+                f"{where}: model type {model_type!r} needs the repository's own code (auto_map), "
+                "which gradckpt never runs (no trust_remote_code); use a transformers release "
+                "that has this architecture"
+            ) from None
         raise ConfigError(
             f"{where}: transformers cannot build a {model_type!r} config: {e}"
         ) from None
