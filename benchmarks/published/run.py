@@ -226,6 +226,8 @@ def markdown(
         lines.append(f"- `{res['id']}`: `{est}`.")
         for a in row["assumptions"]:
             lines.append(f"  Assumed: {a}.")
+        if row.get("analysis"):
+            lines.append(f"  Note: {row['analysis']}.")
         if not res["modelled"]:
             lines.append(f"  **Not modelled**: {res['not_modelled_reason']}.")
     lines += [
