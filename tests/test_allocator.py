@@ -105,7 +105,10 @@ def test_held_memory_leaves_out_wholly_free_cached_segments() -> None:
 
 def test_replay_step_frees_by_origin_and_creates_optimizer_states_once() -> None:
     # interval "f": creates 1 (kept) and 2 (temporary); "b": frees 1 (created in "f")
-    events = [[(1, 4 * MiB, "f"), (2, 4 * MiB, "f"), (2, -4 * MiB, "f")], [(1, -4 * MiB, "f")]]
+    events = [
+        [(1, 4 * MiB, "f"), (3, 0, "f"), (2, 4 * MiB, "f"), (2, -4 * MiB, "f"), (3, 0, "f")],
+        [(1, -4 * MiB, "f")],
+    ]  # storage 3 is empty: nothing to allocate or free
     r = replay_step([30 * MiB], events, ["f", "b"], optimizer_states=[12 * MiB, 12 * MiB])
     assert r.unmatched_frees == 0
     assert r.peak_allocated_bytes == 30 * MiB + 24 * MiB + 8 * MiB

@@ -267,6 +267,8 @@ def replay_step(
         for label, events in zip(labels, step_events):
             mine: dict[int, int] = {}  # key -> handle created in this copy
             for key, n, origin in events:
+                if n == 0:  # an empty storage: the allocator hands out nothing for 0 bytes
+                    continue
                 if n > 0:
                     h = alloc.malloc(n)
                     alive[h] = n
