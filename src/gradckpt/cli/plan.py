@@ -122,7 +122,9 @@ def add_parser(subparsers: Any) -> None:
         "(rtx-4090,a100-80gb) or 'all' to compare GPUs",
     )
     p.add_argument(
-        "--overhead", help="CUDA allowance as a size (default: 512MiB + 5%% of the tensors' peak)"
+        "--overhead",
+        help="CUDA allowance as a size (default: 512MiB of CUDA context + what the caching "
+        "allocator holds beyond the live tensors, from a replay of the step's allocations)",
     )
     p.add_argument(
         "--no-alternatives",

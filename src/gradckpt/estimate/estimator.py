@@ -159,7 +159,8 @@ def estimate(
             (transformers before 4.49, which also kept an fp32 copy of the shifted logits).
         setup: a ``TrainingSetup`` to start from; the keyword arguments above override it.
         overhead: the CUDA allowance in bytes or as a size (``"1GiB"``); default
-            ``CUDA_CONTEXT_BYTES`` + ``ALLOCATOR_SLACK`` of the tensors' peak; ``0`` for none.
+            ``CUDA_CONTEXT_BYTES`` + what the caching allocator holds beyond the live tensors
+            (``allocator``: a replay of the step's allocations); ``0`` for none.
         alternatives: when a GPU is given and no policy fits, estimate what would (LoRA, QLoRA,
             8-bit AdamW, smaller batch or sequence) and report it.
         full_depth: run every block instead of replaying a few (slower; same numbers).
@@ -256,7 +257,7 @@ class _Inputs:
     setup: TrainingSetup
     policies: list[str]
     gpu: GPU | None
-    #: the CUDA allowance in bytes; None: CUDA_CONTEXT_BYTES + ALLOCATOR_SLACK of the peak
+    #: the CUDA allowance in bytes; None: CUDA_CONTEXT_BYTES + the allocator replay's slack
     overhead: int | None
     alternatives: bool
     full_depth: bool
