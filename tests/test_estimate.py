@@ -248,7 +248,8 @@ def test_lora_and_qlora_weights_and_adapters() -> None:
     cfg = build_bench_model("llama").model.config
     kw = dict(batch=BATCH, seq=SEQ, policies="full", alternatives=False)
     lora = estimate(cfg, method="lora", **kw)  # type: ignore[arg-type]
-    qlora = estimate(cfg, method="qlora", **kw)  # type: ignore[arg-type]
+    # without peft's prepare_model_for_kbit_training: everything not quantized stays bf16
+    qlora = estimate(cfg, method="qlora", kbit_prep=False, **kw)  # type: ignore[arg-type]
     h, i, r = 512, 1376, 16
     per_layer = 4 * r * (h + h) + 2 * r * (h + i) + r * (i + h)  # q,k,v,o; gate,up; down
     assert lora.trainable_params == qlora.trainable_params == 8 * per_layer
@@ -260,6 +261,31 @@ def test_lora_and_qlora_weights_and_adapters() -> None:
     diff = lora.results[0].breakdown["weights"] - qlora.results[0].breakdown["weights"]
     assert diff == 2 * linears - nf4  # bf16 linears replaced by NF4 codes + constants
     assert any("NF4" in n for n in qlora.notes)
+
+
+def test_kbit_prep_upcasts_what_is_not_quantized_and_bf16_true_skips_autocast() -> None:
+    """peft's prepare_model_for_kbit_training (QLoRA's default) makes embeddings, norms and
+    lm_head fp32: exactly 2 more bytes per such value. bf16-true runs without autocast, so an
+    fp32 adapter's output stays fp32 where autocast would cast it back: more kept bytes."""
+    cfg = build_bench_model("llama").model.config
+    kw = dict(batch=BATCH, seq=SEQ, policies="none", alternatives=False)
+    prepped = estimate(cfg, method="qlora", **kw)  # type: ignore[arg-type]
+    plain = estimate(cfg, method="qlora", kbit_prep=False, **kw)  # type: ignore[arg-type]
+    h, v, layers = 512, cfg.vocab_size, 8
+    not_quantized = 2 * v * h + h * (2 * layers + 1)  # embed, lm_head; 2 norms per layer + final
+    diff = prepped.results[0].breakdown["weights"] - plain.results[0].breakdown["weights"]
+    assert diff == 2 * not_quantized
+    assert any("prepare_model_for_kbit_training" in n for n in prepped.notes)
+    auto = estimate(cfg, method="lora", **kw)  # type: ignore[arg-type]
+    true = estimate(cfg, method="lora", precision="bf16-true", **kw)  # type: ignore[arg-type]
+    assert true.results[0].breakdown["weights"] == auto.results[0].breakdown["weights"]
+    assert true.results[0].activation_bytes > auto.results[0].activation_bytes
+    same = estimate(cfg, method="lora", precision="bf16-true", adapter_dtype="weights", **kw)  # type: ignore[arg-type]
+    # bf16 adapters: AdamW keeps 4 bytes per trainable parameter instead of 8
+    opt = same.results[0].breakdown["optimizer_states"]
+    assert 2 * opt == true.results[0].breakdown["optimizer_states"]
+    with pytest.raises(ConfigError, match="adapter dtype"):
+        TrainingSetup(adapter_dtype="fp16")
 
 
 def test_nf4_layer_quantizes_and_backpropagates() -> None:
@@ -293,6 +319,47 @@ def test_nf4_layer_quantizes_and_backpropagates() -> None:
     assert (qc.dequantize() - conv.weight.detach().t()).abs().max() <= conv.weight.abs().max() * gap
     packed = quantize_nf4(torch.zeros(3, 5))[0]
     assert packed.shape == (8,)  # two codes per byte, odd sizes padded
+
+
+def test_nf4_without_double_quant_and_old_bitsandbytes_keeping_inputs() -> None:
+    """fp32 absmax without double quantization: 4 bytes per 64 weights, dequantized exactly as
+    stored. bitsandbytes < 0.44 kept each 4-bit layer's input for backward: more bytes kept."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(192, 80, bias=False)
+    q = NF4Linear(lin, torch.float32, double_quant=False)
+    stored = sum(
+        t.numel() * t.element_size()
+        for t in (q.weight, q.absmax_q, q.absmax_scale, q.absmax_offset)
+    )
+    assert stored == nf4_bytes(192 * 80, double_quant=False) == 192 * 80 // 2 + 4 * 192 * 80 // 64
+    blocks = lin.weight.detach().flatten().view(-1, 64)
+    gap = max(b - a for a, b in itertools.pairwise(NF4_CODE))
+    err = (q.dequantize().flatten().view(-1, 64) - blocks).abs().amax(dim=1)
+    assert torch.all(err <= blocks.abs().amax(dim=1) * gap / 2 * (1 + 1e-6))
+    cfg = build_bench_model("llama").model.config
+    kw = dict(batch=BATCH, seq=SEQ, policies="none", alternatives=False, method="qlora")
+    new = estimate(cfg, **kw).results[0]  # type: ignore[arg-type]
+    old = estimate(cfg, nf4_keeps_input=True, **kw).results[0]  # type: ignore[arg-type]
+    assert old.activation_bytes > new.activation_bytes
+    no_dq = estimate(cfg, nf4_double_quant=False, **kw).results[0]  # type: ignore[arg-type]
+    h, i = 512, 1376
+    linears = 8 * (4 * [h * h] + 3 * [h * i])
+    extra = sum(nf4_bytes(n, False) - nf4_bytes(n) for n in linears)
+    assert no_dq.breakdown["weights"] - new.breakdown["weights"] == extra
+
+
+def test_shift_copy_loss_keeps_one_more_fp32_copy_of_the_logits() -> None:
+    """transformers < 4.49 copied the shifted fp32 logits (``.contiguous()``) while the fp32
+    upcast was alive: at the loss, bf16 logits, their fp32 upcast, the shifted copy and the
+    log-softmax output all live at once (LoRA, so the loss is the step's peak)."""
+    cfg = build_bench_model("llama").model.config
+    b, s, v = 2, 256, cfg.vocab_size
+    kw = dict(batch=b, seq=s, policies="full", alternatives=False, method="lora")
+    new = estimate(cfg, **kw).results[0]  # type: ignore[arg-type]
+    old = estimate(cfg, hf_loss="shift-copy", **kw).results[0]  # type: ignore[arg-type]
+    assert old.step_peak_bytes > new.step_peak_bytes and old.peak_phase == "forward"
+    at_loss = b * s * v * (2 + 4) + 2 * b * (s - 1) * v * 4
+    assert at_loss <= old.breakdown["logits_loss"] <= at_loss * 1.05
 
 
 def test_gradient_accumulation_keeps_all_gradients_at_the_peak() -> None:
@@ -491,7 +558,8 @@ def test_alternatives_leave_out_changes_that_cannot_be_estimated() -> None:
             return None
         peak = 100 if st.method == "qlora" else 10 * st.batch + st.seq // 64
         return PolicyEstimate(
-            policy="auto", plan="", peak_bytes=peak, breakdown={}, peak_phase="backward",
+            policy="auto", plan="", peak_bytes=peak, reserved_bytes=peak, breakdown={},
+            peak_phase="backward",
             activation_bytes=0, step_peak_bytes=0, forward_flops=0, backward_flops=0,
             recompute_flops=0, recompute_bytes=0, speed_cost=0.0, step_time_s=1.0,
             tokens_per_s=1.0, fits=peak <= 40, headroom_bytes=40 - peak,

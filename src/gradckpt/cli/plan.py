@@ -11,7 +11,14 @@ from ..estimate import estimate
 from ..estimate.gpu_count import gpus_needed
 from ..estimate.sharding import SHARD_MODES
 from ..estimate.sweep import sweep
-from ..estimate.training import ATTENTION, METHODS, OPTIMIZERS, PRECISIONS
+from ..estimate.training import (
+    ADAPTER_DTYPES,
+    ATTENTION,
+    HF_LOSSES,
+    METHODS,
+    OPTIMIZERS,
+    PRECISIONS,
+)
 from ..plot import png_path
 from ._args import gpu_names, int_list, lora_targets, parse_prices, policy_names
 from ._progress import progress_bar
@@ -61,7 +68,8 @@ def add_parser(subparsers: Any) -> None:
         "--precision",
         default="bf16",
         choices=PRECISIONS,
-        help="bf16 weights/grads/states, mixed (fp32 master weights), or fp32; bf16 and mixed run "
+        help="bf16 weights/grads/states, mixed (fp32 master weights), fp32, or bf16-true (bf16 "
+        "weights, no autocast: a model loaded in bf16 and run as is); bf16 and mixed run "
         "under bf16 autocast like Trainer(bf16=True) (default: bf16)",
     )
     p.add_argument(
@@ -77,6 +85,40 @@ def add_parser(subparsers: Any) -> None:
         "--lora-targets",
         default="all-linear",
         help="modules to adapt: all-linear or a comma list such as q_proj,v_proj (default: all-linear)",
+    )
+    p.add_argument(
+        "--adapter-dtype",
+        default="fp32",
+        choices=ADAPTER_DTYPES,
+        help="LoRA adapter weights: fp32 (peft's default, autocast_adapter_dtype) or in the "
+        "base weights' dtype (lit-gpt, torchtune) (default: fp32)",
+    )
+    p.add_argument(
+        "--no-kbit-prep",
+        action="store_true",
+        help="QLoRA without peft's prepare_model_for_kbit_training (which the default runs: "
+        "fp32 embeddings, norms and lm_head)",
+    )
+    p.add_argument(
+        "--bnb-before-0.44",
+        dest="nf4_keeps_input",
+        action="store_true",
+        help="QLoRA as bitsandbytes up to 0.43 ran it: each 4-bit layer keeps its input until "
+        "backward (0.44 stopped)",
+    )
+    p.add_argument(
+        "--no-double-quant",
+        dest="nf4_double_quant",
+        action="store_false",
+        help="QLoRA without bitsandbytes' double quantization (fp32 absmax per 64 weights)",
+    )
+    p.add_argument(
+        "--hf-loss",
+        default="transformers",
+        choices=HF_LOSSES,
+        help="the causal-LM loss: the installed transformers' own, or shift-copy as "
+        "transformers before 4.49 computed it (an extra fp32 copy of the shifted logits) "
+        "(default: transformers)",
     )
     p.add_argument(
         "--policy",
@@ -102,7 +144,9 @@ def add_parser(subparsers: Any) -> None:
         f"{', '.join(SHARD_MODES)} (default: ddp; zero* as DeepSpeed's stages)",
     )
     p.add_argument(
-        "--overhead", help="CUDA allowance as a size (default: 512MiB + 5%% of the tensors' peak)"
+        "--overhead",
+        help="CUDA allowance as a size (default: 512MiB of CUDA context + what the caching "
+        "allocator holds beyond the live tensors, from a replay of the step's allocations)",
     )
     p.add_argument(
         "--no-alternatives",
@@ -199,6 +243,11 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "lora_alpha": alpha,
         "lora_dropout": args.lora_dropout,
         "lora_targets": lora_targets(args.lora_targets),
+        "adapter_dtype": args.adapter_dtype,
+        "kbit_prep": not args.no_kbit_prep,
+        "nf4_keeps_input": args.nf4_keeps_input,
+        "nf4_double_quant": args.nf4_double_quant,
+        "hf_loss": args.hf_loss,
         "overhead": args.overhead,
         "full_depth": args.full_depth,
         **_data_parallel(args),

@@ -36,7 +36,7 @@ def alternatives(
     cands: list[tuple[str, dict[str, Any]]] = []
     if st.method == "full" and st.optimizer == "adamw":
         cands.append(("8-bit AdamW (bitsandbytes) instead of AdamW", {"optimizer": "adamw-8bit"}))
-    if st.method == "full" and st.precision != "bf16":
+    if st.method == "full" and st.precision not in ("bf16", "bf16-true"):
         cands.append(
             (
                 "bf16 weights and optimizer states instead of fp32 master weights",

@@ -26,6 +26,7 @@ from ..plans import Decision, Plan
 from ..policies import get_policy, make_plan
 from ..units import format_bytes, parse_size
 from . import fake_model, periodic
+from .allocator import step_allocation
 from .alternatives import alternatives as _alternatives
 from .compat import deprecated_csv
 from .gpus import GPU, GPU_PRESETS, get_gpu
@@ -105,6 +106,11 @@ def estimate(
     lora_alpha: int | None = None,
     lora_dropout: float | None = None,
     lora_targets: Sequence[str] | str | None = None,
+    adapter_dtype: str | None = None,
+    kbit_prep: bool | None = None,
+    nf4_keeps_input: bool | None = None,
+    nf4_double_quant: bool | None = None,
+    hf_loss: str | None = None,
     setup: TrainingSetup | None = None,
     overhead: int | str | None = None,
     alternatives: bool = True,
@@ -133,15 +139,26 @@ def estimate(
             (``"24GB"``); sets ``fits`` and the speed figures (without throughput figures,
             speed uses ``REFERENCE_GPU``).
         precision: ``"bf16"`` (default: bf16 weights, gradients, states, bf16 autocast),
-            ``"mixed"`` (fp32 master weights + bf16 autocast) or ``"fp32"`` (no autocast).
+            ``"mixed"`` (fp32 master weights + bf16 autocast), ``"fp32"`` (no autocast) or
+            ``"bf16-true"`` (bf16 weights, no autocast: a model loaded in bf16 and run as is).
         optimizer: ``"adamw"`` (default), ``"adamw-8bit"``, ``"sgd"``, ``"sgd-momentum"``.
         grad_accum: micro-batches per optimizer step (default 1).
         attention: ``"sdpa"`` (default), ``"flash"`` or ``"eager"``.
         lora_rank, lora_alpha, lora_dropout, lora_targets: LoRA settings (16, 32, 0.0,
             ``"all-linear"``; ``lora_targets`` also takes a list of module names).
+        adapter_dtype: LoRA adapters in ``"fp32"`` (default, peft's ``autocast_adapter_dtype``)
+            or in the base ``"weights"``' dtype.
+        kbit_prep: QLoRA: run peft's ``prepare_model_for_kbit_training`` (default True: fp32
+            embeddings, norms and ``lm_head``, as peft's and TRL's QLoRA recipes do).
+        nf4_keeps_input: QLoRA: 4-bit layers keep their input until backward, as bitsandbytes
+            up to 0.43 did (default False: bitsandbytes >= 0.44).
+        nf4_double_quant: QLoRA: ``bnb_4bit_use_double_quant`` (default True).
+        hf_loss: ``"transformers"`` (default: the installed release's loss) or ``"shift-copy"``
+            (transformers before 4.49, which also kept an fp32 copy of the shifted logits).
         setup: a ``TrainingSetup`` to start from; the keyword arguments above override it.
         overhead: the CUDA allowance in bytes or as a size (``"1GiB"``); default
-            ``CUDA_CONTEXT_BYTES`` + ``ALLOCATOR_SLACK`` of the tensors' peak; ``0`` for none.
+            ``CUDA_CONTEXT_BYTES`` + what the caching allocator holds beyond the live tensors
+            (``allocator``: a replay of the step's allocations); ``0`` for none.
         alternatives: when a GPU is given and no policy fits, estimate what would (LoRA, QLoRA,
             8-bit AdamW, smaller batch or sequence) and report it.
         full_depth: run every block instead of replaying a few (slower; same numbers).
@@ -177,6 +194,11 @@ def estimate(
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
         lora_targets=lora_targets,
+        adapter_dtype=adapter_dtype,
+        kbit_prep=kbit_prep,
+        nf4_keeps_input=nf4_keeps_input,
+        nf4_double_quant=nf4_double_quant,
+        hf_loss=hf_loss,
     )
     inputs = _inputs(
         model,
@@ -244,7 +266,7 @@ class _Inputs:
     setup: TrainingSetup
     policies: list[str]
     gpu: GPU | None
-    #: the CUDA allowance in bytes; None: CUDA_CONTEXT_BYTES + ALLOCATOR_SLACK of the peak
+    #: the CUDA allowance in bytes; None: CUDA_CONTEXT_BYTES + the allocator replay's slack
     overhead: int | None
     alternatives: bool
     full_depth: bool
@@ -412,11 +434,12 @@ def _estimate(inp: _Inputs, t0: float) -> tuple[EstimateReport | None, list[str]
         def step() -> Any:
             timeline = sess.run(run_plan, st.batch, st.seq, grad_accum=st.grad_accum)
             whole, per_block = sess.totals(st.optimizer)
-            return replay(timeline, order), replayed_totals(whole, per_block, order)
+            held = step_allocation(timeline, order, sess.model, sess.blocks, st.optimizer)
+            return replay(timeline, order), replayed_totals(whole, per_block, order), held
 
         # asking again with another GPU (or overhead) is instant
-        prof, tot = sess.steps.get(key, step)
-        res = policy_estimate(policy, plan, prof, tot, st, the_gpu, speed_gpu, fixed_overhead)
+        prof, tot, held = sess.steps.get(key, step)
+        res = policy_estimate(policy, plan, prof, tot, st, the_gpu, speed_gpu, fixed_overhead, held)
         if split is not None:
             nonlocal shard_tot
             if shard_tot is None:

@@ -338,7 +338,10 @@ class FakeSession:
                         stack.enter_context(_no_padding_checks(model))
                         stack.enter_context(tracker)
                         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=setup.autocast):
-                            loss = model(input_ids=ids, labels=ids).loss
+                            if setup.hf_loss == "shift-copy":
+                                loss = _shift_copy_loss(model(input_ids=ids), ids)
+                            else:  # the installed transformers' own loss
+                                loss = model(input_ids=ids, labels=ids).loss
                             tracker.mark("head")
                         tracker.mark("exit")  # leaving autocast frees its weight-cast cache
                         state["fwd"] = False
@@ -360,6 +363,25 @@ class FakeSession:
         # (block 0's input needs no gradient when the embeddings are frozen).
         labels = [iv.label for iv in tracker.intervals]
         return "post" if "b0" in labels else "b0"
+
+
+def _shift_copy_loss(out: Any, labels: torch.Tensor) -> torch.Tensor:
+    """Causal-LM loss as transformers 4.46-4.48's ``ForCausalLMLoss`` computes it (memory-wise).
+
+    It upcasts the logits to fp32 and then copies the shifted logits
+    (``logits[..., :-1, :].contiguous()``) while the fp32 upcast is still referenced, so both
+    live through the cross entropy; 4.49 pads the labels instead and makes no copy. Releases
+    before 4.46 upcast in the model's forward and copy the same way.
+    """
+    logits = out.logits
+    del out  # the caller drops the output; the bf16 logits stay referenced here, as there
+    up = logits.float()
+    shift_logits = up[..., :-1, :].contiguous()
+    shift_labels = labels[..., 1:].contiguous()
+    vocab = shift_logits.shape[-1]
+    return nn.functional.cross_entropy(
+        shift_logits.view(-1, vocab), shift_labels.view(-1), ignore_index=-100
+    )
 
 
 def _model_tensors(model: nn.Module) -> list[torch.Tensor]:

@@ -19,6 +19,7 @@ __all__ = ["GPU", "GPU_PRESETS", "MATH_EFFICIENCY", "MEMORY_EFFICIENCY", "get_gp
 
 MiB = 1024**2
 GiB = 1024**3
+GB = 10**9
 
 #: Fraction of datasheet bf16 throughput that large training matmuls sustain. 0.6 is a typical
 #: model-FLOPs utilisation ceiling for a single-GPU fine-tune (PaLM reports 46-57% on TPUs,
@@ -96,12 +97,43 @@ GPU_PRESETS: dict[str, GPU] = {
             "NVIDIA A100 datasheet: bf16 tensor 312 TFLOPS dense, HBM2e 2039 GB/s (80GB SXM)"),
         GPU("h100", 81559 * MiB, 989.0, 3350.0,
             "NVIDIA H100 SXM datasheet: bf16 tensor 1979 TFLOPS with sparsity (989 dense), HBM3 3.35 TB/s"),
+        GPU("h100-pcie", 81559 * MiB, 756.0, 2000.0,
+            "NVIDIA H100 PCIe datasheet: bf16 tensor 1513 TFLOPS with sparsity (756 dense), HBM2e 2.0 TB/s; "
+            "80 GB as the SXM part reports it"),
+        GPU("h100-nvl", 94 * GB, 835.0, 3900.0,
+            "NVIDIA H100 NVL datasheet: bf16 tensor 1671 TFLOPS with sparsity (835 dense), HBM3 3.9 TB/s; "
+            "memory: the datasheet's 94 GB (1e9 B), not a driver reading"),
+        GPU("h200", 143771 * MiB, 989.0, 4800.0,
+            "NVIDIA H200 datasheet: bf16 tensor 1979 TFLOPS with sparsity (989 dense), HBM3e 4.8 TB/s, "
+            "141 GB; 143,771 MiB as nvidia-smi reports it"),
+        GPU("b200", 180 * GB, 2250.0, 8000.0,
+            "NVIDIA HGX B200 datasheet: bf16 tensor 4.5 PFLOPS with sparsity per GPU (2.25 dense), "
+            "HBM3e 8 TB/s; memory: 180 GB (1e9 B, the datasheet's), not a driver reading"),
+        GPU("l40s", 46068 * MiB, 362.05, 864.0,
+            "NVIDIA L40S datasheet: bf16 tensor 733 TFLOPS with sparsity (362 dense), GDDR6 864 GB/s, "
+            "48 GB; 46,068 MiB as nvidia-smi reports it with ECC on"),
+        GPU("a6000", 49140 * MiB, 154.8, 768.0,
+            "NVIDIA RTX A6000 datasheet: tensor 309.7 TFLOPS with sparsity (154.8 dense, bf16 at the "
+            "fp16 rate), GDDR6 768 GB/s, 48 GB; 49,140 MiB as nvidia-smi reports it"),
+        GPU("rtx-5090", 32607 * MiB, 209.5, 1792.0,
+            "GeForce RTX 5090: Blackwell GB202 whitepaper (fp16/bf16 tensor, fp32 accumulate, dense "
+            "209.5 TFLOPS), GDDR7 1792 GB/s, 32 GB; 32,607 MiB as nvidia-smi reports it"),
+        GPU("t4", 15360 * MiB, 65.0, 320.0,
+            "NVIDIA T4 datasheet: fp16 tensor 65 TFLOPS (Turing has no bf16: train with fp16 "
+            "autocast; the figure is fp16's), GDDR6 320 GB/s, 16 GB; 15,360 MiB as nvidia-smi reports it"),
+        GPU("mi300x", 192 * GB, 1307.4, 5300.0,
+            "AMD Instinct MI300X datasheet: bf16 matrix 1307.4 TFLOPS dense, HBM3 5.3 TB/s, 192 GB "
+            "(1e9 B, the datasheet's). ROCm builds of torch hipify the same caching allocator "
+            "(c10/cuda/CUDACachingAllocator.cpp), so its rounding and pools are the ones modelled"),
     )
 }
 # fmt: on
 _ALIASES = {
     "h100-80gb": "h100",
     "h100-sxm": "h100",
+    "h200-141gb": "h200",
+    "rtx-a6000": "a6000",
+    "5090": "rtx-5090",
     "a100": "a100-80gb",
     "4090": "rtx-4090",
     "3090": "rtx-3090",

@@ -2,7 +2,8 @@
 
 bitsandbytes cannot be installed here (and needs CUDA), so QLoRA is modelled explicitly, byte for
 byte against bitsandbytes' ``Linear4bit`` with ``bnb_4bit_quant_type="nf4"`` and
-``bnb_4bit_use_double_quant=True`` (Dettmers et al. 2023, "QLoRA", section 3):
+``bnb_4bit_use_double_quant=True`` (Dettmers et al. 2023, "QLoRA", section 3; without double
+quantization the absmax values stay fp32, 4 bytes per 64 weights):
 
 * weights: two 4-bit codes per byte, ``numel / 2`` bytes (``uint8``);
 * first-level constants: one absmax per block of 64 weights, itself quantized to 8 bits
@@ -57,14 +58,18 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def nf4_bytes(numel: int) -> int:
-    """Device bytes bitsandbytes keeps for an NF4 weight of ``numel`` values (double quant).
+def nf4_bytes(numel: int, double_quant: bool = True) -> int:
+    """Device bytes bitsandbytes keeps for an NF4 weight of ``numel`` values.
 
     Example:
         >>> nf4_bytes(4096 * 4096)  # 8 MiB of codes + 256 KiB of 8-bit absmax + 4 KiB of scales + 4 B
         8654852
+        >>> nf4_bytes(4096 * 4096, double_quant=False)  # 8 MiB of codes + 1 MiB of fp32 absmax
+        9437184
     """
     blocks = _ceil_div(numel, BLOCK)
+    if not double_quant:
+        return _ceil_div(numel, 2) + 4 * blocks
     return _ceil_div(numel, 2) + blocks + 4 * _ceil_div(blocks, BLOCK2) + 4
 
 
@@ -91,10 +96,12 @@ def nf4_dequantize(
     blocks = absmax_q.numel()
     for b0 in range(0, blocks, _CHUNK):
         b1 = min(blocks, b0 + _CHUNK)
-        # second level: 8-bit absmax -> fp32 absmax
-        q = absmax_q[b0:b1].to(torch.float32) - 128.0
-        scale = absmax_scale[torch.arange(b0, b1, device=packed.device) // BLOCK2]
-        absmax = q / 127.0 * scale + absmax_offset
+        if absmax_q.dtype == torch.float32:  # no double quantization: fp32 absmax as stored
+            absmax = absmax_q[b0:b1]
+        else:  # second level: 8-bit absmax -> fp32 absmax
+            q = absmax_q[b0:b1].to(torch.float32) - 128.0
+            scale = absmax_scale[torch.arange(b0, b1, device=packed.device) // BLOCK2]
+            absmax = q / 127.0 * scale + absmax_offset
         e0, e1 = b0 * BLOCK, min(numel, b1 * BLOCK)
         p = packed[e0 // 2 : _ceil_div(e1, 2)]
         idx = torch.stack((p >> 4, p & 15), dim=-1).flatten()[: e1 - e0].long()
@@ -120,12 +127,14 @@ def _nf4_dequantize_fake(
 
 
 def quantize_nf4(
-    weight: torch.Tensor,
+    weight: torch.Tensor, double_quant: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantize a weight to NF4 with double quantization.
+    """Quantize a weight to NF4, with double quantization of the absmax values or without.
 
     Args:
         weight: any floating tensor (real or fake).
+        double_quant: ``bnb_4bit_use_double_quant``; without it the absmax values stay fp32
+            (``absmax_q`` is then fp32 and the scale and offset are empty).
 
     Returns:
         ``(packed uint8 [ceil(n/2)], absmax_q uint8 [blocks], absmax_scale fp32 [ceil(blocks/256)],
@@ -135,6 +144,13 @@ def quantize_nf4(
     blocks = _ceil_div(numel, BLOCK)
     dev = weight.device
     if _is_fake(weight) or weight.device.type == "meta":
+        if not double_quant:
+            return (
+                torch.empty(_ceil_div(numel, 2), dtype=torch.uint8, device=dev),
+                torch.empty(blocks, dtype=torch.float32, device=dev),
+                torch.empty(0, dtype=torch.float32, device=dev),
+                torch.empty(0, dtype=torch.float32, device=dev),
+            )
         return (
             torch.empty(_ceil_div(numel, 2), dtype=torch.uint8, device=dev),
             torch.empty(blocks, dtype=torch.uint8, device=dev),
@@ -154,6 +170,9 @@ def quantize_nf4(
         if numel % 2:
             idx = torch.cat((idx, idx.new_zeros(1)))
         packed = (idx[0::2] << 4) | idx[1::2]
+        if not double_quant:
+            empty = absmax.new_zeros(0)
+            return packed.contiguous(), absmax, empty, empty.clone()
         offset = absmax.mean().reshape(1)
         centred = absmax - offset
         blocks2 = _ceil_div(blocks, BLOCK2)
@@ -175,6 +194,11 @@ class _MatMul4Bit(torch.autograd.Function):
         del w  # the dequantized weight is a temporary, freed before the next layer runs
         ctx.layer = layer
         ctx.has_bias = bias is not None and bias.requires_grad
+        if layer.keeps_input and any(ctx.needs_input_grad):
+            # bitsandbytes < 0.44: ``ctx.tensors = (A, B)`` kept the input although backward
+            # never reads it; a plain attribute, so checkpointing's saved-tensor hooks do not
+            # see it either (0.44.0 stores ``(None, B)``)
+            ctx.kept_input = x
         return out
 
     @staticmethod
@@ -199,8 +223,16 @@ class NF4Linear(nn.Linear):
     the matmul on the dequantized weight and casts back, as ``Linear4bit.forward`` does.
     """
 
-    def __init__(self, linear: nn.Module, compute_dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        linear: nn.Module,
+        compute_dtype: torch.dtype,
+        keeps_input: bool = False,
+        double_quant: bool = True,
+    ) -> None:
         nn.Module.__init__(self)
+        #: keep the (compute-dtype) input until backward, as bitsandbytes < 0.44 did
+        self.keeps_input = keeps_input
         weight = linear.weight
         if not isinstance(weight, torch.Tensor):
             raise TypeError(f"{type(linear).__name__} has no weight tensor to quantize")
@@ -210,7 +242,7 @@ class NF4Linear(nn.Linear):
             self.in_features, self.out_features = int(weight.shape[0]), int(weight.shape[1])
             weight = weight.t()
         self.compute_dtype = compute_dtype
-        packed, absmax_q, absmax_scale, absmax_offset = quantize_nf4(weight)
+        packed, absmax_q, absmax_scale, absmax_offset = quantize_nf4(weight, double_quant)
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.register_buffer("absmax_q", absmax_q)
         self.register_buffer("absmax_scale", absmax_scale)
@@ -244,14 +276,19 @@ def _quantizable(mod: nn.Module) -> bool:
 
 
 def quantize_linears(
-    model: nn.Module, compute_dtype: torch.dtype, skip: tuple[str, ...] = ()
+    model: nn.Module,
+    compute_dtype: torch.dtype,
+    skip: tuple[str, ...] = (),
+    keeps_input: bool = False,
+    double_quant: bool = True,
 ) -> int:
     """Replace every linear layer of ``model`` (except modules named in ``skip``) by an ``NF4Linear``.
 
     Linear layers are ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2): the two kinds
     transformers' bitsandbytes integration quantizes. It keeps the output embedding
-    (``lm_head``) unquantized: pass its name in ``skip`` to do the same. Returns the number of
-    layers replaced.
+    (``lm_head``) unquantized: pass its name in ``skip`` to do the same. ``keeps_input``: each
+    layer keeps its input until backward, as bitsandbytes before 0.44.0 did; ``double_quant``:
+    ``bnb_4bit_use_double_quant``. Returns the number of layers replaced.
     """
     targets = [
         (name, mod)
@@ -261,5 +298,5 @@ def quantize_linears(
     for name, mod in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, NF4Linear(mod, compute_dtype))
+        setattr(parent, child, NF4Linear(mod, compute_dtype, keeps_input, double_quant))
     return len(targets)

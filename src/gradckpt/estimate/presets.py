@@ -16,6 +16,7 @@ from typing import Any
 
 from .._optional import require
 from ..errors import ConfigError
+from .hub import is_hub_id, load_hub_config
 
 __all__ = ["MODEL_PRESETS", "ModelPreset", "ModelSpec", "hf_transformers", "resolve_model"]
 
@@ -162,6 +163,12 @@ def _config_from_dict(data: dict[str, Any], where: str) -> Any:
     try:
         return t.AutoConfig.for_model(model_type, **data)
     except (ValueError, KeyError, TypeError) as e:
+        if "auto_map" in data:  # the repository ships its own modeling code
+            raise ConfigError(
+                f"{where}: model type {model_type!r} needs the repository's own code (auto_map), "
+                "which gradckpt never runs (no trust_remote_code); use a transformers release "
+                "that has this architecture"
+            ) from None
         raise ConfigError(
             f"{where}: transformers cannot build a {model_type!r} config: {e}"
         ) from None
@@ -172,7 +179,9 @@ def resolve_model(model: Any) -> ModelSpec:
 
     Args:
         model: a key of ``MODEL_PRESETS`` (case-insensitive), a path to a ``config.json`` (or a
-            directory holding one), or a ``transformers.PretrainedConfig``.
+            directory holding one), a Hugging Face Hub id (``"Qwen/Qwen2.5-7B"``: its
+            ``config.json`` from the local cache, else the Hub; see ``hub``), or a
+            ``transformers.PretrainedConfig``.
 
     Returns:
         A ``ModelSpec``.
@@ -212,6 +221,11 @@ def resolve_model(model: Any) -> ModelSpec:
                 f"{path} is not a Hugging Face config.json: it holds a {type(data).__name__}, not an object"
             )
         return ModelSpec(str(path), _config_from_dict(data, str(path)), str(path))
+    if is_hub_id(key):
+        data, where = load_hub_config(key)
+        return ModelSpec(
+            key, _config_from_dict(data, f"{key} ({where})"), f"{key} (Hugging Face Hub)"
+        )
     if key.endswith(".json") or "/" in key or "\\" in key:
         raise ConfigError(f"config file {key} does not exist")
     close = difflib.get_close_matches(key.lower(), list(MODEL_PRESETS), n=1, cutoff=0.5)

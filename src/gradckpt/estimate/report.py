@@ -96,6 +96,10 @@ class PolicyEstimate:
         policy: the policy name (``"none"``, ``"full"``, ``"every:2"``...).
         plan: one line describing the plan (``"full: 32 recompute"``).
         peak_bytes: predicted peak device memory of a training step, allowance included.
+        reserved_bytes: what PyTorch's CUDA caching allocator holds at the end of a step
+            (``torch.cuda.memory_reserved``: the live tensors at the peak plus its block
+            rounding and cached free blocks, from a replay of the step's allocations through
+            a model of the allocator; no CUDA context).
         breakdown: what is alive at that peak, name -> bytes (keys: ``BREAKDOWN_KEYS``);
             the values add up to ``peak_bytes``.
         peak_phase: ``"forward"`` or ``"backward"``: when the peak happens.
@@ -117,6 +121,7 @@ class PolicyEstimate:
     policy: str
     plan: str
     peak_bytes: int
+    reserved_bytes: int
     breakdown: dict[str, int]
     peak_phase: str
     activation_bytes: int

@@ -10,6 +10,7 @@ from collections import Counter
 
 from ..plans import Plan
 from ..units import format_bytes
+from .allocator import StepAllocation
 from .gpus import GPU, MATH_EFFICIENCY, MEMORY_EFFICIENCY
 from .report import PolicyEstimate
 from .timeline import ACT, BWD, GRAD, HEAD, ReplayedStep
@@ -21,8 +22,10 @@ __all__ = ["ALLOCATOR_SLACK", "CUDA_CONTEXT_BYTES", "policy_estimate", "static_n
 #: CUDA context, cuBLAS/cuDNN workspaces and the kernels torch loads: ~0.3-0.6 GiB with lazy
 #: module loading (CUDA >= 11.7) on Ampere/Hopper; 0.5 GiB is the allowance.
 CUDA_CONTEXT_BYTES = 512 * 1024**2
-#: Caching-allocator slack on top of live tensors at the peak (block rounding, fragmentation):
-#: reserved/allocated ratios of 1.03-1.10 are typical for transformer training; 5% allowed.
+#: Caching-allocator slack on top of live tensors at the peak (block rounding, fragmentation)
+#: where no allocation replay is at hand (the estimate replays one, see ``allocator``; the
+#: planner's budget keeps this flat figure): reserved/allocated ratios of 1.03-1.10 are
+#: typical for transformer training.
 ALLOCATOR_SLACK = 0.05
 
 
@@ -47,6 +50,7 @@ def policy_estimate(
     the_gpu: GPU | None,
     speed_gpu: GPU,
     fixed_overhead: int | None,
+    held: StepAllocation | None = None,
 ) -> PolicyEstimate:
     """One policy's ``PolicyEstimate`` from its replayed step and the model's tensor totals.
 
@@ -66,10 +70,16 @@ def policy_estimate(
         "shard_buffers": 0,  # data-parallel buffers: estimate.sharding adds them
     }
     tensors = sum(breakdown.values())
-    if fixed_overhead is None:
-        overhead = CUDA_CONTEXT_BYTES + int(ALLOCATOR_SLACK * tensors)
-    else:
-        overhead = fixed_overhead
+    # What the caching allocator holds beyond the live tensors, from the replay of the step's
+    # allocations through its model (``allocator``), else the flat allowance: the peak counts
+    # the segments that hold a live block (a card short of memory gets the wholly free ones
+    # back before an OOM), ``reserved`` everything it keeps when memory is plentiful.
+    slack = int(ALLOCATOR_SLACK * tensors)
+    reserved = tensors + slack
+    if held is not None:
+        slack = max(0, held.peak_held_bytes - tensors)
+        reserved = max(tensors, held.reserved_bytes)
+    overhead = CUDA_CONTEXT_BYTES + slack if fixed_overhead is None else fixed_overhead
     breakdown["cuda_overhead"] = overhead
     peak = tensors + overhead
 
@@ -85,6 +95,7 @@ def policy_estimate(
         policy=policy,
         plan=plan.summary(),
         peak_bytes=peak,
+        reserved_bytes=reserved,
         breakdown=breakdown,
         peak_phase=prof.peak_phase,
         activation_bytes=prof.activation,
@@ -109,7 +120,10 @@ def static_notes(
     if fixed_overhead is None:
         notes.append(
             f"cuda_overhead = {format_bytes(CUDA_CONTEXT_BYTES)} (CUDA context, cuBLAS/cuDNN "
-            f"workspaces) + {ALLOCATOR_SLACK:.0%} of the tensors' peak (caching-allocator slack)"
+            "workspaces) + what PyTorch's caching allocator holds beyond the live tensors at "
+            "worst (block rounding, free space in segments that hold live blocks), from a replay "
+            "of the step's allocations through a model of its rules (gradckpt.estimate.allocator); "
+            "reserved_bytes adds the wholly free segments it keeps cached when memory is plentiful"
         )
     else:
         notes.append(f"cuda_overhead set to {format_bytes(fixed_overhead)}")

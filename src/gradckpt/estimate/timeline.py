@@ -73,6 +73,9 @@ class Interval:
     #: ``exit`` interval, which frees what every block made: autocast's weight-cast cache.
     freed_at_max: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
     freed_at_end: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
+    #: the storages created (``nbytes > 0``) and freed (``-nbytes``) in this interval, in order,
+    #: as ``(key, nbytes, label of the interval that created it)``: what ``allocator`` replays
+    events: list[tuple[int, int, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -196,14 +199,16 @@ class TimelineTracker(LiveStorageTracker, TorchDispatchMode):
         self._costs: Counter[tuple[str, int, int]] = Counter()
         self._freed: dict[int, list[int]] = {}  # origin interval -> bytes freed, by category
         self._freed_max: dict[int, tuple[int, int, int, int]] = {}
+        self._events: list[tuple[int, int, int]] = []  # (key, +-bytes, origin interval)
         self.intervals: list[Interval] = []
 
     # storages: the base counts them; these keep the category vector -----------------------
-    def _added(self, nbytes: int, device: str, tag: Any) -> None:
-        super()._added(nbytes, device, tag)
-        cat = tag[0]
+    def _added(self, key: int, nbytes: int, device: str, tag: Any) -> None:
+        super()._added(key, nbytes, device, tag)
+        cat, origin = tag
         if cat == _BASELINE:
             return
+        self._events.append((key, nbytes, origin))
         self.vec[cat] += nbytes
         total = self.vec[0] + self.vec[1] + self.vec[2] + self.vec[3]
         if total > self._max_total:
@@ -212,11 +217,12 @@ class TimelineTracker(LiveStorageTracker, TorchDispatchMode):
             if self._freed:
                 self._freed_max = {o: (v[0], v[1], v[2], v[3]) for o, v in self._freed.items()}
 
-    def _removed(self, nbytes: int, device: str, tag: Any) -> None:
-        super()._removed(nbytes, device, tag)
+    def _removed(self, key: int, nbytes: int, device: str, tag: Any) -> None:
+        super()._removed(key, nbytes, device, tag)
         cat, origin = tag
         if cat == _BASELINE:
             return
+        self._events.append((key, -nbytes, origin))
         self.vec[cat] -= nbytes
         if origin != len(self.intervals):
             self._freed.setdefault(origin, [0, 0, 0, 0])[cat] += nbytes
@@ -252,6 +258,8 @@ class TimelineTracker(LiveStorageTracker, TorchDispatchMode):
         iv = Interval(label, _sub(peak, self._start), _sub(now, self._start), self._costs)
         iv.freed_at_end = by_label(self._freed)
         iv.freed_at_max = by_label(self._freed_max if peak_inside else self._freed)
+        iv.events = [(k, n, names[o] if o < len(names) else label) for k, n, o in self._events]
+        self._events = []
         self.intervals.append(iv)
         self._start = now
         self._max = now

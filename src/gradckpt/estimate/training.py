@@ -15,7 +15,9 @@ from ..errors import ConfigError
 from .compat import deprecated_csv
 
 __all__ = [
+    "ADAPTER_DTYPES",
     "ATTENTION",
+    "HF_LOSSES",
     "METHODS",
     "OPTIMIZERS",
     "PRECISIONS",
@@ -30,7 +32,21 @@ METHODS = ("full", "lora", "qlora")
 #: ``mixed``: fp32 master weights, gradients and states, forward under bf16 autocast
 #: (what ``Trainer(bf16=True)`` does with an fp32 model).
 #: ``fp32``: everything in fp32, no autocast.
-PRECISIONS = ("bf16", "mixed", "fp32")
+#: ``bf16-true``: bf16 weights, gradients and states and no autocast: the model is loaded in
+#: bf16 and run as it is (Lightning's ``precision="bf16-true"``, torchtune's ``dtype: bf16``,
+#: PEFT's MetaMathQA benchmark with ``use_amp: false``). Ops run in their inputs' dtypes, so
+#: an fp32 adapter or an fp32 upcast (norms, the loss) stays fp32 downstream instead of
+#: autocast casting it back to bf16 before the next matmul.
+PRECISIONS = ("bf16", "mixed", "fp32", "bf16-true")
+#: LoRA adapter weights: ``fp32`` (peft's default, ``autocast_adapter_dtype=True``: adapters
+#: over a bf16 base are created in fp32) or ``weights`` (the base weights' dtype: peft with
+#: ``autocast_adapter_dtype=False``, lit-gpt, torchtune).
+ADAPTER_DTYPES = ("fp32", "weights")
+#: The causal-LM loss: ``transformers`` (the installed release's own, default; from 4.49 it
+#: upcasts the logits to fp32 and pads the labels) or ``shift-copy`` (transformers before
+#: 4.49: fp32 logits plus a contiguous fp32 copy of the shifted logits, both alive through the
+#: cross entropy; read in the 4.46.3 and 4.48.3 wheels' ``ForCausalLMLoss``).
+HF_LOSSES = ("transformers", "shift-copy")
 #: ``adamw``: torch.optim.AdamW, fused: 2 states per trainable parameter in its dtype.
 #: ``adamw-8bit``: bitsandbytes AdamW8bit: 2 uint8 states + one fp32 absmax per 256 values for
 #: tensors of >= 4096 values (``min_8bit_size``), 2 fp32 states for smaller ones.
@@ -79,6 +95,19 @@ class TrainingSetup:
             linear but the output layer, as recommended by the QLoRA paper). A comma-separated
             string (``"q_proj,v_proj"``) is still split, with a DeprecationWarning, until the
             next release.
+        adapter_dtype: ``"fp32"`` (peft's default) or ``"weights"`` (see ``ADAPTER_DTYPES``).
+        kbit_prep: QLoRA only: run peft's ``prepare_model_for_kbit_training`` on the quantized
+            model, as the QLoRA recipes of peft, TRL and the QLoRA paper's ``qlora.py`` do (the
+            default). It casts every parameter that is not quantized (embeddings, norms,
+            ``lm_head``) to fp32, so the logits come out of an fp32 ``lm_head``. False: they
+            stay in the weights' dtype (torchtune, lit-gpt, Unsloth's own path).
+        nf4_keeps_input: QLoRA only: each 4-bit layer keeps its input until backward, as
+            bitsandbytes up to 0.43 did (``MatMul4Bit`` stored ``ctx.tensors = (A, B)``; 0.44.0
+            stores ``(None, B)``). Default False: current bitsandbytes.
+        nf4_double_quant: QLoRA only: ``bnb_4bit_use_double_quant`` (default True, as the QLoRA
+            paper and peft's QLoRA examples set it; False keeps fp32 absmax values, 0.5 bits
+            per weight instead of 0.127).
+        hf_loss: ``"transformers"`` or ``"shift-copy"`` (see ``HF_LOSSES``).
     """
 
     method: str = "full"
@@ -92,12 +121,24 @@ class TrainingSetup:
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     lora_targets: tuple[str, ...] | str = "all-linear"
+    adapter_dtype: str = "fp32"
+    kbit_prep: bool = True
+    nf4_keeps_input: bool = False
+    nf4_double_quant: bool = True
+    hf_loss: str = "transformers"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", _choice(self.method, METHODS, "method"))
         object.__setattr__(self, "precision", _choice(self.precision, PRECISIONS, "precision"))
         object.__setattr__(self, "optimizer", _choice(self.optimizer, OPTIMIZERS, "optimizer"))
         object.__setattr__(self, "attention", _choice(self.attention, ATTENTION, "attention"))
+        object.__setattr__(
+            self, "adapter_dtype", _choice(self.adapter_dtype, ADAPTER_DTYPES, "adapter dtype")
+        )
+        object.__setattr__(self, "hf_loss", _choice(self.hf_loss, HF_LOSSES, "hf_loss"))
+        for flag in ("kbit_prep", "nf4_keeps_input", "nf4_double_quant"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         _positive_int(self.batch, "batch")
         _positive_int(self.seq, "sequence length")
         _positive_int(self.grad_accum, "grad_accum")
@@ -130,7 +171,7 @@ class TrainingSetup:
     @property
     def weight_dtype(self) -> torch.dtype:
         """dtype the model's (non-quantized) weights are stored in."""
-        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+        return torch.bfloat16 if self.precision in ("bf16", "bf16-true") else torch.float32
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -139,8 +180,8 @@ class TrainingSetup:
 
     @property
     def autocast(self) -> bool:
-        """Whether the forward runs under bf16 autocast (all but ``fp32``)."""
-        return self.precision != "fp32"
+        """Whether the forward runs under bf16 autocast (``bf16`` and ``mixed``)."""
+        return self.precision in ("bf16", "mixed")
 
     @property
     def tokens_per_step(self) -> int:
@@ -219,11 +260,24 @@ def apply_method(model: nn.Module, setup: TrainingSetup) -> tuple[nn.Module, lis
         get_out = getattr(model, "get_output_embeddings", None)
         out = get_out() if callable(get_out) else None
         skip = tuple(n for n, m in model.named_modules() if out is not None and m is out)
-        quantize_linears(model, setup.compute_dtype, skip=skip)
+        quantize_linears(
+            model,
+            setup.compute_dtype,
+            skip=skip,
+            keeps_input=setup.nf4_keeps_input,
+            double_quant=setup.nf4_double_quant,
+        )
+        kept = str(setup.weight_dtype).removeprefix("torch.")
+        if setup.kbit_prep:
+            # peft's own function: it casts every bf16/fp16 parameter that is not 4-bit to
+            # fp32 (our NF4 codes are uint8, untouched). Checkpointing is gradckpt's to set.
+            peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+            kept = "fp32 (peft's prepare_model_for_kbit_training)"
         notes.append(
-            "QLoRA: the blocks' linear layers stored as NF4 with double quantization "
-            "(bitsandbytes layout, modelled in plain PyTorch: bitsandbytes needs CUDA); "
-            f"embeddings, norms and the output layer stay in {str(setup.weight_dtype).removeprefix('torch.')}"
+            "QLoRA: the blocks' linear layers stored as NF4 "
+            + ("with double quantization " if setup.nf4_double_quant else "with fp32 absmax ")
+            + "(bitsandbytes layout, modelled in plain PyTorch: bitsandbytes needs CUDA); "
+            f"embeddings, norms and the output layer in {kept}"
         )
     targets: Any = setup.lora_targets
     cfg = peft.LoraConfig(
@@ -233,13 +287,14 @@ def apply_method(model: nn.Module, setup: TrainingSetup) -> tuple[nn.Module, lis
         target_modules=targets if isinstance(targets, str) else list(targets),
         bias="none",
     )
+    peft_kwargs = {"autocast_adapter_dtype": setup.adapter_dtype == "fp32"}
     try:
         with warnings.catch_warnings():
             # GPT-2's Conv1D layers: peft switches fan_in_fan_out on by itself, and says so
             warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
             # peft reads transformers' renamed is_gradient_checkpointing flag
             warnings.simplefilter("ignore", FutureWarning)
-            model = peft.get_peft_model(model, cfg)
+            model = peft.get_peft_model(model, cfg, **peft_kwargs)
     except ValueError as e:
         raise ConfigError(
             f"LoRA targets {targets!r} do not match this model's modules: {e}"

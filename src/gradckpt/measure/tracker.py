@@ -54,20 +54,20 @@ class LiveStorageTracker:
         self.baseline: dict[str, int] = {}
 
     # what a subclass refines: called once per storage when it starts and stops being counted
-    def _added(self, nbytes: int, device: str, tag: Any) -> None:
+    def _added(self, key: int, nbytes: int, device: str, tag: Any) -> None:
         cur = self.current.get(device, 0) + nbytes
         self.current[device] = cur
         if cur > self.peak.get(device, 0):
             self.peak[device] = cur
 
-    def _removed(self, nbytes: int, device: str, tag: Any) -> None:
+    def _removed(self, key: int, nbytes: int, device: str, tag: Any) -> None:
         self.current[device] = self.current.get(device, 0) - nbytes
 
     def _free(self, key: int) -> None:
         info = self._live.pop(key, None)
         self._refs.pop(key, None)
         if info is not None:
-            self._removed(*info)
+            self._removed(key, *info)
 
     def _finalizer(self, key: int) -> Callable[[Any], None]:
         def free(_ref: Any) -> None:
@@ -90,7 +90,7 @@ class LiveStorageTracker:
             except TypeError:
                 continue
             self._live[key] = (n, dev, tag)
-            self._added(n, dev, tag)
+            self._added(key, n, dev, tag)
 
     def retag(self, t: torch.Tensor, tag: Any) -> None:
         """Count ``t``'s (single) storage under ``tag`` from now on."""
@@ -99,9 +99,9 @@ class LiveStorageTracker:
             return
         key = id(sts[0])
         n, dev, old = self._live[key]
-        self._removed(n, dev, old)
+        self._removed(key, n, dev, old)
         self._live[key] = (n, dev, tag)
-        self._added(n, dev, tag)
+        self._added(key, n, dev, tag)
 
     def seed(self, tensors: Iterable[torch.Tensor], tag: Any = None) -> None:
         """Count what exists before the step (under ``tag``); it becomes the baseline."""
