@@ -87,6 +87,9 @@ def check_plan(plan: Plan, names: list[str]) -> None:
 
 
 def _check_installable(plan: Plan, found: Sequence[tuple[str, nn.Module]]) -> None:
+    head = plan.options.get("loss_head")
+    if head is not None and decisions.head_for(head) is None:
+        raise PlanError(f"loss head {head!r} has no registered installer")
     for d in set(plan.decisions) - {Decision.SAVE}:
         if decisions.wrapper_for(d) is None:
             raise PlanError(f"decision {d.value!r} has no registered block wrapper")
@@ -116,6 +119,11 @@ def install(model: nn.Module, plan: Plan, found: Sequence[tuple[str, nn.Module]]
     state = Installed(plan=plan)
     try:
         state.restores.append(prepare_model(model, found, plan))
+        head = plan.options.get("loss_head")
+        if head is not None:
+            installer = decisions.head_for(head)
+            if installer is not None:
+                state.restores.append(installer(model, plan.options))
         in_segment = {i for a, b in plan.segments for i in range(a, b)}
         for i, ((name, block), decision) in enumerate(zip(found, plan.decisions)):
             if i in in_segment or (

@@ -13,6 +13,7 @@ from .errors import ConfigError, PlanError, PolicyError
 from .planner.api import plan_for_budget
 from .plans import Plan
 from .policies import make_plan
+from .runtime.chunked_loss import head_options
 from .runtime.offload import offload_options
 
 __all__ = ["applied_plan", "disable", "enable"]
@@ -41,7 +42,9 @@ def enable(
             ``offload_saved=True`` moves the tensors that non-recomputed (SAVE) blocks keep for
             backward to host memory; ``offload_min_bytes`` (default 1 MiB) is the smallest
             tensor moved by it and by OFFLOAD blocks; ``early_stop=False`` re-runs whole blocks
-            in the recompute (default True: torch stops once the saved tensors exist again).
+            in the recompute (default True: torch stops once the saved tensors exist again);
+            ``loss_head="chunked"`` computes a causal LM's loss ``loss_chunk`` tokens at a time so
+            full logits never exist (``runtime.chunked_loss``; ``keep_logits=True`` still returns them).
 
     Returns:
         The installed ``Plan``. A second ``enable`` replaces the first.
@@ -59,6 +62,7 @@ def enable(
     if len(given) > 1:
         raise PolicyError(f"give one of policy=, budget= or plan=, not {' and '.join(given)}")
     offloading = offload_options(options)  # any policy, budget or plan can add these
+    offloading.update(head_options(options))  # loss_head="chunked", loss_chunk, keep_logits
     lazy_budget = None
     if plan is not None:
         if not isinstance(plan, Plan):
