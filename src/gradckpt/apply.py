@@ -135,6 +135,14 @@ def install(model: nn.Module, plan: Plan, found: Sequence[tuple[str, nn.Module]]
                 raise PlanError(f"decision {decision.value!r} has no registered block wrapper")
             wrapped = wrapper(name, block, block.forward, plan.options)
             state.restores.append(_override_forward(block, wrapped))
+        for option, add in decisions.BLOCK_OPTIONS.items():
+            if option not in plan.options:
+                continue
+            for (name, block), decision in zip(found, plan.decisions):
+                if decision in decisions.OPTION_DECISIONS:
+                    undo = add(name, block, plan.options)
+                    if undo is not None:
+                        state.restores.append(undo)
         for a, b in plan.segments:
             seg_blocks = [blk for _, blk in found[a:b]]
             run = SegmentRun(

@@ -15,6 +15,7 @@ from .plans import Plan
 from .policies import make_plan
 from .runtime.chunked_loss import head_options
 from .runtime.offload import offload_options
+from .runtime.tiles import tile_options
 
 __all__ = ["applied_plan", "disable", "enable"]
 
@@ -44,7 +45,9 @@ def enable(
             tensor moved by it and by OFFLOAD blocks; ``early_stop=False`` re-runs whole blocks
             in the recompute (default True: torch stops once the saved tensors exist again);
             ``loss_head="chunked"`` computes a causal LM's loss ``loss_chunk`` tokens at a time so
-            full logits never exist (``runtime.chunked_loss``; ``keep_logits=True`` still returns them).
+            full logits never exist (``runtime.chunked_loss``; ``keep_logits=True`` still returns them);
+            ``tile_tokens=N`` (or ``tiles=True``) runs the MLP of RECOMPUTE/OFFLOAD blocks over
+            sequence tiles of N tokens, each checkpointed (``runtime.tiles``).
 
     Returns:
         The installed ``Plan``. A second ``enable`` replaces the first.
@@ -63,6 +66,7 @@ def enable(
         raise PolicyError(f"give one of policy=, budget= or plan=, not {' and '.join(given)}")
     offloading = offload_options(options)  # any policy, budget or plan can add these
     offloading.update(head_options(options))  # loss_head="chunked", loss_chunk, keep_logits
+    offloading.update(tile_options(options))  # tile_tokens=N (or tiles=True)
     lazy_budget = None
     if plan is not None:
         if not isinstance(plan, Plan):

@@ -9,19 +9,25 @@ from __future__ import annotations
 
 from ..plans import Decision
 from ..policies import register_policy
-from . import chunked_loss, offload, selective
-from .decisions import recompute_block, register_decision, register_head
+from . import chunked_loss, offload, selective, tiles
+from .decisions import (
+    recompute_block,
+    register_block_option,
+    register_decision,
+    register_head,
+)
 
 __all__ = ["register_builtin"]
 
 
 def register_builtin() -> None:
-    """Register RECOMPUTE, SELECTIVE, OFFLOAD, SAVE (offload_saved), the chunked loss head; policies."""
+    """Register RECOMPUTE, SELECTIVE, OFFLOAD, SAVE (offload_saved), the loss head, tiles; policies."""
     register_decision(Decision.RECOMPUTE, recompute_block)
     register_decision(Decision.SELECTIVE, selective.selective_block)
     register_decision(Decision.OFFLOAD, offload.offload_block)
     register_decision(Decision.SAVE, offload.save_block)  # SAVE wraps only with offload_saved
     register_head(chunked_loss.HEAD_NAME, chunked_loss.install_chunked_head)  # loss_head="chunked"
+    register_block_option("tile_tokens", tiles.install_tiles)  # sequence tiles in blocks
     register_policy("offload", offload.POLICY_HELP, options=offload.POLICY_OPTIONS)(
         offload.offload_policy
     )
