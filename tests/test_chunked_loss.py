@@ -220,7 +220,7 @@ def test_bad_options_refused() -> None:
         gradckpt.enable(model, policy="full", loss_head="tiled")
     with pytest.raises(gradckpt.PolicyError, match="loss_chunk is a number of tokens"):
         gradckpt.enable(model, policy="full", loss_head="chunked", loss_chunk=0)
-    with pytest.raises(gradckpt.PolicyError, match="need loss_head='chunked'"):
+    with pytest.raises(gradckpt.PolicyError, match="need loss_head=.chunked."):
         gradckpt.enable(model, policy="full", loss_chunk=64)
     encoder = transformers.BertModel(
         transformers.BertConfig(

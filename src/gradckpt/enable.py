@@ -13,7 +13,7 @@ from .errors import ConfigError, PlanError, PolicyError
 from .planner.api import plan_for_budget
 from .plans import Plan
 from .policies import make_plan
-from .runtime.chunked_loss import head_options
+from .runtime.chunked_loss import check_head_options, head_options
 from .runtime.offload import offload_options
 from .runtime.tiles import tile_options
 
@@ -86,6 +86,7 @@ def enable(
         plan = make_plan("full" if policy is None else policy, [n for n, _ in found], **options)
     if offloading:
         plan = replace(plan, options={**plan.options, **offloading})
+    check_head_options(plan.options)
 
     state = install(model, plan, found)
     if lazy_budget is not None:  # no example: profile the first step, then re-plan

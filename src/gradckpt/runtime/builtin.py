@@ -2,14 +2,14 @@
 
 Called once from ``gradckpt/__init__.py``; nothing registers itself by being imported.
 Order matters only for ``policy_names()``: none, full, every:K, sqrt (in ``policies``), then
-offload and selective.
+offload, selective and lean.
 """
 
 from __future__ import annotations
 
 from ..plans import Decision
 from ..policies import register_policy
-from . import chunked_loss, offload, selective, tiles
+from . import chunked_loss, lean, offload, selective, tiles
 from .decisions import (
     recompute_block,
     register_block_option,
@@ -34,3 +34,4 @@ def register_builtin() -> None:
     register_policy("selective", selective.POLICY_HELP, options=selective.POLICY_OPTIONS)(
         selective.selective_policy
     )
+    register_policy("lean", lean.POLICY_HELP, options=lean.POLICY_OPTIONS)(lean.lean_policy)

@@ -49,6 +49,7 @@ __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "HEAD_NAME",
     "chunk_tokens",
+    "check_head_options",
     "chunked_causal_lm_loss",
     "head_options",
     "install_chunked_head",
@@ -106,9 +107,13 @@ def head_options(options: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(value, bool):
             raise PolicyError(f"keep_logits must be True or False, got {value!r}")
         out["keep_logits"] = value
-    if ("loss_chunk" in out or "keep_logits" in out) and "loss_head" not in out:
-        raise PolicyError("loss_chunk and keep_logits need loss_head='chunked'")
     return out
+
+
+def check_head_options(options: Mapping[str, Any]) -> None:
+    """Refuse a plan's ``loss_chunk``/``keep_logits`` without a loss head to apply them to."""
+    if ("loss_chunk" in options or "keep_logits" in options) and not options.get("loss_head"):
+        raise PolicyError("loss_chunk and keep_logits need loss_head='chunked' (or policy='lean')")
 
 
 def chunk_tokens(vocab: int, options: Mapping[str, Any]) -> int:
@@ -262,7 +267,12 @@ def install_chunked_head(model: nn.Module, options: Mapping[str, Any]) -> Callab
     Called by ``apply.install`` for plans with ``loss_head="chunked"``. The target's ``forward``
     is overridden on the instance (its parameters and ``state_dict`` are untouched).
     """
-    target = loss_target(model)
+    try:
+        target = loss_target(model)
+    except ConfigError:
+        if options.get("loss_head_optional"):  # policy lean on a model without an lm_head
+            return lambda: None
+        raise
     head = target.get_output_embeddings()  # type: ignore[operator]
     forward = target.forward
     try:
