@@ -83,6 +83,19 @@ def add_parser(subparsers: Any) -> None:
         "--overhead", help="CUDA allowance as a size (default: 512MiB + 5%% of the tensors' peak)"
     )
     p.add_argument(
+        "--host-budget",
+        metavar="SIZE",
+        help="host RAM offloaded tensors may use (e.g. 128GiB): a policy needing more does not "
+        "fit (default: not checked; host memory is shown either way)",
+    )
+    p.add_argument(
+        "--max-positions",
+        type=int,
+        metavar="N",
+        help="the fine-tune extends the context to N positions (RoPE scaling): sequences up to "
+        "N are estimated past the config's max_position_embeddings",
+    )
+    p.add_argument(
         "--no-alternatives",
         action="store_true",
         help="do not estimate alternatives when nothing fits",
@@ -177,6 +190,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "lora_targets": lora_targets(args.lora_targets),
         "overhead": args.overhead,
         "full_depth": args.full_depth,
+        "host_budget": args.host_budget,
+        "max_positions": args.max_positions,
     }
 
 

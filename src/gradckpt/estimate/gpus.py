@@ -39,6 +39,8 @@ class GPU:
         bf16_tflops: dense bf16 tensor throughput (fp32 accumulate), 1e12 FLOP/s; None when unknown.
         bandwidth_gbs: memory bandwidth, 1e9 bytes/s; None when unknown.
         source: where the figures come from.
+        host_link_gbs: host<->device copy bandwidth each way, 1e9 bytes/s, as pinned-memory
+            copies sustain it (what OFFLOAD's copies run at); None when unknown.
     """
 
     name: str
@@ -46,6 +48,7 @@ class GPU:
     bf16_tflops: float | None = None
     bandwidth_gbs: float | None = None
     source: str = ""
+    host_link_gbs: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Name, memory and throughput as reports give them (``source`` aside)."""
@@ -78,24 +81,32 @@ class GPU:
         )
 
 
+#: Host<->device copy bandwidth of pinned memory, each way. PCIe 4.0 x16 is 31.5 GB/s per
+#: direction on paper; CUDA's bandwidthTest with pinned buffers reaches 24-26 GB/s on such
+#: links (RTX 3090/4090, L4, A10G, and A100 SXM, whose host link is PCIe 4.0 x16), so 25.
+#: PCIe 5.0 x16 (H100 SXM) is 63 GB/s on paper, ~50 GB/s in bandwidthTest. Copies each way
+#: run concurrently (two copy engines), so a direction gets the whole figure.
+PCIE4_HOST_GBS = 25.0
+PCIE5_HOST_GBS = 50.0
+
 # fmt: off
 GPU_PRESETS: dict[str, GPU] = {
     g.name: g
     for g in (
         GPU("rtx-3090", 24576 * MiB, 71.0, 936.0,
-            "GeForce RTX 3090: Ampere GA102 whitepaper (bf16 tensor, fp32 accumulate, dense 71 TFLOPS), GDDR6X 936 GB/s"),
+            "GeForce RTX 3090: Ampere GA102 whitepaper (bf16 tensor, fp32 accumulate, dense 71 TFLOPS), GDDR6X 936 GB/s", host_link_gbs=PCIE4_HOST_GBS),
         GPU("rtx-4090", 24564 * MiB, 165.2, 1008.0,
-            "GeForce RTX 4090: Ada whitepaper (fp16/bf16 tensor, fp32 accumulate, dense 165.2 TFLOPS), 1008 GB/s"),
+            "GeForce RTX 4090: Ada whitepaper (fp16/bf16 tensor, fp32 accumulate, dense 165.2 TFLOPS), 1008 GB/s", host_link_gbs=PCIE4_HOST_GBS),
         GPU("l4", 23034 * MiB, 121.0, 300.0,
-            "NVIDIA L4 datasheet: bf16 tensor 242 TFLOPS with sparsity (121 dense), 300 GB/s"),
+            "NVIDIA L4 datasheet: bf16 tensor 242 TFLOPS with sparsity (121 dense), 300 GB/s", host_link_gbs=PCIE4_HOST_GBS),
         GPU("a10g", 23028 * MiB, 70.0, 600.0,
-            "AWS A10G (g5 instances): bf16 tensor 70 TFLOPS dense, GDDR6 600 GB/s"),
+            "AWS A10G (g5 instances): bf16 tensor 70 TFLOPS dense, GDDR6 600 GB/s", host_link_gbs=PCIE4_HOST_GBS),
         GPU("a100-40gb", 40960 * MiB, 312.0, 1555.0,
-            "NVIDIA A100 datasheet: bf16 tensor 312 TFLOPS dense, HBM2 1555 GB/s (40GB SXM)"),
+            "NVIDIA A100 datasheet: bf16 tensor 312 TFLOPS dense, HBM2 1555 GB/s (40GB SXM)", host_link_gbs=PCIE4_HOST_GBS),
         GPU("a100-80gb", 81920 * MiB, 312.0, 2039.0,
-            "NVIDIA A100 datasheet: bf16 tensor 312 TFLOPS dense, HBM2e 2039 GB/s (80GB SXM)"),
+            "NVIDIA A100 datasheet: bf16 tensor 312 TFLOPS dense, HBM2e 2039 GB/s (80GB SXM)", host_link_gbs=PCIE4_HOST_GBS),
         GPU("h100", 81559 * MiB, 989.0, 3350.0,
-            "NVIDIA H100 SXM datasheet: bf16 tensor 1979 TFLOPS with sparsity (989 dense), HBM3 3.35 TB/s"),
+            "NVIDIA H100 SXM datasheet: bf16 tensor 1979 TFLOPS with sparsity (989 dense), HBM3 3.35 TB/s", host_link_gbs=PCIE5_HOST_GBS),
     )
 }
 # fmt: on

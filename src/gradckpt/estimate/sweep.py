@@ -263,8 +263,9 @@ class _Estimator:
             # None: 'auto' found no plan for this GPU at this setting (left out of the point)
             res = estimate_one(self.model, policy, batch=batch, seq=seq, gpu=gpu, **self.settings)
             self._results[key] = res
+            # over host_budget (offloaded bytes): does not fit, whatever the device peak
             self._peaks[self._peak_key(policy, batch, seq, gpu)] = (
-                None if res is None else res.peak_bytes
+                None if res is None or res.host_fits is False else res.peak_bytes
             )
         return self._results[key]
 
@@ -443,7 +444,7 @@ def sweep(
     st = base.with_(**{k: v for k, v in settings.items() if k in fields and v is not None})
     accum = st.grad_accum
     spec = resolve_model(model)
-    max_pos = check_positions(spec, seqs[-1])
+    max_pos = check_positions(spec, seqs[-1], settings.get("max_positions"))
     if max_seq and max_pos is not None and max_pos < seq_step:
         raise ConfigError(f"seq_step {seq_step} is longer than {spec.name}'s {max_pos} positions")
 
@@ -482,7 +483,13 @@ def sweep(
         searches.append(("batch", seqs, batch_limit, "search limit"))
     if max_seq:
         k_max = (max_pos if max_pos is not None else SEQ_LIMIT) // seq_step
-        why = "max_position_embeddings" if max_pos is not None else "search limit"
+        why = (
+            "search limit"
+            if max_pos is None
+            else "max_positions"
+            if settings.get("max_positions") is not None
+            else "max_position_embeddings"
+        )
         searches.append(("seq", batches, k_max, why))
     largest: list[LargestFit] = []
     for vary, fixed_values, limit, why in searches:  # rows: per GPU, then setting, then policy

@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from ..measure import count_flops
-from ..state import is_recomputing
+from ..state import is_host_storage, is_recomputing
 
 __all__ = [
     "ACT",
@@ -43,6 +43,7 @@ __all__ = [
 ACT, HEAD, BWD, GRAD = 0, 1, 2, 3
 TAGS = ("activations", "logits_loss", "backward_transient", "gradients")
 _ZERO = (0, 0, 0, 0)
+_HOST = -2  # the tag of host storages (offloaded copies): tracked, not device bytes
 
 
 def _add(a: Sequence[int], b: Sequence[int]) -> tuple[int, int, int, int]:
@@ -74,6 +75,9 @@ class Interval:
     #: ``exit`` interval, which frees what every block made: autocast's weight-cast cache.
     freed_at_max: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
     freed_at_end: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
+    #: host bytes (offloaded copies, ``state.host_empty_strided``) added in this interval: not
+    #: device memory, so in no tag
+    host_end: int = 0
 
 
 @dataclass
@@ -103,6 +107,8 @@ class ReplayedStep:
     activation: int
     activation_parts: tuple[int, int, int, int]
     costs: Counter[tuple[str, int, int]]
+    #: most host bytes alive at once (offloaded block inputs), and the bytes copied each way
+    host_peak: int = 0
 
     def flops(self, phase: str) -> int:
         return sum(f * n for (ph, f, _b), n in self.costs.items() if ph == phase)
@@ -134,6 +140,7 @@ def replay(timeline: Timeline, order: Sequence[int]) -> ReplayedStep:
         return out
 
     v: tuple[int, int, int, int] = _ZERO
+    host = host_peak = 0
     best, best_label = _ZERO, "pre"
     act = _ZERO
     costs: Counter[tuple[str, int, int]] = Counter()
@@ -146,6 +153,8 @@ def replay(timeline: Timeline, order: Sequence[int]) -> ReplayedStep:
         if sum(cand) > sum(best):
             best, best_label = cand, iv.label
         v = _add(v, at_end)
+        host += iv.host_end
+        host_peak = max(host_peak, host)
         if iv.label == "exit":
             act = v
         costs.update(iv.costs)
@@ -158,6 +167,7 @@ def replay(timeline: Timeline, order: Sequence[int]) -> ReplayedStep:
         activation=sum(act),
         activation_parts=act,
         costs=costs,
+        host_peak=host_peak,
     )
 
 
@@ -218,12 +228,16 @@ class TimelineTracker(TorchDispatchMode):
         self._freed: dict[int, list[int]] = {}  # origin interval -> bytes freed, by tag
         self._freed_max: dict[int, tuple[int, int, int, int]] = {}
         self.intervals: list[Interval] = []
+        self._host = 0  # host bytes live now (offloaded copies), and at the last mark
+        self._host_start = 0
 
     # storages -------------------------------------------------------------------------------
     def _free(self, key: int) -> None:
         info = self._live.pop(key, None)
         self._refs.pop(key, None)
-        if info is not None and info[1] >= 0:
+        if info is not None and info[1] == _HOST:
+            self._host -= info[0]
+        elif info is not None and info[1] >= 0:
             n, tag, origin = info
             self.vec[tag] -= n
             if origin != len(self.intervals):
@@ -245,6 +259,9 @@ class TimelineTracker(TorchDispatchMode):
         except TypeError:
             return
         n = int(st.nbytes())
+        if tag >= 0 and is_host_storage(st):
+            tag = _HOST
+            self._host += n
         self._live[key] = (n, tag, len(self.intervals))
         if tag >= 0:
             self.vec[tag] += n
@@ -289,6 +306,8 @@ class TimelineTracker(TorchDispatchMode):
         iv = Interval(label, _sub(peak, self._start), _sub(now, self._start), self._costs)
         iv.freed_at_end = by_label(self._freed)
         iv.freed_at_max = by_label(self._freed_max if peak_inside else self._freed)
+        iv.host_end = self._host - self._host_start
+        self._host_start = self._host
         self.intervals.append(iv)
         self._start = now
         self._max = now

@@ -133,10 +133,11 @@ def install_tiles(
         fn = _placeholder if _skipping() else forward
         # Tiles over batch x tokens as one axis: contiguous slices of a contiguous input (GPT-2's
         # Conv1D and MoE routers .view() their input), and full tiles whatever the batch.
+        # split, not narrow: one SplitBackward joins the tiles' gradients, where each narrow's
+        # backward would write its tile's gradient into a zero tensor of the whole input.
         rows = x.reshape(1, -1, x.shape[-1])
         outs = []
-        for start in range(0, rows.shape[-2], tile):
-            part = rows.narrow(-2, start, min(tile, rows.shape[-2] - start))
+        for part in rows.split(tile, dim=-2):
             out = checkpoint(fn, part, *args, **kwargs)
             if not isinstance(out, torch.Tensor) or out.shape[:-1] != part.shape[:-1]:
                 raise BlockError(
