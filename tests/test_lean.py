@@ -55,6 +55,7 @@ def test_lean_plan() -> None:
     plan = gradckpt.enable(model, policy="lean", loss_chunk=16, tile_tokens=32)
     assert plan.options["loss_chunk"] == 16 and plan.options["tile_tokens"] == 32
     assert plan.summary() == "lean: 3 offload, tiles of 32 tokens, chunked loss head"
+    assert plan.options["tile_norms"] is True
 
 
 def test_verify_lean_within_documented_tolerance() -> None:

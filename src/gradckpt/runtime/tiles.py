@@ -22,6 +22,11 @@ recompute then runs its MLP once, up to the output projection, as ``full``'s rec
 A block with a saving op after its MLP (Gemma 2's post-feed-forward norm) runs the MLP once
 more in its recompute, as ``full`` does, plus the tiles' recompute: one more MLP forward.
 
+With ``tile_norms=True`` (policy ``lean``) the block's norms are tiled the same way
+(``TILED_NORM_ATTRS``): their float32 intermediates are then a tile's, at the price of one more
+norm forward per block in backward (pointwise, memory-bound: the norm's output is needed by the
+projections after it, so the block's recompute computes it before the tiles recompute it).
+
 Which module is tiled: the block's attribute named in ``TILED_ATTRS`` (``mlp``, ``feed_forward``,
 ``ffn``), whose forward takes the hidden states ``(batch, tokens, hidden)`` first and returns one
 tensor of the same leading shape (Llama, Qwen2, Mistral, Gemma 2, GPT-2, Mixtral's MoE block).
@@ -41,10 +46,28 @@ from torch import nn
 from ..errors import BlockError, PolicyError
 from .checkpoint import checkpoint
 
-__all__ = ["DEFAULT_TILE_TOKENS", "TILED_ATTRS", "install_tiles", "tile_options", "tiled_module"]
+__all__ = [
+    "DEFAULT_TILE_TOKENS",
+    "TILED_ATTRS",
+    "TILED_NORM_ATTRS",
+    "install_tiles",
+    "tile_options",
+    "tiled_module",
+]
 
 #: Attribute names of the token-wise part of a block, tried in this order.
 TILED_ATTRS = ("mlp", "feed_forward", "ffn")
+
+#: With ``tile_norms=True``: the block's norms, token-wise too (HF RMSNorm upcasts to float32
+#: and keeps that copy for backward: 3 bytes per bf16 byte of its input, per norm).
+TILED_NORM_ATTRS = (
+    "input_layernorm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+    "ln_1",
+    "ln_2",
+)
 
 #: ``tiles=True`` without ``tile_tokens``: 4,096 tokens a tile (a Llama 3 8B MLP tile's
 #: intermediates are 3 x 4,096 x 14,336 x 2 bytes = 336 MiB in bf16).
@@ -85,6 +108,11 @@ def tile_options(options: dict[str, Any]) -> dict[str, Any]:
         ({'tile_tokens': 2048}, {})
     """
     out: dict[str, Any] = {}
+    if "tile_norms" in options:
+        norms = options.pop("tile_norms")
+        if not isinstance(norms, bool):
+            raise PolicyError(f"tile_norms must be True or False, got {norms!r}")
+        out["tile_norms"] = norms
     tiles = options.pop("tiles", None)
     if tiles is not None and not isinstance(tiles, bool):
         raise PolicyError(f"tiles must be True or False, got {tiles!r}")
@@ -112,20 +140,37 @@ def tiled_module(block: nn.Module) -> nn.Module | None:
 def install_tiles(
     name: str, block: nn.Module, options: Mapping[str, Any]
 ) -> Callable[[], None] | None:
-    """Run ``block``'s MLP over tiles of ``options["tile_tokens"]`` tokens; return the undo.
+    """Run ``block``'s MLP (and norms, with ``tile_norms``) over tiles of ``tile_tokens`` tokens.
 
     Called by ``apply.install`` for each RECOMPUTE/OFFLOAD block when the plan has
     ``tile_tokens``; a block without a token-wise module (``TILED_ATTRS``) is left as it is
-    (None returned).
+    (None returned). Returns the function that undoes it.
     """
     tile = options.get("tile_tokens")
     if not isinstance(tile, int) or isinstance(tile, bool) or tile < 1:
         return None
+    modules = []
     mlp = tiled_module(block)
-    if mlp is None:
+    if mlp is not None:
+        modules.append(mlp)
+    if options.get("tile_norms"):
+        modules += [
+            m for a in TILED_NORM_ATTRS if isinstance(m := getattr(block, a, None), nn.Module)
+        ]
+    if not modules:
         return None
-    forward = mlp.forward
-    label = f"block {name!r}'s {type(mlp).__name__}"
+    undo = [_tile(m, f"block {name!r}'s {type(m).__name__}", tile) for m in modules]
+
+    def restore() -> None:
+        for u in reversed(undo):
+            u()
+
+    return restore
+
+
+def _tile(module: nn.Module, label: str, tile: int) -> Callable[[], None]:
+    """Override ``module.forward`` with its tiled run; return the undo."""
+    forward = module.forward
 
     def run_tiles(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         # During this function's own recompute (see the module docstring) only the tiles'
@@ -161,14 +206,14 @@ def install_tiles(
             return forward(x, *args, **kwargs)
         return checkpoint(run_tiles, x, *args, context_fn=_skip_contexts, **kwargs)
 
-    had = "forward" in mlp.__dict__
-    old = mlp.__dict__.get("forward")
-    mlp.forward = tiled_forward  # type: ignore[method-assign]
+    had = "forward" in module.__dict__
+    old = module.__dict__.get("forward")
+    module.forward = tiled_forward  # type: ignore[method-assign]
 
     def restore() -> None:
         if had:
-            mlp.forward = old  # type: ignore[method-assign,assignment]
+            module.forward = old  # type: ignore[method-assign,assignment]
         else:
-            mlp.__dict__.pop("forward", None)
+            module.__dict__.pop("forward", None)
 
     return restore
