@@ -77,7 +77,7 @@ def example() -> dict[str, Any]:
 
 def all_policies() -> list[str]:
     out = []
-    for usage in gradckpt.policy_names():
+    for usage in gradckpt.policy_names(exact=True):
         name, _, arg = usage.partition(":")
         if not arg:
             out.append(name)

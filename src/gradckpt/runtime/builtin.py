@@ -34,4 +34,6 @@ def register_builtin() -> None:
     register_policy("selective", selective.POLICY_HELP, options=selective.POLICY_OPTIONS)(
         selective.selective_policy
     )
-    register_policy("lean", lean.POLICY_HELP, options=lean.POLICY_OPTIONS)(lean.lean_policy)
+    register_policy("lean", lean.POLICY_HELP, options=lean.POLICY_OPTIONS, exact=False)(
+        lean.lean_policy
+    )
