@@ -26,7 +26,9 @@ bit-identical (``verify`` compares them with ``CHUNKED_RTOL``).
 ``None``, unless the plan option ``keep_logits=True`` asks for them (then the chunks' logits are
 returned detached and concatenated: memory for one copy in the model's dtype, no autograd graph).
 Without ``labels`` or under ``torch.no_grad()`` (evaluation, ``generate``) the model runs
-unchanged and returns its logits. Hugging Face ``Trainer``/TRL read ``outputs.loss``: unchanged.
+unchanged and returns its logits. Hugging Face ``Trainer`` reads ``outputs.loss`` and passes
+``num_items_in_batch``: handled. TRL's ``SFTTrainer`` (1.x) installs its own fused LM head and
+calls the model with ``fused_lm_head=True``; such calls run unchanged (no full logits either).
 PEFT works (the head is installed on the ``PeftModel``'s base model; a LoRA ``lm_head`` runs
 per chunk like any other module).
 """
@@ -295,6 +297,10 @@ def install_chunked_head(model: nn.Module, options: Mapping[str, Any]) -> Callab
         shift = kw.get("shift_labels")
         if (labels is None and shift is None) or not torch.is_grad_enabled():
             return forward(*args, **kwargs)  # evaluation, generate: the model's own head
+        if kw.get("fused_lm_head"):
+            # TRL's SFTTrainer (>= 1.x) patches in its own fused LM head and asks for it with
+            # fused_lm_head=True: it builds no full logits either, so it runs as it is.
+            return forward(*args, **kwargs)
         capture = _Capture()
         had = "forward" in head.__dict__
         old = head.__dict__.get("forward")
