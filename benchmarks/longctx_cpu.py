@@ -1,12 +1,12 @@
 """Long-context decisions measured on CPU: exact bytes and FLOPs of the chunked loss head and tiles.
 
 A Llama-shaped model with Llama 3's 128,256-word vocabulary (random weights, fp32, 2 blocks,
-hidden 128, MLP 1024 wide) at batch 1 x 4,096 tokens, one forward+backward per configuration
+hidden 128, MLP 2048 wide; embeddings and lm_head frozen as in LoRA) at batch 1 x 4,096 tokens, one forward+backward per configuration
 under ``gradckpt.measure`` (live-storage counting: exact bytes, exact FLOPs, no timing):
 
 1. ``full``: every block recomputed, the model's own loss (full logits: 4,096 x 128,256 fp32).
 2. ``full`` + ``loss_head="chunked"``: logits 523 tokens at a time (the default: 256 MiB of
-   fp32 logits), each chunk checkpointed; then chunks of 64 tokens, so that the blocks' backward
+   fp32 logits), each chunk checkpointed; then chunks of 32 tokens, so that the blocks' backward
    transient, not the head's, sets the peak.
 3. the same + ``tile_tokens=1024``: each block's MLP in 4 tiles, each checkpointed.
 4. ``lean`` with the same chunks and tiles (offload is recompute on a CPU-only run, so this is
@@ -37,14 +37,19 @@ def build(seq: int) -> torch.nn.Module:
     cfg = transformers.LlamaConfig(
         vocab_size=VOCAB,
         hidden_size=128,
-        intermediate_size=1024,
+        intermediate_size=2048,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=seq,
         tie_word_embeddings=False,
     )
-    return transformers.LlamaForCausalLM(cfg).float().train()
+    model = transformers.LlamaForCausalLM(cfg).float().train()
+    # Embeddings and lm_head frozen, as in a LoRA/QLoRA fine-tune: their weight gradients (2 x
+    # 63 MiB here) would otherwise sit in every peak and hide the blocks' transient.
+    model.get_input_embeddings().weight.requires_grad_(False)
+    model.get_output_embeddings().weight.requires_grad_(False)
+    return model
 
 
 def main() -> None:
@@ -52,7 +57,10 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--tile", type=int, default=1024)
     ap.add_argument(
-        "--chunk", type=int, default=64, help="a loss chunk small enough that blocks set the peak"
+        "--chunk",
+        type=int,
+        default=32,
+        help="a loss chunk small enough that the blocks set the peak",
     )
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
@@ -103,7 +111,8 @@ def main() -> None:
     lm_head_flops = 2 * args.seq * 128 * VOCAB
     result = {
         "what": "benchmarks/longctx_cpu.py: exact bytes and FLOPs from gradckpt.measure",
-        "model": "Llama-shaped, 2 blocks, hidden 128, MLP 1024, vocab 128256, fp32, random weights",
+        "model": "Llama-shaped, 2 blocks, hidden 128, MLP 2048, vocab 128256, fp32, random weights, "
+        "embeddings and lm_head frozen",
         "batch": 1,
         "seq": args.seq,
         "logits_bytes": logits_bytes,
