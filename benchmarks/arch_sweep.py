@@ -798,7 +798,7 @@ ARCH_BY_NAME = {a.name: a for a in ARCHS}
 
 def sweep_policies() -> list[str]:
     """Every registered policy, with ``every:K`` as ``every:2``."""
-    return [p.replace(":K", ":2") for p in gradckpt.policy_names()]
+    return [p.replace(":K", ":2") for p in gradckpt.policy_names(exact=True)]
 
 
 # -- building ------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ CHECKPOINTING = sorted({*WRAPPERS} - {Decision.SAVE}, key=lambda d: d.value)
 def policies() -> list[str]:
     """Every registered policy as typed, with every:K as every:2."""
     out = []
-    for usage in gradckpt.policy_names():
+    for usage in gradckpt.policy_names(exact=True):
         name, _, arg = usage.partition(":")
         out.append(f"{name}:2" if arg else name)
     return out

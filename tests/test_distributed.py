@@ -78,7 +78,7 @@ def seed(rank: int, step: int) -> None:
 
 
 def configs() -> list[str]:
-    policies = [p.replace(":K", ":2") for p in gradckpt.policy_names()]
+    policies = [p.replace(":K", ":2") for p in gradckpt.policy_names(exact=True)]
     out = [f"{dp}/{p}" for dp in ("ddp", "fsdp2") for p in policies]
     if _has_planner():
         # FSDP2 only: profiling for a budget takes seconds (it scans every live object), and

@@ -160,6 +160,18 @@ def test_trainer_run_identical_with_callback(tmp_path: Path, lora: bool) -> None
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
+def test_trainer_with_chunked_loss_head_and_accumulation(tmp_path: Path) -> None:
+    """Trainer passes num_items_in_batch under gradient accumulation; the head divides by it."""
+    ref = run_trainer(tmp_path / "ref", [], lora=True, gradient_accumulation_steps=2)
+    cb = callback(policy="full", loss_head="chunked", loss_chunk=5)
+    got = run_trainer(tmp_path / "gc", [cb], lora=True, gradient_accumulation_steps=2)
+    assert cb.plan.summary() == "full: 3 recompute, chunked loss head"
+    for a, b in zip(ref[0], got[0]):
+        assert abs(a - b) <= 1e-5 * abs(a)
+    for n in ref[1]:
+        torch.testing.assert_close(got[1][n], ref[1][n], rtol=1e-4, atol=1e-6)
+
+
 class HFCheckpointSpy(transformers.TrainerCallback):  # type: ignore[misc]
     """Counts calls of transformers' own checkpoint function during training."""
 

@@ -87,6 +87,9 @@ def check_plan(plan: Plan, names: list[str]) -> None:
 
 
 def _check_installable(plan: Plan, found: Sequence[tuple[str, nn.Module]]) -> None:
+    head = plan.options.get("loss_head")
+    if head is not None and decisions.head_for(head) is None:
+        raise PlanError(f"loss head {head!r} has no registered installer")
     for d in set(plan.decisions) - {Decision.SAVE}:
         if decisions.wrapper_for(d) is None:
             raise PlanError(f"decision {d.value!r} has no registered block wrapper")
@@ -128,6 +131,11 @@ def install(model: nn.Module, plan: Plan, found: Sequence[tuple[str, nn.Module]]
     state = Installed(plan=plan)
     try:
         state.restores.append(prepare_model(model, found, plan))
+        head = plan.options.get("loss_head")
+        if head is not None:
+            installer = decisions.head_for(head)
+            if installer is not None:
+                state.restores.append(installer(model, plan.options))
         in_segment = {i for a, b in plan.segments for i in range(a, b)}
         for i, ((name, block), decision) in enumerate(zip(found, plan.decisions)):
             if i in in_segment or (
@@ -139,6 +147,14 @@ def install(model: nn.Module, plan: Plan, found: Sequence[tuple[str, nn.Module]]
                 raise PlanError(f"decision {decision.value!r} has no registered block wrapper")
             wrapped = wrapper(name, block, block.forward, plan.options)
             state.restores.append(_override_forward(block, wrapped))
+        for option, add in decisions.BLOCK_OPTIONS.items():
+            if option not in plan.options:
+                continue
+            for (name, block), decision in zip(found, plan.decisions):
+                if decision in decisions.OPTION_DECISIONS:
+                    undo = add(name, block, plan.options)
+                    if undo is not None:
+                        state.restores.append(undo)
         for a, b in plan.segments:
             seg_blocks = [blk for _, blk in found[a:b]]
             run = SegmentRun(

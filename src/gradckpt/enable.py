@@ -13,7 +13,9 @@ from .errors import ConfigError, PlanError, PolicyError
 from .planner.api import plan_for_budget
 from .plans import Plan
 from .policies import make_plan
+from .runtime.chunked_loss import check_head_options, head_options
 from .runtime.offload import offload_options
+from .runtime.tiles import tile_options
 
 __all__ = ["applied_plan", "disable", "enable"]
 
@@ -41,7 +43,11 @@ def enable(
             ``offload_saved=True`` moves the tensors that non-recomputed (SAVE) blocks keep for
             backward to host memory; ``offload_min_bytes`` (default 1 MiB) is the smallest
             tensor moved by it and by OFFLOAD blocks; ``early_stop=False`` re-runs whole blocks
-            in the recompute (default True: torch stops once the saved tensors exist again).
+            in the recompute (default True: torch stops once the saved tensors exist again);
+            ``loss_head="chunked"`` computes a causal LM's loss ``loss_chunk`` tokens at a time so
+            full logits never exist (``runtime.chunked_loss``; ``keep_logits=True`` still returns them);
+            ``tile_tokens=N`` (or ``tiles=True``) runs the MLP of RECOMPUTE/OFFLOAD blocks over
+            sequence tiles of N tokens, each checkpointed (``runtime.tiles``).
 
     Returns:
         The installed ``Plan``. A second ``enable`` replaces the first.
@@ -59,6 +65,8 @@ def enable(
     if len(given) > 1:
         raise PolicyError(f"give one of policy=, budget= or plan=, not {' and '.join(given)}")
     offloading = offload_options(options)  # any policy, budget or plan can add these
+    offloading.update(head_options(options))  # loss_head="chunked", loss_chunk, keep_logits
+    offloading.update(tile_options(options))  # tile_tokens=N (or tiles=True)
     lazy_budget = None
     if plan is not None:
         if not isinstance(plan, Plan):
@@ -78,6 +86,7 @@ def enable(
         plan = make_plan("full" if policy is None else policy, [n for n, _ in found], **options)
     if offloading:
         plan = replace(plan, options={**plan.options, **offloading})
+    check_head_options(plan.options)
 
     state = install(model, plan, found)
     if lazy_budget is not None:  # no example: profile the first step, then re-plan

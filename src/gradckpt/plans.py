@@ -126,6 +126,10 @@ class Plan:
         parts = [f"{n} {d.value}" for d, n in self.counts().items() if n]
         if self.segments:
             parts.append(f"in {len(self.segments)} segments")
+        if self.options.get("tile_tokens"):
+            parts.append(f"tiles of {self.options['tile_tokens']} tokens")
+        if self.options.get("loss_head"):
+            parts.append(f"{self.options['loss_head']} loss head")
         return f"{self.policy}: " + (", ".join(parts) if parts else "no blocks")
 
     # -- serialisation -------------------------------------------------------------------

@@ -35,6 +35,9 @@ class PolicySpec:
         make: builds the Plan for a list of block names.
         arg: the argument's metavar (``"K"``) when the policy takes one, else ``None``.
         options: keyword options ``enable`` passes through (e.g. ``("save_ops",)``).
+        exact: whether its gradients are bit-identical to no checkpointing (fp32, deterministic
+            kernels); False for policies that reorder sums (``lean``: chunked loss, tiles),
+            which are equal within ``verify``'s documented tolerance.
     """
 
     name: str
@@ -42,6 +45,7 @@ class PolicySpec:
     make: PlanMaker
     arg: str | None = None
     options: tuple[str, ...] = ()
+    exact: bool = True
 
     @property
     def usage(self) -> str:
@@ -59,12 +63,17 @@ COMMON_OPTIONS: tuple[str, ...] = ("early_stop",)
 
 
 def register_policy(
-    name: str, help: str, *, arg: str | None = None, options: tuple[str, ...] = ()
+    name: str,
+    help: str,
+    *,
+    arg: str | None = None,
+    options: tuple[str, ...] = (),
+    exact: bool = True,
 ) -> Callable[[PlanMaker], PlanMaker]:
     """Decorator adding a policy to the registry; adding a policy touches only this call."""
 
     def deco(fn: PlanMaker) -> PlanMaker:
-        _REGISTRY[name] = PolicySpec(name, help, fn, arg, options)
+        _REGISTRY[name] = PolicySpec(name, help, fn, arg, options, exact)
         return fn
 
     return deco
@@ -88,9 +97,13 @@ def policy_aliases() -> dict[str, str]:
     return {alias: target for alias, (target, _why) in _ALIASES.items()}
 
 
-def policy_names() -> list[str]:
-    """The policies users can ask for, as typed (``["none", "full", "every:K", ...]``)."""
-    return [spec.usage for spec in _REGISTRY.values()]
+def policy_names(*, exact: bool | None = None) -> list[str]:
+    """The policies users can ask for, as typed (``["none", "full", "every:K", ...]``).
+
+    ``exact=True``: only those whose gradients are bit-identical to no checkpointing (every
+    policy but ``lean``); ``exact=False``: only the others; None: all.
+    """
+    return [spec.usage for spec in _REGISTRY.values() if exact is None or spec.exact is exact]
 
 
 def get_policy(policy: str) -> tuple[PolicySpec, str | None]:

@@ -31,7 +31,7 @@ __all__ = [
 
 def default_policies() -> list[str]:
     """Every registered policy that takes no argument, plus ``every:2``, ``none`` first."""
-    names = [p for p in policy_names() if ":" not in p]
+    names = [p for p in policy_names(exact=True) if ":" not in p]  # lean: ask for it by name
     names.insert(names.index("full") + 1 if "full" in names else len(names), "every:2")
     return names
 

@@ -149,6 +149,19 @@ def add_parser(subparsers: Any) -> None:
         "allocator holds beyond the live tensors, from a replay of the step's allocations)",
     )
     p.add_argument(
+        "--host-budget",
+        metavar="SIZE",
+        help="host RAM offloaded tensors may use (e.g. 128GiB): a policy needing more does not "
+        "fit (default: not checked; host memory is shown either way)",
+    )
+    p.add_argument(
+        "--max-positions",
+        type=int,
+        metavar="N",
+        help="the fine-tune extends the context to N positions (RoPE scaling): sequences up to "
+        "N are estimated past the config's max_position_embeddings",
+    )
+    p.add_argument(
         "--no-alternatives",
         action="store_true",
         help="do not estimate alternatives when nothing fits",
@@ -251,6 +264,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "overhead": args.overhead,
         "full_depth": args.full_depth,
         **_data_parallel(args),
+        "host_budget": args.host_budget,
+        "max_positions": args.max_positions,
     }
 
 

@@ -117,6 +117,17 @@ def render_estimate(report: Any, file: Any = None) -> None:
     t.add_row("recompute FLOPs", *(f"{r.recompute_flops / 1e12:.2f} T" for r in report.results))
     t.add_row("speed cost", *(f"+{r.speed_cost:.1%}" for r in report.results))
     t.add_row("step time", *(f"{r.step_time_s:.2f} s" for r in report.results))
+    if any(r.host_bytes for r in report.results):
+        t.add_row(
+            "host memory",
+            *(
+                ("[red]" + _gib(r.host_bytes) + "[/red]")
+                if r.host_fits is False
+                else _gib(r.host_bytes)
+                for r in report.results
+            ),
+        )
+        t.add_row("offload wait", *(f"{r.offload_s:.2f} s" for r in report.results))
     if gpu:
         t.add_row(
             f"fits {gpu['name']}",

@@ -117,6 +117,8 @@ def estimate(
     full_depth: bool = False,
     gpus: int | None = None,
     shard: str | None = None,
+    host_budget: int | str | None = None,
+    max_positions: int | None = None,
 ) -> EstimateReport:
     """Predict peak memory and checkpointing cost of fine-tuning ``model``, without weights or a GPU.
 
@@ -166,6 +168,12 @@ def estimate(
             ``batch`` sequences (see ``gradckpt.estimate.sharding``).
         shard: how weights, gradients and optimizer states are split over ``gpus``: ``"ddp"``
             (default with ``gpus``), ``"fsdp2"``, ``"zero1"``, ``"zero2"`` or ``"zero3"``.
+        host_budget: host RAM the offloaded tensors may use (bytes or ``"128GiB"``); a policy
+            whose offloaded bytes exceed it does not fit (``host_fits``). Default: not checked;
+            every result reports ``host_bytes`` either way.
+        max_positions: the context the fine-tune extends the model to (RoPE scaling), in place
+            of the config's ``max_position_embeddings``: an explicit statement that sequences
+            past the config's limit are meant (memory does not depend on the field).
 
     Returns:
         An ``EstimateReport``: ``.results`` has one ``PolicyEstimate`` per policy
@@ -211,6 +219,8 @@ def estimate(
         full_depth=full_depth,
         gpus=gpus,
         shard=shard,
+        host_budget=host_budget,
+        max_positions=max_positions,
     )
     report, skipped = _estimate(inputs, t0)
     if report is None:
@@ -218,19 +228,29 @@ def estimate(
     return report
 
 
-def check_positions(spec: ModelSpec, seq: int) -> int | None:
+def check_positions(spec: ModelSpec, seq: int, extended: int | None = None) -> int | None:
     """The model's maximum sequence length (None when its config states none), checked against ``seq``.
+
+    ``extended``: the ``max_positions`` the caller gave (a context extension), used instead of
+    the config's limit.
 
     Raises:
         ConfigError: ``seq`` is longer. Memory does not depend on the limit, so a fine-tune that
             extends the context gives a config.json with a larger ``max_position_embeddings``.
     """
-    max_pos = fake_model.max_positions(spec.config)
+    if extended is not None:
+        if isinstance(extended, bool) or not isinstance(extended, int) or extended < 1:
+            raise ConfigError(f"max_positions must be a number of tokens >= 1, got {extended!r}")
+        max_pos: int | None = extended
+    else:
+        max_pos = fake_model.max_positions(spec.config)
     if max_pos is not None and seq > max_pos:
         raise ConfigError(
             f"sequence length {seq} exceeds {spec.name}'s maximum of {max_pos} positions "
-            f"(max_position_embeddings); use at most {max_pos} tokens, or a config.json with a "
-            "larger max_position_embeddings to estimate a context extension"
+            f"(max_position_embeddings{'' if extended is None else ', as max_positions says'}); "
+            f"use at most {max_pos} tokens, or say the fine-tune extends the context: "
+            "max_positions= (--max-positions), or a config.json with a larger "
+            "max_position_embeddings"
         )
     return max_pos
 
@@ -272,6 +292,10 @@ class _Inputs:
     full_depth: bool
     #: data parallelism over several GPUs (None: one GPU, nothing sharded)
     sharding: Sharding | None = None
+    #: host RAM offloaded tensors may use, bytes; None: not checked
+    host_budget: int | None = None
+    #: the context extension asked for (instead of max_position_embeddings); None: the config's
+    max_positions: int | None = None
 
     @property
     def speed_gpu(self) -> GPU:
@@ -283,7 +307,7 @@ class _Inputs:
 #: plans the budget planner makes at most for policy 'auto' (each one lower by the excess)
 _AUTO_TRIES = 3
 # estimate()'s keyword arguments that are not TrainingSetup fields
-_RESOLVED = ("setup", "overhead", "full_depth", "gpus", "shard")
+_RESOLVED = ("setup", "overhead", "full_depth", "gpus", "shard", "host_budget", "max_positions")
 
 
 def _inputs(
@@ -298,6 +322,8 @@ def _inputs(
     full_depth: bool = False,
     gpus: int | None = None,
     shard: str | None = None,
+    host_budget: int | str | None = None,
+    max_positions: int | None = None,
 ) -> _Inputs:
     """``estimate``'s arguments checked and resolved (setup, GPU, policies, allowance, model).
 
@@ -325,6 +351,12 @@ def _inputs(
             fixed_overhead = 0 if overhead == 0 else parse_size(overhead, what="overhead")
         except ValueError as e:  # a size typo is a bad setting, not a budget
             raise ConfigError(str(e)) from None
+    host = None
+    if host_budget is not None:
+        try:
+            host = parse_size(host_budget, what="host_budget")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     return _Inputs(
         spec=resolve_model(model),
         setup=st,
@@ -334,6 +366,8 @@ def _inputs(
         alternatives=alternatives,
         full_depth=full_depth,
         sharding=split,
+        host_budget=host,
+        max_positions=max_positions,
     )
 
 
@@ -369,8 +403,13 @@ def _estimate(inp: _Inputs, t0: float) -> tuple[EstimateReport | None, list[str]
     types = fake_model.layer_types(cfg)
     if L < 1:
         raise ConfigError(f"{spec.name} has {L} layers; nothing to estimate")
-    check_positions(spec, st.seq)
+    check_positions(spec, st.seq, inp.max_positions)
     notes = list(spec.notes)
+    if inp.max_positions is not None:
+        notes.append(
+            f"context extended to {inp.max_positions} positions (max_positions; the config says "
+            f"{fake_model.max_positions(cfg)}): memory does not depend on the field"
+        )
     force_full = (
         full_depth
         or bool(fake_model.per_layer_lists(cfg))
@@ -439,7 +478,9 @@ def _estimate(inp: _Inputs, t0: float) -> tuple[EstimateReport | None, list[str]
 
         # asking again with another GPU (or overhead) is instant
         prof, tot, held = sess.steps.get(key, step)
-        res = policy_estimate(policy, plan, prof, tot, st, the_gpu, speed_gpu, fixed_overhead, held)
+        res = policy_estimate(
+            policy, plan, prof, tot, st, the_gpu, speed_gpu, fixed_overhead, held, inp.host_budget
+        )
         if split is not None:
             nonlocal shard_tot
             if shard_tot is None:
@@ -485,10 +526,17 @@ def _estimate(inp: _Inputs, t0: float) -> tuple[EstimateReport | None, list[str]
         return None, skipped
     notes.extend(skipped)
     if offloaded:
+        link = speed_gpu.host_link_gbs
         notes.append(
-            f"{', '.join(offloaded)}: estimated as on a CPU-only run, where offloaded block inputs "
-            "stay in device memory (like 'full'); on a GPU they move to host memory, so the "
-            "device peak is lower by up to the block inputs' bytes"
+            f"{', '.join(offloaded)}: offloaded block inputs leave device memory (the offload "
+            "code ran on the fake tensors) and take host_bytes of host RAM"
+            + ("" if inp.host_budget is None else f" (host_budget {format_bytes(inp.host_budget)})")
+            + (
+                f"; copies over the host link at {link:g} GB/s each way ({speed_gpu.name}), "
+                "overlapped with compute: the part compute does not hide is in the step time"
+                if link
+                else f"; {speed_gpu.name} has no host link figure: copies not priced"
+            )
         )
     if replayed:
         notes.append(

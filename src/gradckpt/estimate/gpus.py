@@ -40,6 +40,8 @@ class GPU:
         bf16_tflops: dense bf16 tensor throughput (fp32 accumulate), 1e12 FLOP/s; None when unknown.
         bandwidth_gbs: memory bandwidth, 1e9 bytes/s; None when unknown.
         source: where the figures come from.
+        host_link_gbs: host<->device copy bandwidth each way, 1e9 bytes/s, as pinned-memory
+            copies sustain it (what OFFLOAD's copies run at); None when unknown.
     """
 
     name: str
@@ -47,6 +49,7 @@ class GPU:
     bf16_tflops: float | None = None
     bandwidth_gbs: float | None = None
     source: str = ""
+    host_link_gbs: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Name, memory and throughput as reports give them (``source`` aside)."""
@@ -79,52 +82,61 @@ class GPU:
         )
 
 
+#: Host<->device copy bandwidth of pinned memory, each way. PCIe 4.0 x16 is 31.5 GB/s per
+#: direction on paper; CUDA's bandwidthTest with pinned buffers reaches 24-26 GB/s on such
+#: links (RTX 3090/4090, L4, A10G, and A100 SXM, whose host link is PCIe 4.0 x16), so 25.
+#: PCIe 5.0 x16 (H100 SXM) is 63 GB/s on paper, ~50 GB/s in bandwidthTest. Copies each way
+#: run concurrently (two copy engines), so a direction gets the whole figure.
+PCIE3_HOST_GBS = 12.0  # T4: PCIe 3.0 x16
+PCIE4_HOST_GBS = 25.0
+PCIE5_HOST_GBS = 50.0
+
 # fmt: off
 GPU_PRESETS: dict[str, GPU] = {
     g.name: g
     for g in (
         GPU("rtx-3090", 24576 * MiB, 71.0, 936.0,
-            "GeForce RTX 3090: Ampere GA102 whitepaper (bf16 tensor, fp32 accumulate, dense 71 TFLOPS), GDDR6X 936 GB/s"),
+            "GeForce RTX 3090: Ampere GA102 whitepaper (bf16 tensor, fp32 accumulate, dense 71 TFLOPS), GDDR6X 936 GB/s", host_link_gbs=PCIE4_HOST_GBS),
         GPU("rtx-4090", 24564 * MiB, 165.2, 1008.0,
-            "GeForce RTX 4090: Ada whitepaper (fp16/bf16 tensor, fp32 accumulate, dense 165.2 TFLOPS), 1008 GB/s"),
+            "GeForce RTX 4090: Ada whitepaper (fp16/bf16 tensor, fp32 accumulate, dense 165.2 TFLOPS), 1008 GB/s", host_link_gbs=PCIE4_HOST_GBS),
         GPU("l4", 23034 * MiB, 121.0, 300.0,
-            "NVIDIA L4 datasheet: bf16 tensor 242 TFLOPS with sparsity (121 dense), 300 GB/s"),
+            "NVIDIA L4 datasheet: bf16 tensor 242 TFLOPS with sparsity (121 dense), 300 GB/s", host_link_gbs=PCIE4_HOST_GBS),
         GPU("a10g", 23028 * MiB, 70.0, 600.0,
-            "AWS A10G (g5 instances): bf16 tensor 70 TFLOPS dense, GDDR6 600 GB/s"),
+            "AWS A10G (g5 instances): bf16 tensor 70 TFLOPS dense, GDDR6 600 GB/s", host_link_gbs=PCIE4_HOST_GBS),
         GPU("a100-40gb", 40960 * MiB, 312.0, 1555.0,
-            "NVIDIA A100 datasheet: bf16 tensor 312 TFLOPS dense, HBM2 1555 GB/s (40GB SXM)"),
+            "NVIDIA A100 datasheet: bf16 tensor 312 TFLOPS dense, HBM2 1555 GB/s (40GB SXM)", host_link_gbs=PCIE4_HOST_GBS),
         GPU("a100-80gb", 81920 * MiB, 312.0, 2039.0,
-            "NVIDIA A100 datasheet: bf16 tensor 312 TFLOPS dense, HBM2e 2039 GB/s (80GB SXM)"),
+            "NVIDIA A100 datasheet: bf16 tensor 312 TFLOPS dense, HBM2e 2039 GB/s (80GB SXM)", host_link_gbs=PCIE4_HOST_GBS),
         GPU("h100", 81559 * MiB, 989.0, 3350.0,
-            "NVIDIA H100 SXM datasheet: bf16 tensor 1979 TFLOPS with sparsity (989 dense), HBM3 3.35 TB/s"),
+            "NVIDIA H100 SXM datasheet: bf16 tensor 1979 TFLOPS with sparsity (989 dense), HBM3 3.35 TB/s", host_link_gbs=PCIE5_HOST_GBS),
         GPU("h100-pcie", 81559 * MiB, 756.0, 2000.0,
             "NVIDIA H100 PCIe datasheet: bf16 tensor 1513 TFLOPS with sparsity (756 dense), HBM2e 2.0 TB/s; "
-            "80 GB as the SXM part reports it"),
+            "80 GB as the SXM part reports it", host_link_gbs=PCIE5_HOST_GBS),
         GPU("h100-nvl", 94 * GB, 835.0, 3900.0,
             "NVIDIA H100 NVL datasheet: bf16 tensor 1671 TFLOPS with sparsity (835 dense), HBM3 3.9 TB/s; "
-            "memory: the datasheet's 94 GB (1e9 B), not a driver reading"),
+            "memory: the datasheet's 94 GB (1e9 B), not a driver reading", host_link_gbs=PCIE5_HOST_GBS),
         GPU("h200", 143771 * MiB, 989.0, 4800.0,
             "NVIDIA H200 datasheet: bf16 tensor 1979 TFLOPS with sparsity (989 dense), HBM3e 4.8 TB/s, "
-            "141 GB; 143,771 MiB as nvidia-smi reports it"),
+            "141 GB; 143,771 MiB as nvidia-smi reports it", host_link_gbs=PCIE5_HOST_GBS),
         GPU("b200", 180 * GB, 2250.0, 8000.0,
             "NVIDIA HGX B200 datasheet: bf16 tensor 4.5 PFLOPS with sparsity per GPU (2.25 dense), "
-            "HBM3e 8 TB/s; memory: 180 GB (1e9 B, the datasheet's), not a driver reading"),
+            "HBM3e 8 TB/s; memory: 180 GB (1e9 B, the datasheet's), not a driver reading", host_link_gbs=PCIE5_HOST_GBS),
         GPU("l40s", 46068 * MiB, 362.05, 864.0,
             "NVIDIA L40S datasheet: bf16 tensor 733 TFLOPS with sparsity (362 dense), GDDR6 864 GB/s, "
-            "48 GB; 46,068 MiB as nvidia-smi reports it with ECC on"),
+            "48 GB; 46,068 MiB as nvidia-smi reports it with ECC on", host_link_gbs=PCIE4_HOST_GBS),
         GPU("a6000", 49140 * MiB, 154.8, 768.0,
             "NVIDIA RTX A6000 datasheet: tensor 309.7 TFLOPS with sparsity (154.8 dense, bf16 at the "
-            "fp16 rate), GDDR6 768 GB/s, 48 GB; 49,140 MiB as nvidia-smi reports it"),
+            "fp16 rate), GDDR6 768 GB/s, 48 GB; 49,140 MiB as nvidia-smi reports it", host_link_gbs=PCIE4_HOST_GBS),
         GPU("rtx-5090", 32607 * MiB, 209.5, 1792.0,
             "GeForce RTX 5090: Blackwell GB202 whitepaper (fp16/bf16 tensor, fp32 accumulate, dense "
-            "209.5 TFLOPS), GDDR7 1792 GB/s, 32 GB; 32,607 MiB as nvidia-smi reports it"),
+            "209.5 TFLOPS), GDDR7 1792 GB/s, 32 GB; 32,607 MiB as nvidia-smi reports it", host_link_gbs=PCIE5_HOST_GBS),
         GPU("t4", 15360 * MiB, 65.0, 320.0,
             "NVIDIA T4 datasheet: fp16 tensor 65 TFLOPS (Turing has no bf16: train with fp16 "
-            "autocast; the figure is fp16's), GDDR6 320 GB/s, 16 GB; 15,360 MiB as nvidia-smi reports it"),
+            "autocast; the figure is fp16's), GDDR6 320 GB/s, 16 GB; 15,360 MiB as nvidia-smi reports it", host_link_gbs=PCIE3_HOST_GBS),
         GPU("mi300x", 192 * GB, 1307.4, 5300.0,
             "AMD Instinct MI300X datasheet: bf16 matrix 1307.4 TFLOPS dense, HBM3 5.3 TB/s, 192 GB "
             "(1e9 B, the datasheet's). ROCm builds of torch hipify the same caching allocator "
-            "(c10/cuda/CUDACachingAllocator.cpp), so its rounding and pools are the ones modelled"),
+            "(c10/cuda/CUDACachingAllocator.cpp), so its rounding and pools are the ones modelled", host_link_gbs=PCIE5_HOST_GBS),
     )
 }
 # fmt: on

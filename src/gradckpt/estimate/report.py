@@ -116,6 +116,11 @@ class PolicyEstimate:
         tokens_per_s: tokens per second at that step time.
         fits: whether ``peak_bytes`` fits the GPU asked for (None when no GPU was given).
         headroom_bytes: GPU memory minus ``peak_bytes`` (negative: short by that much).
+        host_bytes: most host memory the step's offloaded tensors take (0 without offload).
+        offload_s: seconds of the step spent waiting for offload copies over the host link
+            (the part compute does not hide; in ``step_time_s`` and ``speed_cost``).
+        host_fits: whether ``host_bytes`` fits the host budget (None: no budget given);
+            False makes ``fits`` False.
     """
 
     policy: str
@@ -135,9 +140,17 @@ class PolicyEstimate:
     tokens_per_s: float
     fits: bool | None = None
     headroom_bytes: int | None = None
+    host_bytes: int = 0
+    offload_s: float = 0.0
+    host_fits: bool | None = None
 
     def verdict(self, gpu_name: str | None) -> str:
         """``"fits rtx-4090 with 3.10 GiB to spare"`` / ``"does not fit rtx-4090: 5.20 GiB short"``."""
+        if self.host_fits is False:
+            return (
+                f"does not fit: host memory would run out (offload needs "
+                f"{format_bytes(self.host_bytes)} of host RAM, more than host_budget)"
+            )
         if self.fits is None or self.headroom_bytes is None:
             return f"needs {format_bytes(self.peak_bytes)}"
         if self.fits:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from collections import Counter
 
-from ..plans import Plan
+from ..plans import Decision, Plan
 from ..units import format_bytes
 from .allocator import StepAllocation
 from .gpus import GPU, MATH_EFFICIENCY, MEMORY_EFFICIENCY
+from .offload_cost import offload_cost
 from .report import PolicyEstimate
 from .timeline import ACT, BWD, GRAD, HEAD, ReplayedStep
 from .totals import TensorTotals
@@ -51,12 +52,15 @@ def policy_estimate(
     speed_gpu: GPU,
     fixed_overhead: int | None,
     held: StepAllocation | None = None,
+    host_budget: int | None = None,
 ) -> PolicyEstimate:
     """One policy's ``PolicyEstimate`` from its replayed step and the model's tensor totals.
 
     The breakdown is what is alive at the step's peak (``prof.peak_parts``) plus the tensors
     that live all step (weights, optimizer states; all gradients when accumulating), plus the
-    CUDA allowance; times are the roofline of every op on ``speed_gpu``.
+    CUDA allowance; times are the roofline of every op on ``speed_gpu``, plus the offload
+    copies that compute does not hide (``offload_cost``). ``host_budget``: host memory the
+    offloaded tensors may take (None: not checked); over it, the plan does not fit.
     """
     parts = prof.peak_parts
     accum_grads = tot.grad_bytes if st.grad_accum > 1 else 0
@@ -86,11 +90,21 @@ def policy_estimate(
     secs = _phase_seconds(prof.costs, speed_gpu)
     opt_s = speed_gpu.op_seconds(0, _optimizer_step_bytes(tot))
     base_s = st.grad_accum * (secs["forward"] + secs["backward"]) + opt_s
-    step_s = base_s + st.grad_accum * secs["recompute"]
+    link = offload_cost(
+        prof.host_peak,
+        sum(d is Decision.OFFLOAD for d in plan.decisions),
+        secs["forward"],
+        secs["backward"] + secs["recompute"],
+        speed_gpu,
+    )
+    step_s = base_s + st.grad_accum * (secs["recompute"] + link.exposed_s)
     fits = headroom = None
     if the_gpu is not None:
         headroom = the_gpu.memory_bytes - peak
         fits = headroom >= 0
+    host_fits = None if host_budget is None else link.host_bytes <= host_budget
+    if host_fits is False:
+        fits = False
     return PolicyEstimate(
         policy=policy,
         plan=plan.summary(),
@@ -109,6 +123,9 @@ def policy_estimate(
         tokens_per_s=st.tokens_per_step / step_s if step_s > 0 else 0.0,
         fits=fits,
         headroom_bytes=headroom,
+        host_bytes=link.host_bytes,
+        offload_s=st.grad_accum * link.exposed_s,
+        host_fits=host_fits,
     )
 
 

@@ -272,8 +272,9 @@ class _Estimator:
             if self.progress is not None:
                 self.progress(f"{policy} b{batch} x {seq}")
             self._results[key] = res
+            # over host_budget (offloaded bytes): does not fit, whatever the device peak
             self._peaks[self._peak_key(policy, batch, seq, gpu)] = (
-                None if res is None else res.peak_bytes
+                None if res is None or res.host_fits is False else res.peak_bytes
             )
         return self._results[key]
 
@@ -457,7 +458,7 @@ def sweep(
     accum = st.grad_accum
     split = sharding(settings.get("gpus"), settings.get("shard"))  # checked before any estimate
     spec = resolve_model(model)
-    max_pos = check_positions(spec, seqs[-1])
+    max_pos = check_positions(spec, seqs[-1], settings.get("max_positions"))
     if max_seq and max_pos is not None and max_pos < seq_step:
         raise ConfigError(f"seq_step {seq_step} is longer than {spec.name}'s {max_pos} positions")
 
@@ -496,7 +497,13 @@ def sweep(
         searches.append(("batch", seqs, batch_limit, "search limit"))
     if max_seq:
         k_max = (max_pos if max_pos is not None else SEQ_LIMIT) // seq_step
-        why = "max_position_embeddings" if max_pos is not None else "search limit"
+        why = (
+            "search limit"
+            if max_pos is None
+            else "max_positions"
+            if settings.get("max_positions") is not None
+            else "max_position_embeddings"
+        )
         searches.append(("seq", batches, k_max, why))
     largest: list[LargestFit] = []
     for vary, fixed_values, limit, why in searches:  # rows: per GPU, then setting, then policy

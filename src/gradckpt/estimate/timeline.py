@@ -76,6 +76,9 @@ class Interval:
     #: the storages created (``nbytes > 0``) and freed (``-nbytes``) in this interval, in order,
     #: as ``(key, nbytes, label of the interval that created it)``: what ``allocator`` replays
     events: list[tuple[int, int, str]] = field(default_factory=list)
+    #: host bytes (offloaded copies, ``state.host_empty_strided``) added in this interval: not
+    #: device memory, so in no tag
+    host_end: int = 0
 
 
 @dataclass
@@ -105,6 +108,8 @@ class ReplayedStep:
     activation: int
     activation_parts: tuple[int, int, int, int]
     costs: Counter[tuple[str, int, int]]
+    #: most host bytes alive at once (offloaded block inputs), and the bytes copied each way
+    host_peak: int = 0
 
     def flops(self, phase: str) -> int:
         return sum(f * n for (ph, f, _b), n in self.costs.items() if ph == phase)
@@ -136,6 +141,7 @@ def replay(timeline: Timeline, order: Sequence[int]) -> ReplayedStep:
         return out
 
     v: tuple[int, int, int, int] = _ZERO
+    host = host_peak = 0
     best, best_label = _ZERO, "pre"
     act = _ZERO
     costs: Counter[tuple[str, int, int]] = Counter()
@@ -148,6 +154,8 @@ def replay(timeline: Timeline, order: Sequence[int]) -> ReplayedStep:
         if sum(cand) > sum(best):
             best, best_label = cand, iv.label
         v = _add(v, at_end)
+        host += iv.host_end
+        host_peak = max(host_peak, host)
         if iv.label == "exit":
             act = v
         costs.update(iv.costs)
@@ -160,6 +168,7 @@ def replay(timeline: Timeline, order: Sequence[int]) -> ReplayedStep:
         activation=sum(act),
         activation_parts=act,
         costs=costs,
+        host_peak=host_peak,
     )
 
 
@@ -201,12 +210,13 @@ class TimelineTracker(LiveStorageTracker, TorchDispatchMode):
         self._freed_max: dict[int, tuple[int, int, int, int]] = {}
         self._events: list[tuple[int, int, int]] = []  # (key, +-bytes, origin interval)
         self.intervals: list[Interval] = []
+        self._host_start = 0  # host bytes live at the last mark
 
     # storages: the base counts them; these keep the category vector -----------------------
     def _added(self, key: int, nbytes: int, device: str, tag: Any) -> None:
         super()._added(key, nbytes, device, tag)
         cat, origin = tag
-        if cat == _BASELINE:
+        if cat == _BASELINE or device == "host":  # host: counted by the base, not device bytes
             return
         self._events.append((key, nbytes, origin))
         self.vec[cat] += nbytes
@@ -220,7 +230,7 @@ class TimelineTracker(LiveStorageTracker, TorchDispatchMode):
     def _removed(self, key: int, nbytes: int, device: str, tag: Any) -> None:
         super()._removed(key, nbytes, device, tag)
         cat, origin = tag
-        if cat == _BASELINE:
+        if cat == _BASELINE or device == "host":
             return
         self._events.append((key, -nbytes, origin))
         self.vec[cat] -= nbytes
@@ -234,7 +244,7 @@ class TimelineTracker(LiveStorageTracker, TorchDispatchMode):
         """Move a tracked storage to another category (a new gradient becomes ``GRAD``)."""
         st = storage_of(t)
         info = None if st is None else self._live.get(id(st))
-        if info is None or info[2][0] in (_BASELINE, tag):
+        if info is None or info[2][0] in (_BASELINE, tag) or info[1] == "host":
             return
         n, dev, (old, origin) = info
         self._live[id(st)] = (n, dev, (tag, origin))
@@ -260,6 +270,8 @@ class TimelineTracker(LiveStorageTracker, TorchDispatchMode):
         iv.freed_at_max = by_label(self._freed_max if peak_inside else self._freed)
         iv.events = [(k, n, names[o] if o < len(names) else label) for k, n, o in self._events]
         self._events = []
+        iv.host_end = self.current.get("host", 0) - self._host_start
+        self._host_start = self.current.get("host", 0)
         self.intervals.append(iv)
         self._start = now
         self._max = now

@@ -21,12 +21,20 @@ from .checkpoint import ContextFn, checkpoint, describe, stateful_modules
 
 __all__ = [
     "WRAPPERS",
+    "BLOCK_OPTIONS",
+    "HEADS",
+    "BlockOption",
     "BlockWrapper",
+    "HeadInstaller",
+    "OPTION_DECISIONS",
     "available",
     "early_stop_option",
+    "head_for",
     "recompute_block",
     "refuse_lazy_output",
+    "register_block_option",
     "register_decision",
+    "register_head",
     "run_checkpointed",
     "wrapper_for",
 ]
@@ -41,6 +49,40 @@ WRAPPERS: dict[Decision, BlockWrapper] = {}
 def register_decision(decision: Decision, wrapper: BlockWrapper) -> None:
     """Say how blocks with ``decision`` are wrapped (one call per decision, see ``builtin``)."""
     WRAPPERS[decision] = wrapper
+
+
+#: ``installer(model, plan_options) -> undo`` for a model-level decision outside the blocks
+#: (the plan option ``loss_head``: how the loss is computed from the last hidden states).
+HeadInstaller = Callable[[nn.Module, Mapping[str, Any]], Callable[[], None]]
+
+#: The head registry: ``loss_head`` value -> installer (written by ``register_head``).
+HEADS: dict[str, HeadInstaller] = {}
+
+
+def register_head(name: str, installer: HeadInstaller) -> None:
+    """Say how plans with ``options["loss_head"] == name`` install their loss head."""
+    HEADS[name] = installer
+
+
+def head_for(name: str) -> HeadInstaller | None:
+    """The installer registered for loss head ``name``, or None."""
+    return HEADS.get(name)
+
+
+#: ``installer(name, block, plan_options) -> undo or None`` for a plan option that changes what
+#: happens inside checkpointed (RECOMPUTE/OFFLOAD) blocks (``tile_tokens``: sequence tiles).
+BlockOption = Callable[[str, nn.Module, Mapping[str, Any]], "Callable[[], None] | None"]
+
+#: The block-option registry: plan option name -> installer (written by ``register_block_option``).
+BLOCK_OPTIONS: dict[str, BlockOption] = {}
+
+#: The decisions block options apply to (the ones that recompute the whole block).
+OPTION_DECISIONS = frozenset({Decision.RECOMPUTE, Decision.OFFLOAD})
+
+
+def register_block_option(option: str, installer: BlockOption) -> None:
+    """Say how plans with ``options[option]`` change each RECOMPUTE/OFFLOAD block."""
+    BLOCK_OPTIONS[option] = installer
 
 
 def wrapper_for(decision: Decision) -> BlockWrapper | None:

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import PolicyError, warn_once
@@ -237,9 +238,15 @@ class Copier:
         max_in_flight: device tensors kept alive while their copy to host is running.
     """
 
-    def __init__(self, device: torch.device, *, max_in_flight: int = MAX_IN_FLIGHT) -> None:
+    def __init__(
+        self, device: torch.device, *, max_in_flight: int = MAX_IN_FLIGHT, fake: bool = False
+    ) -> None:
         self.device = device
-        self.cuda = device.type == "cuda"
+        #: fake tensors (``gradckpt.estimate``): the same parking and fetching as on a device,
+        #: as synchronous fake copies, so the estimate's tracker sees device bytes leave and
+        #: host bytes (``state.host_empty_strided``) arrive; no streams, no pinned memory.
+        self.fake = fake
+        self.cuda = device.type == "cuda" and not fake
         self.max_in_flight = max_in_flight
         self.copies = 0  # tensors copied to host so far (for tests and reports)
         self.fetches = 0  # copies back to the device
@@ -252,10 +259,14 @@ class Copier:
     def eligible(self, t: Any, min_bytes: int) -> bool:
         """Whether ``t`` is worth moving: a plain strided tensor on this device, big enough.
 
-        Parameters and tensor subclasses (fake tensors, DTensors, quantized weights) stay put.
+        Parameters and tensor subclasses (DTensors, quantized weights) stay put; fake tensors
+        move only for a fake copier (an estimate).
         """
+        plain = type(t) is torch.Tensor or (
+            self.fake and isinstance(t, FakeTensor) and not isinstance(t, nn.Parameter)
+        )
         return (
-            type(t) is torch.Tensor
+            plain
             and t.layout is torch.strided
             and t.device == self.device
             and t.numel() > 0
@@ -271,7 +282,10 @@ class Copier:
         (a small slice of a big tensor) only ``t``'s elements are copied.
         """
         st = t.untyped_storage()
-        whole = st.nbytes() <= 2 * t.numel() * t.element_size()
+        # Fake tensors (estimates) copy their own elements: a fake tensor made with set_() on a
+        # fake storage kept that storage alive after the device tensor was freed (seen on torch
+        # 2.13), so the estimate would count the offloaded input on the device all the same.
+        whole = not self.fake and st.nbytes() <= 2 * t.numel() * t.element_size()
         key: Any = st if whole else t
         hit = self._parked.get(key)
         copy = None
@@ -349,7 +363,7 @@ class Copier:
 
 
 _lock = threading.Lock()
-_copiers: dict[torch.device, Copier] = {}
+_copiers: dict[tuple[torch.device, bool], Copier] = {}
 _emulating = 0
 
 
@@ -377,20 +391,32 @@ def emulate_host_on_cpu() -> Iterator[None]:
             _emulating -= 1
 
 
-def copier_for(device: torch.device) -> Copier | None:
-    """The copier for ``device``, or None where there is no separate device memory (CPU)."""
+def copier_for(device: torch.device, *, fake: bool = False) -> Copier | None:
+    """The copier for ``device``, or None where there is no separate device memory (CPU).
+
+    ``fake``: the block's tensors are fake (an estimate, whose fake tensors stand for a GPU's
+    while they say "cpu"): a copier that makes fake host copies, so offloaded bytes leave the
+    estimated device memory and show as host bytes.
+    """
+    if device.type == "meta":
+        return None
+    if fake:
+        key = (device, True)
+        with _lock:
+            copier = _copiers.get(key)
+            if copier is None:
+                copier = _copiers[key] = Copier(device, fake=True)
+        return copier
     if device.type == "cpu" and not _emulating:
         return None
     if device.type == "cuda" and not torch.cuda.is_available():
-        return None  # fake CUDA tensors (estimates): nothing real to move
-    if device.type == "meta":
-        return None
+        return None  # fake CUDA tensors outside an estimate: nothing real to move
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     with _lock:
-        copier = _copiers.get(device)
+        copier = _copiers.get((device, False))
         if copier is None:
-            copier = _copiers[device] = Copier(device)
+            copier = _copiers[(device, False)] = Copier(device)
     return copier
 
 
@@ -462,6 +488,11 @@ def _device_of(args: tuple[Any, ...], kwargs: Mapping[str, Any], block: nn.Modul
     return torch.device("cpu")
 
 
+def _is_fake(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bool:
+    """Whether the block runs on fake tensors (``gradckpt.estimate``)."""
+    return any(isinstance(v, FakeTensor) for v in (*args, *kwargs.values()))
+
+
 def _option_min_bytes(options: Mapping[str, Any]) -> int:
     value = options.get("offload_min_bytes")
     return DEFAULT_MIN_BYTES if value is None else _min_bytes(value)
@@ -478,9 +509,9 @@ def offload_block(
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
         device = _device_of(args, kwargs, block)
-        copier = copier_for(device)
+        copier = copier_for(device, fake=_is_fake(args, kwargs))
         if copier is None:
-            if device.type != "cpu":  # fake or meta tensors (estimates): nothing to move
+            if device.type != "cpu":  # meta tensors: nothing to move
                 return run_checkpointed(
                     forward, args, kwargs, stateful=stateful, name=name, early_stop=early
                 )
@@ -517,9 +548,9 @@ def save_block(
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
         device = _device_of(args, kwargs, block)
-        copier = copier_for(device)
+        copier = copier_for(device, fake=_is_fake(args, kwargs))
         if copier is None:
-            if device.type != "cpu":  # fake or meta tensors (estimates): nothing to move
+            if device.type != "cpu":  # meta tensors: nothing to move
                 return forward(*args, **kwargs)
             warn_once(
                 "offload_saved",
