@@ -12,22 +12,19 @@ Example:
 
 from __future__ import annotations
 
-import gc
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-import torch
-
-from ..errors import ConfigError, GradCkptError, PlanError
-from ..planner.api import plan as planner_plan
+from ..errors import ConfigError, PlanError
 from ..plans import Decision, Plan
 from ..policies import get_policy, make_plan
 from ..units import format_bytes, parse_size
 from . import fake_model, periodic
 from .allocator import step_allocation
 from .alternatives import alternatives as _alternatives
+from .auto import planner_plan_for_gpu
 from .compat import deprecated_csv
 from .gpus import GPU, GPU_PRESETS, get_gpu
 from .presets import ModelSpec, resolve_model
@@ -501,7 +498,7 @@ def _estimate(inp: _Inputs, t0: float) -> tuple[EstimateReport | None, list[str]
         # replay puts over the GPU is planned again with the budget lowered by the excess.
         shrink = 0
         for _ in range(_AUTO_TRIES):
-            auto, why = _planner_plan(cfg, st, L, types, the_gpu, fixed_overhead, shrink)
+            auto, why = planner_plan_for_gpu(cfg, st, L, types, the_gpu, fixed_overhead, shrink)
             if auto is None:
                 break
             result, tot = run_policy(policy, auto)
@@ -588,52 +585,3 @@ def _estimate(inp: _Inputs, t0: float) -> tuple[EstimateReport | None, list[str]
         notes=notes,
         elapsed_s=time.perf_counter() - t0,
     ), skipped
-
-
-def _planner_plan(
-    cfg: Any,
-    st: TrainingSetup,
-    L: int,
-    types: Any,
-    gpu: GPU | None,
-    fixed_overhead: int | None,
-    shrink: int = 0,
-) -> tuple[Any, str | None]:
-    """Hook for the memory-budget planner (``gradckpt.planner``): the cheapest plan that fits ``gpu``.
-
-    Returns ``(plan, None)``, or ``(None, why)`` when there is no GPU or the planner cannot plan
-    this model. The planner profiles the full-depth fake model; its
-    budget is what the GPU leaves for the step: memory minus the CUDA allowance (context and
-    allocator slack) minus the optimizer states, which the fake step does not hold. The planner
-    counts every live CPU tensor of the process as already in memory (as ``gradckpt.measure``
-    does), so cached fake models are dropped first; large real CPU tensors the caller keeps
-    alive make its plan more conservative. The plan it returns is then estimated like any other.
-    ``shrink``: bytes taken off that budget (a re-plan after the estimate found the plan over).
-    """
-    if gpu is None:
-        return None, "policy 'auto' needs a GPU (--gpu): the memory it plans for"
-    sess = fake_model.get_session(cfg, st, L, types)
-    # The planner measures like gradckpt.measure: every live tensor of the process is baseline.
-    # Fake models cached from earlier estimates would count as weights: let them go.
-    fake_model.keep_only(sess)
-    gc.collect()
-    whole, _ = sess.totals(st.optimizer)
-    if fixed_overhead is None:
-        room = int((gpu.memory_bytes - CUDA_CONTEXT_BYTES) / (1 + ALLOCATOR_SLACK))
-    else:
-        room = gpu.memory_bytes - fixed_overhead
-    budget = room - whole.optimizer_bytes - shrink
-    if budget <= 0:
-        return None, f"policy 'auto' skipped: the optimizer states alone exceed {gpu.name}"
-    with sess.mode:
-        ids = torch.randint(0, sess.vocab, (st.batch, st.seq))
-    try:
-        with sess.mode, torch.autocast("cpu", dtype=torch.bfloat16, enabled=st.autocast):
-            return planner_plan(
-                sess.model,
-                budget,
-                {"input_ids": ids, "labels": ids},
-                blocks=[n for n, _ in sess.blocks],
-            ), None
-    except GradCkptError as e:
-        return None, f"policy 'auto' (planner, {format_bytes(budget)} for the step): {e}"

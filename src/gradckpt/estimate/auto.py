@@ -1,0 +1,67 @@
+"""Policy 'auto' in an estimate: the budget planner's plan for what a GPU leaves for the step."""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+import torch
+
+from ..errors import GradCkptError
+from ..planner.api import plan as planner_plan
+from ..units import format_bytes
+from . import fake_model
+from .gpus import GPU
+from .step_cost import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES
+from .training import TrainingSetup
+
+__all__ = ["planner_plan_for_gpu"]
+
+
+def planner_plan_for_gpu(
+    cfg: Any,
+    st: TrainingSetup,
+    L: int,
+    types: Any,
+    gpu: GPU | None,
+    fixed_overhead: int | None,
+    shrink: int = 0,
+) -> tuple[Any, str | None]:
+    """Hook for the memory-budget planner (``gradckpt.planner``): the cheapest plan that fits ``gpu``.
+
+    Returns ``(plan, None)``, or ``(None, why)`` when there is no GPU or the planner cannot plan
+    this model. The planner profiles the full-depth fake model; its
+    budget is what the GPU leaves for the step: memory minus the CUDA allowance (context and
+    allocator slack) minus the optimizer states, which the fake step does not hold. The planner
+    counts every live CPU tensor of the process as already in memory (as ``gradckpt.measure``
+    does), so cached fake models are dropped first; large real CPU tensors the caller keeps
+    alive make its plan more conservative. The plan it returns is then estimated like any other.
+    ``shrink``: bytes taken off that budget (a re-plan after the estimate found the plan over).
+    """
+    if gpu is None:
+        return None, "policy 'auto' needs a GPU (--gpu): the memory it plans for"
+    sess = fake_model.get_session(cfg, st, L, types)
+    # The planner measures like gradckpt.measure: every live tensor of the process is baseline.
+    # Fake models cached from earlier estimates would count as weights: let them go.
+    fake_model.keep_only(sess)
+    gc.collect()
+    whole, _ = sess.totals(st.optimizer)
+    if fixed_overhead is None:
+        room = int((gpu.memory_bytes - CUDA_CONTEXT_BYTES) / (1 + ALLOCATOR_SLACK))
+    else:
+        room = gpu.memory_bytes - fixed_overhead
+    budget = room - whole.optimizer_bytes - shrink
+    if budget <= 0:
+        return None, f"policy 'auto' skipped: the optimizer states alone exceed {gpu.name}"
+    with sess.mode:
+        ids = torch.randint(0, sess.vocab, (st.batch, st.seq))
+    try:
+        with sess.mode, torch.autocast("cpu", dtype=torch.bfloat16, enabled=st.autocast):
+            return planner_plan(
+                sess.model,
+                budget,
+                {"input_ids": ids, "labels": ids},
+                blocks=[n for n, _ in sess.blocks],
+            ), None
+    except GradCkptError as e:
+        return None, f"policy 'auto' (planner, {format_bytes(budget)} for the step): {e}"
