@@ -24,6 +24,7 @@ from .guards.prepare import prepare_model
 from .plans import Decision, Plan
 from .runtime import decisions
 from .runtime.checkpoint import stateful_modules
+from .runtime.decisions import override_forward
 from .runtime.segments import SegmentRun, closer, segment_forward
 
 __all__ = ["Installed", "applied_plan", "check_plan", "install", "installed", "uninstall"]
@@ -59,20 +60,6 @@ def applied_plan(model: nn.Module) -> Plan | None:
     """The plan currently installed on ``model`` by ``enable``, or None."""
     state = _INSTALLED.get(model)
     return None if state is None else state.plan
-
-
-def _override_forward(block: nn.Module, new_forward: Callable[..., Any]) -> Callable[[], None]:
-    had = "forward" in block.__dict__
-    old = block.__dict__.get("forward")
-    block.forward = new_forward  # type: ignore[method-assign]
-
-    def restore() -> None:
-        if had:
-            block.forward = old  # type: ignore[method-assign,assignment]
-        else:
-            block.__dict__.pop("forward", None)
-
-    return restore
 
 
 def check_plan(plan: Plan, names: list[str]) -> None:
@@ -146,7 +133,7 @@ def install(model: nn.Module, plan: Plan, found: Sequence[tuple[str, nn.Module]]
             if wrapper is None:  # SAVE with offload_saved before offload is registered
                 raise PlanError(f"decision {decision.value!r} has no registered block wrapper")
             wrapped = wrapper(name, block, block.forward, plan.options)
-            state.restores.append(_override_forward(block, wrapped))
+            state.restores.append(override_forward(block, wrapped))
         for option, add in decisions.BLOCK_OPTIONS.items():
             if option not in plan.options:
                 continue
@@ -166,7 +153,7 @@ def install(model: nn.Module, plan: Plan, found: Sequence[tuple[str, nn.Module]]
             run.peers = state.segments  # shared: each run sees every segment of the model
             state.segments.append(run)
             for j, blk in enumerate(seg_blocks):
-                state.restores.append(_override_forward(blk, segment_forward(run, j)))
+                state.restores.append(override_forward(blk, segment_forward(run, j)))
         if state.segments:
             # A segment's region stays open from its first block to its last; an exception
             # raised by the model's own code between two of them would leave the region's

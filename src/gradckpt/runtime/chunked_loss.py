@@ -45,6 +45,7 @@ from torch import nn
 
 from ..errors import ConfigError, PolicyError
 from .checkpoint import checkpoint
+from .decisions import override_forward
 
 __all__ = [
     "CHUNKED_RTOL",
@@ -333,17 +334,7 @@ def install_chunked_head(model: nn.Module, options: Mapping[str, Any]) -> Callab
             loss = loss + coef * aux.to(loss.device)
         return _with_loss(out, loss, logits)
 
-    had = "forward" in target.__dict__
-    old = target.__dict__.get("forward")
-    target.forward = chunked_forward  # type: ignore[method-assign]
-
-    def restore() -> None:
-        if had:
-            target.forward = old  # type: ignore[method-assign,assignment]
-        else:
-            target.__dict__.pop("forward", None)
-
-    return restore
+    return override_forward(target, chunked_forward)
 
 
 def _take_labels(

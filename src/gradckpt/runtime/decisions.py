@@ -20,6 +20,7 @@ from ..plans import Decision
 from .checkpoint import ContextFn, checkpoint, describe, stateful_modules
 
 __all__ = [
+    "override_forward",
     "WRAPPERS",
     "BLOCK_OPTIONS",
     "HEADS",
@@ -178,3 +179,18 @@ def recompute_block(
         )
 
     return checkpointed_forward
+
+
+def override_forward(block: nn.Module, new_forward: Callable[..., Any]) -> Callable[[], None]:
+    """Set ``block.forward`` on the instance; returns the undo (the class's forward, or the previous one)."""
+    had = "forward" in block.__dict__
+    old = block.__dict__.get("forward")
+    block.forward = new_forward  # type: ignore[method-assign]
+
+    def restore() -> None:
+        if had:
+            block.forward = old  # type: ignore[method-assign,assignment]
+        else:
+            block.__dict__.pop("forward", None)
+
+    return restore

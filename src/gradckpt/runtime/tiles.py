@@ -45,6 +45,7 @@ from torch import nn
 
 from ..errors import BlockError, PolicyError
 from .checkpoint import checkpoint
+from .decisions import override_forward
 
 __all__ = [
     "DEFAULT_TILE_TOKENS",
@@ -206,14 +207,4 @@ def _tile(module: nn.Module, label: str, tile: int) -> Callable[[], None]:
             return forward(x, *args, **kwargs)
         return checkpoint(run_tiles, x, *args, context_fn=_skip_contexts, **kwargs)
 
-    had = "forward" in module.__dict__
-    old = module.__dict__.get("forward")
-    module.forward = tiled_forward  # type: ignore[method-assign]
-
-    def restore() -> None:
-        if had:
-            module.forward = old  # type: ignore[method-assign,assignment]
-        else:
-            module.__dict__.pop("forward", None)
-
-    return restore
+    return override_forward(module, tiled_forward)
