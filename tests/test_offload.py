@@ -189,6 +189,10 @@ def test_backward_fetches_one_block_ahead(monkeypatch):
     monkeypatch.setattr(c, "park", park)
     monkeypatch.setattr(c, "start_fetch", log.start)
     monkeypatch.setattr(c, "finish_fetch", log.finish)
+    blocks = gradckpt.find_blocks(model)
+    for i, (_, block) in enumerate(blocks):
+        for p in block.parameters():  # a block's backward: its weights' gradients
+            p.register_post_accumulate_grad_hook(lambda _p, i=i: log.events.append(("grad", i)))
     gradckpt.enable(model, "offload", offload_min_bytes=SMALL)
     try:
         with emulate_host_on_cpu():
@@ -198,9 +202,14 @@ def test_backward_fetches_one_block_ahead(monkeypatch):
     assert len(order) == layers  # one input per block
     starts = [e[1] for e in log.events if e[0] == "start"]
     assert starts == [id(c) for c in reversed(order)]  # backward order, each once
-    # Block i's input is requested before block i+1's has been waited for: one ahead.
-    kinds = [e[0] for e in log.events]
-    assert kinds == ["start", "start"] + ["finish", "start"] * (layers - 2) + ["finish"] * 2
+    # Block i-1's input is fetched while block i's backward runs: its copy starts when block
+    # i's recompute has ended (no two block inputs on the device during a recompute), before
+    # block i's weights get their gradients, and is waited for after them.
+    kinds = []
+    for e in log.events:
+        if e[0] != "grad" or kinds[-1] != "grad":
+            kinds.append(e[0])
+    assert kinds == ["start", "finish"] + ["start", "grad", "finish"] * (layers - 1) + ["grad"]
 
 
 def test_cpu_only_run_is_recompute_and_says_so_once(monkeypatch):

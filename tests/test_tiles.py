@@ -73,16 +73,17 @@ def _grads(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dic
 
 
 @pytest.mark.parametrize(
-    ("kind", "norms"),
-    [(k, False) for k in ("llama", "gemma2", "gpt2", "mixtral", "lora")]
-    + [("llama", True), ("gemma2", True), ("gpt2", True)],
+    ("kind", "norms", "proj"),
+    [(k, False, False) for k in ("llama", "gemma2", "gpt2", "mixtral", "lora")]
+    + [("llama", True, False), ("gemma2", True, False), ("gpt2", True, False)]
+    + [(k, True, True) for k in ("llama", "gemma2", "gpt2", "mixtral", "lora")],
 )
-def test_tiled_grads_match_no_checkpointing(kind: str, norms: bool) -> None:
+def test_tiled_grads_match_no_checkpointing(kind: str, norms: bool, proj: bool) -> None:
     model = _model(kind)
     ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
     ref_loss, ref = _grads(model, ids)
     # 2 x 40 tokens: tiles of 16 + 16 + ... + 16 (the last one shorter)
-    plan = gradckpt.enable(model, policy="full", tile_tokens=16, tile_norms=norms)
+    plan = gradckpt.enable(model, policy="full", tile_tokens=16, tile_norms=norms, tile_proj=proj)
     assert "tiles of 16 tokens" in plan.summary()
     loss, got = _grads(model, ids)
     torch.testing.assert_close(loss, ref_loss, rtol=CHUNKED_RTOL, atol=0)
@@ -135,6 +136,67 @@ def test_tiles_cut_the_backward_transient_at_full_flops() -> None:
     assert (normed.peak_bytes - normed.baseline_bytes) <= (tiled.peak_bytes - tiled.baseline_bytes)
     assert normed.recompute_flops == full.recompute_flops
     assert normed.recompute_bytes > tiled.recompute_bytes
+
+
+def test_norms_and_projections_tiled_keep_less() -> None:
+    """Exact bytes: Llama with the chunked head, hidden 128 over 2 x 256 tokens (a hidden-sized
+    float32 tensor: 256 KiB), MLP 256 wide, tiles of 64.
+
+    With ``tile_norms`` the MLP tiles apply the post-attention norm themselves (its output is not
+    kept for backward) and the tiles' input gradients go into one buffer (no concatenation of
+    them): at least 2.5 hidden-sized tensors fewer at the peak. ``tile_proj`` then keeps the
+    projections' intermediates and the input norm's output out of the peak: one more.
+    """
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).float()
+    ids = torch.randint(0, 64, (2, 256))
+
+    def step() -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+
+    def peak(**options: object) -> int:
+        gradckpt.enable(model, policy="full", loss_head="chunked", tile_tokens=64, **options)
+        model.zero_grad(set_to_none=True)
+        m = gradckpt.measure(step, model=model)
+        return m.peak_bytes - m.baseline_bytes
+
+    hidden = 2 * 256 * 128 * 4
+    tiled, normed = peak(), peak(tile_norms=True)
+    proj = peak(tile_norms=True, tile_proj=True)
+    assert tiled - normed >= 2.5 * hidden
+    assert normed - proj >= 0.9 * hidden
+
+
+def test_tile_slices_share_one_input_gradient() -> None:
+    """``_tile_slices``: split's values and gradients, one input-sized gradient in backward."""
+    from gradckpt.runtime.tiles import _tile_slices
+
+    x = torch.randn(1, 1000, 256, requires_grad=True)
+    w = torch.randn(256)
+    parts = _tile_slices(x, 128)
+    assert [p.shape[-2] for p in parts] == [128] * 7 + [104]
+    assert all(torch.equal(p, q) for p, q in zip(parts, x.split(128, dim=-2), strict=True))
+    loss = sum(((p * w) ** 2).sum() for p in parts)
+    (got,) = torch.autograd.grad(loss, x, retain_graph=True)
+    ref = torch.autograd.grad(sum(((p * w) ** 2).sum() for p in x.split(128, dim=-2)), x)[0]
+    assert torch.equal(got, ref)
+    (again,) = torch.autograd.grad(loss, x)  # the shared buffer starts over for a second pass
+    assert torch.equal(again, ref)
+    # a backward that reached one tile only, then one through both: the buffer starts over
+    parts = _tile_slices(x, 500)
+    (3 * parts[0]).sum().backward()  # (in the tile loop every tile gets a gradient: cat)
+    assert x.grad is None
+    (full,) = torch.autograd.grad(parts[0].sum() + 2 * parts[1].sum(), x)
+    assert torch.equal(full[:, :500], torch.ones(1, 500, 256))
+    assert torch.equal(full[:, 500:], torch.full((1, 500, 256), 2.0))
 
 
 def test_tiles_without_early_stop_and_short_sequences() -> None:

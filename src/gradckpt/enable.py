@@ -47,7 +47,9 @@ def enable(
             ``loss_head="chunked"`` computes a causal LM's loss ``loss_chunk`` tokens at a time so
             full logits never exist (``runtime.chunked_loss``; ``keep_logits=True`` still returns them);
             ``tile_tokens=N`` (or ``tiles=True``) runs the MLP of RECOMPUTE/OFFLOAD blocks over
-            sequence tiles of N tokens, each checkpointed (``runtime.tiles``).
+            sequence tiles of N tokens, each checkpointed (``runtime.tiles``); with it
+            ``tile_norms=True`` and ``tile_proj=True`` tile the norms and the attention
+            projections too.
 
     Returns:
         The installed ``Plan``. A second ``enable`` replaces the first.

@@ -2,13 +2,13 @@
 
 OFFLOAD (``runtime.offload``) parks each block's input in pinned host memory during forward
 (device-to-host copy on a side stream) and fetches it back one block ahead during backward
-(host-to-device on another stream). In an estimate the same code runs on fake tensors, so the
+(host-to-device on another stream, started when the next block's recompute ends). In an estimate the same code runs on fake tensors, so the
 device bytes leave the predicted peak and the host copies are counted (``timeline``'s
 ``host_peak``); this module prices the copies over the host link (``GPU.host_link_gbs``).
 
 Overlap model, per direction: the copies run while the GPU computes, so a direction costs the
 time by which its copies outlast the compute they run beside (forward for device-to-host;
-backward and recompute for host-to-device), plus one block's fetch that nothing hides (the
+backward, without the recompute, for host-to-device), plus one block's fetch that nothing hides (the
 last block's input is needed as soon as backward starts). With long sequences a block's
 compute grows faster than its input (attention is quadratic, the input linear), so the copies
 hide entirely; with short ones and a slow link they do not.
@@ -49,7 +49,7 @@ def offload_cost(
         host_bytes: bytes parked in host memory in one micro-batch's forward.
         blocks: how many blocks parked them (the fetch nothing hides is one block's share).
         forward_s: forward compute time the device-to-host copies run beside.
-        backward_s: backward + recompute time the host-to-device copies run beside.
+        backward_s: backward time the host-to-device copies run beside.
         gpu: the GPU (its ``host_link_gbs``; without one, the copies are not priced).
 
     Example:

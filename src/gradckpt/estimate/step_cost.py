@@ -94,7 +94,7 @@ def policy_estimate(
         prof.host_peak,
         sum(d is Decision.OFFLOAD for d in plan.decisions),
         secs["forward"],
-        secs["backward"] + secs["recompute"],
+        secs["backward"],
         speed_gpu,
     )
     step_s = base_s + st.grad_accum * (secs["recompute"] + link.exposed_s)

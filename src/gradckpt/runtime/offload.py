@@ -5,7 +5,8 @@ Two ways to trade device memory for host memory and PCIe traffic instead of reco
 - ``Decision.OFFLOAD`` / ``policy="offload"`` (what Unsloth's ``use_gradient_checkpointing=
   "unsloth"`` does): the block is recomputed like ``RECOMPUTE``, and its input, the one tensor a
   checkpoint keeps, is copied to pinned host memory on a side CUDA stream during forward and
-  copied back during backward, one block ahead of the recompute that needs it.
+  copied back during backward, one block ahead: the block before's copy starts when this
+  block's recompute ends, so it runs beside this block's backward.
 - ``enable(..., offload_saved=True)`` (what torchtune's ``OffloadActivations`` and TRL's
   ``activation_offloading`` do): every tensor a non-recomputed (``SAVE``) block keeps for
   backward is moved to host memory, fetched back one block ahead during backward.
@@ -45,7 +46,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import PolicyError, warn_once
 from ..plans import Decision, Plan
-from ..state import host_empty_strided
+from ..state import host_empty_strided, is_recomputing
 from ..units import parse_size
 from .checkpoint import stateful_modules
 from .decisions import early_stop_option, run_checkpointed
@@ -428,10 +429,14 @@ _tls = threading.local()
 class _Group:
     """The tensors one block call parked; its first fetch in backward prefetches the block before."""
 
-    __slots__ = ("__weakref__", "copies", "prefetched", "prev")
+    __slots__ = ("__weakref__", "copies", "defer", "prefetched", "prev")
 
-    def __init__(self) -> None:
+    def __init__(self, *, defer: bool = False) -> None:
         self.copies: list[HostCopy] = []
+        # OFFLOAD blocks: the block before is fetched when this block's recompute ends (its
+        # backward hides the copy), not when it starts: two block inputs on the device at the
+        # recompute's peak would be one more than needed.
+        self.defer = defer
         last = getattr(_tls, "last", None)
         self.prev: weakref.ref[_Group] | None = last
         self.prefetched = False
@@ -474,8 +479,9 @@ class _Parked:
         self.view = view
 
     def get(self) -> torch.Tensor:
-        self.view.copy.prefetch()  # start this copy first, then the next block's, then wait
-        self.group.prefetch_previous()
+        self.view.copy.prefetch()
+        if not self.group.defer:  # a block's own saved tensors (offload_saved): fetch ahead now
+            self.group.prefetch_previous()
         return self.view.fetched()
 
 
@@ -523,9 +529,18 @@ def offload_block(
             return run_checkpointed(
                 forward, args, kwargs, stateful=stateful, name=name, early_stop=early
             )
-        with _Group().hooks(copier, min_bytes):
+        group = _Group(defer=True)
+
+        def run(*a: Any, **k: Any) -> Any:
+            try:
+                return forward(*a, **k)
+            finally:  # also when torch stops the recompute early (by raising)
+                if is_recomputing():
+                    group.prefetch_previous()
+
+        with group.hooks(copier, min_bytes):
             return run_checkpointed(
-                forward, args, kwargs, stateful=stateful, name=name, early_stop=early
+                run, args, kwargs, stateful=stateful, name=name, early_stop=early
             )
 
     return offloaded_forward
