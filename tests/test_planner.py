@@ -163,3 +163,46 @@ def test_lazy_budget_waits_for_the_optimizer_step_under_gradient_accumulation() 
     assert "first block input 2x192x" in msgs[0]
     assert gradckpt.applied_plan(model).policy == "auto"  # type: ignore[union-attr]
     gradckpt.disable(model)
+
+
+def test_budget_below_every_block_plan_adds_the_chunked_head_then_tiles() -> None:
+    """A budget no per-block plan meets: the planner adds the chunked loss head (and says so),
+    and the measured peak stays within the budget. (Tiles, the next step, need sequences
+    longer than their 4,096 tokens.)"""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        vocab_size=16384,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).train()
+    ids = torch.randint(0, 16384, (2, 512), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids}  # logits: 1,024 x 16,384 x 4 bytes, 64 MiB
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+
+    found = gradckpt.find_blocks(model)
+    lo = min_peak(profile_model(model, batch, blocks=found)).peak
+    # chunks of 128 tokens (the default chunk is 256 MiB of logits: the whole batch here)
+    head = {"loss_head": "chunked", "loss_head_optional": True, "loss_chunk": 128}
+    lo_head = min_peak(profile_model(model, batch, blocks=found, options=head)).peak
+    assert lo_head < lo  # the logits are a large part of the peak
+    budget = (lo_head + lo) // 2
+    plan = gradckpt.plan(model, budget, example=batch, loss_chunk=128)
+    assert plan.options["loss_head"] == "chunked"
+    assert plan.notes["long_context"] == "the chunked loss head"
+    assert "tile_tokens" not in plan.options
+    gradckpt.enable(model, plan=plan)
+    step()
+    assert gradckpt.measure(step, model=model).peak_bytes <= budget
+    gradckpt.disable(model)
+    # the caller's own options are kept: no head added when loss_head is given
+    with pytest.raises(gradckpt.BudgetError, match="smallest achievable peak"):
+        gradckpt.plan(model, budget, example=batch, loss_head=None, loss_chunk=128)
+    gradckpt.disable(model)

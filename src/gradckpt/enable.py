@@ -82,7 +82,8 @@ def enable(
         found = resolve_blocks(model, blocks)
     elif budget is not None:
         found = resolve_blocks(model, blocks)
-        plan, lazy_budget = plan_for_budget(model, budget, blocks=found, **options)
+        # the offloading, head and tile options given are part of what the planner profiles
+        plan, lazy_budget = plan_for_budget(model, budget, blocks=found, **options, **offloading)
     else:
         found = resolve_blocks(model, blocks)
         plan = make_plan("full" if policy is None else policy, [n for n, _ in found], **options)

@@ -17,9 +17,59 @@ from .model import StepProfile
 from .profile import profile_step
 from .solve import auto_plan
 
-__all__ = ["LazyBudget", "auto_plan", "plan", "plan_for_budget", "profile_model", "resolve_budget"]
+__all__ = [
+    "LONG_CONTEXT_STEPS",
+    "LazyBudget",
+    "auto_plan",
+    "plan",
+    "plan_for_budget",
+    "profile_model",
+    "resolve_budget",
+]
 
 LossFn = Callable[[Any], torch.Tensor]
+
+#: What a budget plan adds, step by step, when no choice of per-block decisions fits: the
+#: chunked loss head (full logits never exist; costs one more ``lm_head`` forward), then
+#: sequence tiles in the blocks' MLP, norms and attention projections (runtime.tiles; one more
+#: projection forward per block). Each step's gradients are equal within rounding, not
+#: bit-identical (``verify``'s tolerance); the plan's ``notes["long_context"]`` says which
+#: were added. An option the caller gave is kept as given.
+LONG_CONTEXT_STEPS: tuple[dict[str, Any], ...] = (
+    {"loss_head": "chunked", "loss_head_optional": True},
+    {"tile_tokens": 4096, "tile_norms": True, "tile_proj": True},
+)
+
+
+def _profile_and_solve(
+    model: nn.Module,
+    budget: int,
+    example: Any,
+    *,
+    blocks: Sequence[tuple[str, nn.Module]],
+    loss_fn: LossFn | None,
+    options: dict[str, Any],
+) -> Plan:
+    """The cheapest plan that fits, adding ``LONG_CONTEXT_STEPS`` one by one while none does."""
+    opts = dict(options)
+    added: list[str] = []
+    steps = [s for s in LONG_CONTEXT_STEPS if not any(k in opts for k in s)]
+    while True:
+        prof = profile_model(model, example, blocks=blocks, loss_fn=loss_fn, options=opts)
+        try:
+            plan = auto_plan(prof, budget, opts)
+        except BudgetError as e:
+            if not steps:
+                if added:
+                    raise BudgetError(f"{e} (with {' and '.join(added)})") from None
+                raise
+            step = steps.pop(0)
+            opts = {**step, **opts}
+            added.append("the chunked loss head" if "loss_head" in step else "sequence tiles")
+            continue
+        if added:
+            plan.notes["long_context"] = ", ".join(added)
+        return plan
 
 
 def resolve_budget(budget: int | str, *, reference: int | None = None) -> int:
@@ -79,9 +129,12 @@ def plan(
 
     Returns:
         A ``Plan`` (policy ``"auto"``) with the predicted peak and extra time in ``plan.notes``.
+        When no per-block plan fits, the chunked loss head and then sequence tiles are added
+        (``LONG_CONTEXT_STEPS``; ``notes["long_context"]`` says which).
 
     Raises:
-        BudgetError: nothing fits; says the smallest achievable peak and the batch that would fit.
+        BudgetError: nothing fits, even with those; says the smallest achievable peak and the
+            batch that would fit.
 
     Example:
         >>> p = gradckpt.plan(model, "12GiB", example=batch)
@@ -91,8 +144,7 @@ def plan(
 
     found = resolve_blocks(model, blocks)
     b = resolve_budget(budget)
-    prof = profile_model(model, example, blocks=found, loss_fn=loss_fn, options=options)
-    return auto_plan(prof, b, options)
+    return _profile_and_solve(model, b, example, blocks=found, loss_fn=loss_fn, options=options)
 
 
 def plan_for_budget(
@@ -112,8 +164,10 @@ def plan_for_budget(
     b = resolve_budget(budget)
     _refuse_below_weights(model, b)
     if example is not None:
-        prof = profile_model(model, example, blocks=blocks, loss_fn=loss_fn, options=options)
-        return auto_plan(prof, b, options), None
+        plan = _profile_and_solve(
+            model, b, example, blocks=blocks, loss_fn=loss_fn, options=options
+        )
+        return plan, None
     if loss_fn is not None:
         raise ConfigError(
             "loss_fn= is only used with example=; the lazy profile watches the real step"
