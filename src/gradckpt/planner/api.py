@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -68,7 +69,7 @@ def _profile_and_solve(
             added.append("the chunked loss head" if "loss_head" in step else "sequence tiles")
             continue
         if added:
-            plan.notes["long_context"] = ", ".join(added)
+            plan = replace(plan, notes={**plan.notes, "long_context": ", ".join(added)})
         return plan
 
 
