@@ -76,6 +76,35 @@ def test_gradients_identical_to_no_checkpointing(hf_models, name, options):
         gradckpt.disable(model)
 
 
+def test_one_dispatch_mode_per_block_and_the_stacked_fallback_is_exact(hf_models, monkeypatch):
+    """gradckpt's forward and recompute work runs inside torch's own SAC modes: a block's ops
+    see one Python dispatch mode, as under torch's SAC alone (each extra mode is a Python call
+    per op). Where torch's private mode classes are not the expected ones, a mode stacked above
+    them does the same work: gradients still bit-identical."""
+    from gradckpt.runtime import selective
+
+    bm, batch = hf_models("llama")
+    model = bm.model
+    ref = run_step(model, batch)
+    depths = []
+    attn = next(m for n, m in model.named_modules() if n.endswith("layers.0.self_attn"))
+    hook = attn.register_forward_pre_hook(
+        lambda *_: depths.append(torch._C._len_torch_dispatch_stack())
+    )
+    try:
+        gradckpt.enable(model, "selective")
+        assert_same(run_step(model, batch), ref)
+        assert depths and set(depths) == {1}  # forward and recompute
+        depths.clear()
+        monkeypatch.setattr(selective, "_merged", lambda *a: None)
+        gradckpt.enable(model, "selective")
+        assert_same(run_step(model, batch), ref)
+        assert set(depths) == {2}
+    finally:
+        hook.remove()
+        gradckpt.disable(model)
+
+
 # -- exact costs on a plain PyTorch model ---------------------------------------------------
 
 

@@ -86,8 +86,26 @@ def _tags(func: Any) -> tuple[Any, ...]:
     return tuple(getattr(func, "tags", ()))
 
 
+_RANDOM: dict[Any, bool] = {}  # per op overload (every op of a selective block asks)
+
+
 def _is_random(func: Any) -> bool:
-    return torch.Tag.nondeterministic_seeded in _tags(func)
+    known = _RANDOM.get(func)
+    if known is None:
+        known = _RANDOM[func] = torch.Tag.nondeterministic_seeded in _tags(func)
+    return known
+
+
+_WRITES: dict[Any, bool] = {}
+
+
+def _writes(func: Any) -> bool:
+    """Whether the op's schema says it writes into an input (``add_``, ``out=``)."""
+    known = _WRITES.get(func)
+    if known is None:
+        schema = getattr(func, "_schema", None)
+        known = _WRITES[func] = schema is not None and schema.is_mutable
+    return known
 
 
 _NO_REPLAY = object()  # fake or meta tensors: no real random numbers to reproduce
@@ -186,8 +204,7 @@ class _Policy:
         if self.force_save:  # a random op whose generator state could not be noted
             self.force_save = False
             return tuc.CheckpointPolicy.MUST_SAVE
-        schema = getattr(func, "_schema", None)
-        if schema is not None and schema.is_mutable:
+        if _writes(func):
             # An in-place op's cached result would be handed back without writing into the
             # recomputed input (the `noise.bernoulli_(p)` of CPU dropout): always re-run it.
             return tuc.CheckpointPolicy.PREFER_RECOMPUTE
@@ -377,6 +394,178 @@ class _BlockRun:
         )
 
 
+def _record_op(run: _BlockRun, func: Any, args: Any, kwargs: Any, call: Callable[[], Any]) -> Any:
+    """Forward: note generator states before random ops and keep data-dependent decisions."""
+    if _is_random(func):
+        snap = _rng_snapshot(args, kwargs)
+        run.rng.append(snap)
+        if snap is None:
+            run.policy.force_save = True
+    writes = _writes(func)
+    if writes:
+        run.written(func, args, kwargs)
+    out = call()
+    run.noted(func, args, out, writes)
+    if is_data_dependent(func):
+        run.decisions.record(func, out)
+    return out
+
+
+def _replay_op(
+    run: _BlockRun, cached: Any, func: Any, args: Any, kwargs: Any, call: Callable[[], Any]
+) -> Any:
+    """Recompute: restore generator states, hand back kept decisions, name mutation errors."""
+    if _is_random(func):
+        if run.rng_i >= len(run.rng):
+            raise run.mismatch("more random ops")
+        snap = run.rng[run.rng_i]
+        run.rng_i += 1
+        if isinstance(snap, tuple):
+            snap[0].set_state(snap[1])
+
+    def kept_or_run() -> Any:
+        run.before_cached(cached, func, args)
+        try:
+            if not _consumed(cached, func, args):
+                return call()
+            with _recompute_consumed(cached, func, args):
+                return call()
+        except RuntimeError as e:
+            if isinstance(e, CheckpointMismatchError):
+                raise
+            if "not found in storage" in str(e):
+                raise run.mismatch(f"an op ({func}) more often") from e
+            raise
+
+    if is_data_dependent(func):
+        return run.decisions.replay(func, kept_or_run)
+    return kept_or_run()
+
+
+_CONSUMED = getattr(tuc, "_CONSUMED", None)
+
+
+def _consumed_entry(cached: Any, func: Any, args: Any) -> tuple[Any, int] | None:
+    """(the cache entries of ``func``'s key, this call's index) if that call's kept output was
+    already handed to an earlier backward (torch marks it consumed), else None."""
+    storage = getattr(cached, "storage", None)
+    counter = getattr(cached, "func_counter", None)
+    if _CONSUMED is None or not isinstance(storage, Mapping) or counter is None:
+        return None
+    key = _cache_key(func, args)
+    entries = storage.get(key)
+    if entries is None:
+        return None
+    idx = counter.get(key, 0)
+    return (entries, idx) if entries.get(idx) is _CONSUMED else None
+
+
+def _consumed(cached: Any, func: Any, args: Any) -> bool:
+    return _consumed_entry(cached, func, args) is not None
+
+
+@contextlib.contextmanager
+def _recompute_consumed(cached: Any, func: Any, args: Any) -> Iterator[None]:
+    """Recompute a kept output that an earlier backward of this region already used.
+
+    torch hands each kept output to the first recompute only (and frees it), then refuses
+    any further backward through the region ("backward an extra time"). A second backward
+    (``retain_graph=True``, several ``autograd.grad`` calls, a double backward) re-runs
+    those ops instead, from the same recomputed inputs, with random ops and decisions
+    replayed as in every recompute: the gradients of a full recompute, no memory held.
+    """
+    found = _consumed_entry(cached, func, args)
+    if found is None:
+        yield
+        return
+    entries, idx = found
+    entries[idx] = tuc._RECOMPUTE  # torch's cached mode then simply runs the op
+    try:
+        yield
+    finally:
+        entries[idx] = _CONSUMED
+
+
+# One dispatch mode per block call, not two: the forward and recompute work above runs inside
+# torch's own selective-checkpoint modes (subclasses of them), so each op goes through one
+# Python __torch_dispatch__ as with torch's SAC alone. Where those private classes are not
+# what this code expects, a mode stacked right above torch's does the same (``_Stacked``).
+_CACHING = getattr(tuc, "_CachingTorchDispatchMode", None)
+_CACHED = getattr(tuc, "_CachedTorchDispatchMode", None)
+
+
+def _merged(caching: Any, cached: Any, run: _BlockRun) -> tuple[Any, Any] | None:
+    """torch's two modes turned into gradckpt's (``__class__`` swapped), or None."""
+    if (
+        _RecordSAC is None
+        or _ReplaySAC is None
+        or type(caching) is not _CACHING
+        or type(cached) is not _CACHED
+    ):
+        return None
+    caching.__class__ = _RecordSAC
+    cached.__class__ = _ReplaySAC
+    caching._gradckpt_run = run
+    cached._gradckpt_run = run
+    return caching, cached
+
+
+if _CACHING is not None and _CACHED is not None:
+
+    class _RecordSAC(_CACHING):  # type: ignore[misc, valid-type]
+        """torch's forward (caching) mode with ``_record_op`` around each op."""
+
+        _gradckpt_run: _BlockRun
+
+        def __exit__(self, *exc: Any) -> Any:
+            out = super().__exit__(*exc)
+            if exc[0] is None:
+                self._gradckpt_run.check_all()
+            return out
+
+        def __torch_dispatch__(
+            self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+        ) -> Any:
+            kwargs = kwargs or {}
+            parent = super().__torch_dispatch__
+            return _record_op(
+                self._gradckpt_run, func, args, kwargs, lambda: parent(func, types, args, kwargs)
+            )
+
+    class _ReplaySAC(_CACHED):  # type: ignore[misc, valid-type]
+        """torch's recompute (cached) mode with ``_replay_op`` around each op."""
+
+        _gradckpt_run: _BlockRun
+
+        def __enter__(self) -> Any:
+            self._gradckpt_run.rng_i = 0
+            self._gradckpt_run.decisions.rewind()
+            return super().__enter__()
+
+        def __exit__(self, *exc: Any) -> Any:
+            out = super().__exit__(*exc)
+            run = self._gradckpt_run
+            run.learned.learn_reached(run.caching, self)
+            return out
+
+        def __torch_dispatch__(
+            self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+        ) -> Any:
+            kwargs = kwargs or {}
+            parent = super().__torch_dispatch__
+            return _replay_op(
+                self._gradckpt_run,
+                self,
+                func,
+                args,
+                kwargs,
+                lambda: parent(func, types, args, kwargs),
+            )
+
+else:  # pragma: no cover - torch without these private classes
+    _RecordSAC = _ReplaySAC = None
+
+
 class _Stacked(TorchDispatchMode):
     """A mode entered right above torch's selective-checkpoint mode ``inner`` (it sees ops first)."""
 
@@ -401,7 +590,7 @@ class _Stacked(TorchDispatchMode):
 
 
 class _Record(_Stacked):
-    """Forward: note generator states before random ops and keep data-dependent decisions."""
+    """``_record_op`` in a mode of its own above torch's caching mode."""
 
     def __exit__(self, *exc: Any) -> None:
         super().__exit__(*exc)
@@ -410,25 +599,11 @@ class _Record(_Stacked):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        run = self.run
-        if _is_random(func):
-            snap = _rng_snapshot(args, kwargs)
-            run.rng.append(snap)
-            if snap is None:
-                run.policy.force_save = True
-        schema = getattr(func, "_schema", None)
-        writes = schema is not None and schema.is_mutable
-        if writes:
-            run.written(func, args, kwargs)
-        out = func(*args, **kwargs)
-        run.noted(func, args, out, writes)
-        if is_data_dependent(func):
-            run.decisions.record(func, out)
-        return out
+        return _record_op(self.run, func, args, kwargs, lambda: func(*args, **kwargs))
 
 
 class _Replay(_Stacked):
-    """Recompute: restore generator states, hand back kept decisions, name mutation errors."""
+    """``_replay_op`` in a mode of its own above torch's cached mode."""
 
     def __enter__(self) -> Any:
         self.run.rng_i = 0
@@ -441,58 +616,7 @@ class _Replay(_Stacked):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        run = self.run
-        if _is_random(func):
-            if run.rng_i >= len(run.rng):
-                raise run.mismatch("more random ops")
-            snap = run.rng[run.rng_i]
-            run.rng_i += 1
-            if isinstance(snap, tuple):
-                snap[0].set_state(snap[1])
-        if is_data_dependent(func):
-            return run.decisions.replay(func, lambda: self._call(func, args, kwargs))
-        return self._call(func, args, kwargs)
-
-    def _call(self, func: Any, args: Any, kwargs: Any) -> Any:
-        self.run.before_cached(self.inner, func, args)
-        try:
-            with self._recompute_if_consumed(func, args):
-                return func(*args, **kwargs)
-        except RuntimeError as e:
-            if isinstance(e, CheckpointMismatchError):
-                raise
-            msg = str(e)
-            if "not found in storage" in msg:
-                raise self.run.mismatch(f"an op ({func}) more often") from e
-            raise
-
-    @contextlib.contextmanager
-    def _recompute_if_consumed(self, func: Any, args: Any) -> Iterator[None]:
-        """Recompute a kept output that an earlier backward of this region already used.
-
-        torch hands each kept output to the first recompute only (and frees it), then refuses
-        any further backward through the region ("backward an extra time"). A second backward
-        (``retain_graph=True``, several ``autograd.grad`` calls, a double backward) re-runs
-        those ops instead, from the same recomputed inputs, with random ops and decisions
-        replayed as in every recompute: the gradients of a full recompute, no memory held.
-        """
-        consumed = getattr(tuc, "_CONSUMED", None)
-        storage = getattr(self.inner, "storage", None)
-        counter = getattr(self.inner, "func_counter", None)
-        key_of = getattr(tuc, "_sac_storage_key", lambda f, a: f)
-        entries = None
-        if consumed is not None and isinstance(storage, Mapping) and counter is not None:
-            key = key_of(func, args)
-            entries = storage.get(key)
-            idx = counter.get(key, 0)
-        if entries is None or entries.get(idx) is not consumed:
-            yield
-            return
-        entries[idx] = tuc._RECOMPUTE  # torch's cached mode then simply runs the op
-        try:
-            yield
-        finally:
-            entries[idx] = consumed
+        return _replay_op(self.run, self.inner, func, args, kwargs, lambda: func(*args, **kwargs))
 
 
 def selective_context_fn(
@@ -529,6 +653,9 @@ def selective_context_fn(
             caching=caching,
             decisions=DecisionLog(f"block {name!r}"),
         )
+        merged = _merged(caching, cached, run)
+        if merged is not None:
+            return merged  # type: ignore[no-any-return]
         return _Record(run, caching), _Replay(run, cached)  # type: ignore[arg-type]
 
     return make
