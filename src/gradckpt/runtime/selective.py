@@ -563,7 +563,7 @@ if _CACHING is not None and _CACHED is not None:
             )
 
 else:  # pragma: no cover - torch without these private classes
-    _RecordSAC = _ReplaySAC = None
+    _RecordSAC = _ReplaySAC = None  # type: ignore[assignment, misc]
 
 
 class _Stacked(TorchDispatchMode):
