@@ -180,23 +180,22 @@ def install_tiles(
     tile = options.get("tile_tokens")
     if not isinstance(tile, int) or isinstance(tile, bool) or tile < 1:
         return None
-    modules: list[tuple[nn.Module, bool]] = []
+    modules: list[tuple[nn.Module, str]] = []
     mlp = tiled_module(block)
     if mlp is not None:
-        modules.append((mlp, False))
+        modules.append((mlp, "mlp"))
     if options.get("tile_norms"):
         modules += [
-            (m, True)
+            (m, "norm")
             for a in TILED_NORM_ATTRS
             if isinstance(m := getattr(block, a, None), nn.Module)
         ]
     if options.get("tile_proj"):
-        modules += [(m, False) for m in tiled_projections(block)]
+        modules += [(m, "proj") for m in tiled_projections(block)]
     if not modules:
         return None
     undo = [
-        _tile(m, f"block {name!r}'s {type(m).__name__}", tile, norm=is_norm)
-        for m, is_norm in modules
+        _tile(m, f"block {name!r}'s {type(m).__name__}", tile, role=role) for m, role in modules
     ]
 
     def restore() -> None:
@@ -283,16 +282,27 @@ def _fused(norm_forward: Callable[..., Any], forward: Callable[..., Any]) -> Cal
     return unit
 
 
-def _tile(module: nn.Module, label: str, tile: int, *, norm: bool = False) -> Callable[[], None]:
+def _no_contexts() -> tuple[AbstractContextManager[Any], AbstractContextManager[Any]]:
+    return contextlib.nullcontext(), contextlib.nullcontext()
+
+
+def _tile(module: nn.Module, label: str, tile: int, *, role: str = "mlp") -> Callable[[], None]:
     """Override ``module.forward`` with its tiled run; return the undo.
 
-    A tiled norm (``norm=True``) records its output; a tiled consumer of that very output
+    ``role``: ``"mlp"``, ``"norm"`` or ``"proj"``. A norm's or a projection's tiles make no
+    data-dependent decision (a norm, a linear layer with its adapter), so their checkpoints
+    keep none (``checkpoint``'s decision replay, a dispatch mode over every op, is left out);
+    an MLP's tiles keep theirs (a mixture of experts routes tokens in it).
+
+    A tiled norm records its output; a tiled consumer of that very output
     (the MLP after ``post_attention_layernorm``, the projections after ``input_layernorm``)
     then tiles the norm's input and applies the norm inside each tile, so that the norm's
     whole output is not kept for backward (the norm's input is, by the norm itself). Values
     are the norm's own on each tile's tokens; any other user of the norm's output still gets it.
     """
     forward = module.forward
+    norm = role == "norm"
+    tile_contexts = None if role == "mlp" else _no_contexts
 
     def run_tiles(unit: Callable[..., Any], x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         # During this function's own recompute (see the module docstring) only the tiles'
@@ -303,7 +313,8 @@ def _tile(module: nn.Module, label: str, tile: int, *, norm: bool = False) -> Ca
         rows = x.reshape(1, -1, x.shape[-1])
         outs = []
         for part in _tile_slices(rows, tile):
-            out = checkpoint(fn, part, *args, **kwargs)
+            ctx = None if torch.compiler.is_compiling() else tile_contexts
+            out = checkpoint(fn, part, *args, context_fn=ctx, **kwargs)
             if not isinstance(out, torch.Tensor) or out.shape[:-1] != part.shape[:-1]:
                 raise BlockError(
                     f"{label} returned {type(out).__name__} "
