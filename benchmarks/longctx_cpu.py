@@ -9,8 +9,9 @@ under ``gradckpt.measure`` (live-storage counting: exact bytes, exact FLOPs, no 
    fp32 logits), each chunk checkpointed; then chunks of 32 tokens, so that the blocks' backward
    transient, not the head's, sets the peak.
 3. the same + ``tile_tokens=1024``: each block's MLP in 4 tiles, each checkpointed.
-4. ``lean`` with the same chunks and tiles (offload is recompute on a CPU-only run, so this is
-   3 with the norms tiled too).
+4. the same with the norms and attention projections tiled too (``tile_norms``, ``tile_proj``).
+5. ``lean`` with the same chunks and tiles (offload is recompute on a CPU-only run, so this is
+   4).
 
 Run: PYTHONPATH=src python benchmarks/longctx_cpu.py [--seq 4096] [--out FILE.json]
 (about 5-10 minutes on one core; peak memory about 6 GiB, for configuration 1's logits).
@@ -82,7 +83,14 @@ def main() -> None:
             "tile_tokens": args.tile,
             **chunk,
         },
-        f"lean (chunks of {args.chunk}, tiles of {args.tile}, norms tiled)": {
+        f"full + chunked ({args.chunk}) + tiles of {args.tile}, norms and projections too": {
+            "policy": "full",
+            "tile_tokens": args.tile,
+            "tile_norms": True,
+            "tile_proj": True,
+            **chunk,
+        },
+        f"lean (chunks of {args.chunk}, tiles of {args.tile}: MLP, norms, projections)": {
             "policy": "lean",
             "tile_tokens": args.tile,
             "loss_chunk": args.chunk,

@@ -57,6 +57,15 @@ def test_json_report(capsys: pytest.CaptureFixture[str]) -> None:
     assert d["results"][1]["speed_cost"] > 0 == d["results"][0]["speed_cost"]
 
 
+def test_loss_liger_is_the_chunked_head(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _run(capsys, "gpt2", "--seq", "256", "--loss", "liger", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["setup"]["hf_loss"] == "liger"
+    assert all("chunked loss head" in r["plan"] for r in d["results"])
+    assert any("Liger-Kernel" in n for n in d["notes"])
+
+
 def test_table_with_gpu_and_verdicts(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = _run(
         capsys, "gpt2", "--seq", "128", "--gpu", "rtx-4090", "--policy", "none,full,every:2"
@@ -109,6 +118,7 @@ def test_cli_splits_its_strings_and_leaves_the_rules_to_the_library(
         (["gpt2", "--gpu", "rtx-4080"], "unknown GPU 'rtx-4080'"),
         (["gpt2", "--policy", "none,fulll"], "unknown policy 'fulll'"),
         (["gpt2", "--method", "dora"], "invalid choice: 'dora'"),
+        (["gpt2", "--loss", "fused"], "invalid choice: 'fused'"),
         ([], "name a model"),
     ],
 )

@@ -88,3 +88,23 @@ def test_link_model() -> None:
     slow = offload_cost(32 * 2**30, 32, 0.5, 1.0, gpu)
     assert slow.exposed_s == pytest.approx((one_way - 0.5) + (one_way - 1.0) + one_way / 32)
     assert offload_cost(0, 32, 1.0, 1.0, gpu).exposed_s == 0.0
+
+
+def test_loss_chunked_and_liger_use_the_chunked_head_under_every_policy() -> None:
+    """``loss="chunked"``/``"liger"`` (``plan --loss``): full logits never exist, whatever the
+    policy; the two have the same bytes, and the notes say how Liger is modelled."""
+    kw = dict(method="lora", seq=SEQ, policies=["none", "full"], alternatives=False)
+    plain = gradckpt.estimate(_config(), **kw)
+    chunked = gradckpt.estimate(_config(), hf_loss="chunked", **kw)
+    liger = gradckpt.estimate(_config(), hf_loss="liger", **kw)
+    logits = SEQ * 32000 * 2  # bf16 logits of the whole sequence
+    for policy in ("none", "full"):
+        p, c, g = plain.result(policy), chunked.result(policy), liger.result(policy)
+        assert "chunked loss head" in c.plan and "chunked loss head" not in p.plan
+        assert p.peak_bytes - c.peak_bytes >= logits
+        assert c.peak_bytes == g.peak_bytes
+        assert c.recompute_flops > p.recompute_flops  # one more lm_head forward
+    assert any("Liger-Kernel" in n for n in liger.notes)
+    assert not any("Liger-Kernel" in n for n in chunked.notes)
+    with pytest.raises(gradckpt.ConfigError, match="hf_loss"):
+        gradckpt.estimate(_config(), hf_loss="fused", **kw)

@@ -113,11 +113,15 @@ def add_parser(subparsers: Any) -> None:
         help="QLoRA without bitsandbytes' double quantization (fp32 absmax per 64 weights)",
     )
     p.add_argument(
+        "--loss",
         "--hf-loss",
+        dest="hf_loss",
         default="transformers",
         choices=HF_LOSSES,
-        help="the causal-LM loss: the installed transformers' own, or shift-copy as "
-        "transformers before 4.49 computed it (an extra fp32 copy of the shifted logits) "
+        help="the causal-LM loss: the installed transformers' own; shift-copy as "
+        "transformers before 4.49 computed it (an extra fp32 copy of the shifted logits); "
+        "chunked: gradckpt's chunked loss head under every policy; liger: a model patched by "
+        "Liger-Kernel's fused linear cross-entropy, estimated as the chunked head "
         "(default: transformers)",
     )
     p.add_argument(

@@ -9,11 +9,12 @@ import torch
 
 from ..errors import GradCkptError
 from ..planner.api import plan as planner_plan
+from ..runtime.chunked_loss import HEAD_NAME
 from ..units import format_bytes
 from . import fake_model
 from .gpus import GPU
 from .step_cost import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES
-from .training import TrainingSetup
+from .training import CHUNKED_LOSSES, TrainingSetup
 
 __all__ = ["planner_plan_for_gpu"]
 
@@ -55,6 +56,8 @@ def planner_plan_for_gpu(
         return None, f"policy 'auto' skipped: the optimizer states alone exceed {gpu.name}"
     with sess.mode:
         ids = torch.randint(0, sess.vocab, (st.batch, st.seq))
+    chunked = st.hf_loss in CHUNKED_LOSSES  # the setup's loss is a chunked head: plan with it
+    head: dict[str, Any] = {"loss_head": HEAD_NAME, "loss_head_optional": True} if chunked else {}
     try:
         with sess.mode, torch.autocast("cpu", dtype=torch.bfloat16, enabled=st.autocast):
             return planner_plan(
@@ -62,6 +65,7 @@ def planner_plan_for_gpu(
                 budget,
                 {"input_ids": ids, "labels": ids},
                 blocks=[n for n, _ in sess.blocks],
+                **head,
             ), None
     except GradCkptError as e:
         return None, f"policy 'auto' (planner, {format_bytes(budget)} for the step): {e}"

@@ -20,6 +20,7 @@ from typing import Any
 from ..errors import ConfigError, PlanError
 from ..plans import Decision, Plan
 from ..policies import get_policy, make_plan
+from ..runtime.chunked_loss import HEAD_NAME
 from ..units import format_bytes, parse_size
 from . import fake_model, periodic
 from .allocator import step_allocation
@@ -33,7 +34,7 @@ from .sharding import Sharding, ShardTotals, sharding
 from .step_cost import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, policy_estimate, static_notes
 from .timeline import replay
 from .totals import replayed_totals
-from .training import TrainingSetup
+from .training import CHUNKED_LOSSES, TrainingSetup
 
 __all__ = [
     "ALLOCATOR_SLACK",
@@ -301,6 +302,14 @@ class _Inputs:
         return g if g is not None and g.has_speed else GPU_PRESETS[REFERENCE_GPU]
 
 
+def _with_loss(plan: Plan, st: TrainingSetup) -> Plan:
+    """``plan`` with the chunked loss head when the setup's loss is chunked (``CHUNKED_LOSSES``)."""
+    if st.hf_loss not in CHUNKED_LOSSES or "loss_head" in plan.options:
+        return plan
+    head = {"loss_head": HEAD_NAME, "loss_head_optional": True}
+    return replace(plan, options={**plan.options, **head})
+
+
 #: plans the budget planner makes at most for policy 'auto' (each one lower by the excess)
 _AUTO_TRIES = 3
 # estimate()'s keyword arguments that are not TrainingSetup fields
@@ -488,7 +497,7 @@ def _estimate(inp: _Inputs, t0: float) -> tuple[EstimateReport | None, list[str]
 
     for policy in names:
         if policy != "auto":
-            plan = make_plan(policy, full_names)
+            plan = _with_loss(make_plan(policy, full_names), st)
             if Decision.OFFLOAD in plan.decisions:
                 offloaded.append(policy)
             result, totals_full = run_policy(policy, plan)

@@ -151,6 +151,18 @@ def static_notes(
         "sgd-momentum": "SGD with momentum: 1 state per trainable parameter",
     }[st.optimizer]
     notes.append(f"optimizer: {opt}")
+    if st.hf_loss == "chunked":
+        notes.append(
+            "loss: gradckpt's chunked loss head under every policy (loss_head='chunked'): full "
+            "logits never exist; one more lm_head forward in backward"
+        )
+    elif st.hf_loss == "liger":
+        notes.append(
+            "loss: Liger-Kernel's fused linear cross-entropy, estimated as gradckpt's chunked "
+            "loss head (one chunk's logits at a time, as Liger holds); Liger computes the head's "
+            "gradients in forward and runs no second lm_head forward, so its step time is up "
+            "to one lm_head forward below this estimate's"
+        )
     if st.autocast:
         notes.append(
             "forward ran under bf16 autocast (as Trainer(bf16=True)), CPU autocast's op lists; "

@@ -17,6 +17,7 @@ from .compat import deprecated_csv
 __all__ = [
     "ADAPTER_DTYPES",
     "ATTENTION",
+    "CHUNKED_LOSSES",
     "HF_LOSSES",
     "METHODS",
     "OPTIMIZERS",
@@ -46,7 +47,14 @@ ADAPTER_DTYPES = ("fp32", "weights")
 #: upcasts the logits to fp32 and pads the labels) or ``shift-copy`` (transformers before
 #: 4.49: fp32 logits plus a contiguous fp32 copy of the shifted logits, both alive through the
 #: cross entropy; read in the 4.46.3 and 4.48.3 wheels' ``ForCausalLMLoss``).
-HF_LOSSES = ("transformers", "shift-copy")
+#: ``chunked``: gradckpt's chunked loss head (``loss_head="chunked"``) under every policy: full
+#: logits never exist. ``liger``: a model patched by Liger-Kernel's fused linear cross-entropy
+#: (or Unsloth's chunked loss), estimated as the chunked head: it too holds one chunk's logits
+#: at a time; it computes the head's gradients in forward and so runs no second ``lm_head``
+#: forward, which the chunked head does (the estimate's time is an upper bound for it).
+HF_LOSSES = ("transformers", "shift-copy", "chunked", "liger")
+#: The losses computed by a chunked head (the plan option ``loss_head="chunked"``).
+CHUNKED_LOSSES = ("chunked", "liger")
 #: ``adamw``: torch.optim.AdamW, fused: 2 states per trainable parameter in its dtype.
 #: ``adamw-8bit``: bitsandbytes AdamW8bit: 2 uint8 states + one fp32 absmax per 256 values for
 #: tensors of >= 4096 values (``min_8bit_size``), 2 fp32 states for smaller ones.
@@ -107,7 +115,8 @@ class TrainingSetup:
         nf4_double_quant: QLoRA only: ``bnb_4bit_use_double_quant`` (default True, as the QLoRA
             paper and peft's QLoRA examples set it; False keeps fp32 absmax values, 0.5 bits
             per weight instead of 0.127).
-        hf_loss: ``"transformers"`` or ``"shift-copy"`` (see ``HF_LOSSES``).
+        hf_loss: ``"transformers"``, ``"shift-copy"``, ``"chunked"`` or ``"liger"`` (see
+            ``HF_LOSSES``).
     """
 
     method: str = "full"
