@@ -145,7 +145,8 @@ def test_norms_and_projections_tiled_keep_less() -> None:
     With ``tile_norms`` the MLP tiles apply the post-attention norm themselves (its output is not
     kept for backward) and the tiles' input gradients go into one buffer (no concatenation of
     them): at least 2.5 hidden-sized tensors fewer at the peak. ``tile_proj`` then keeps the
-    projections' intermediates and the input norm's output out of the peak: one more.
+    projections' intermediates and the input norm's output out of the peak: one more. Neither
+    adds matmul FLOPs.
     """
     cfg = transformers.LlamaConfig(
         vocab_size=64,
@@ -162,10 +163,13 @@ def test_norms_and_projections_tiled_keep_less() -> None:
     def step() -> None:
         model(input_ids=ids, labels=ids).loss.backward()
 
+    flops = set()
+
     def peak(**options: object) -> int:
         gradckpt.enable(model, policy="full", loss_head="chunked", tile_tokens=64, **options)
         model.zero_grad(set_to_none=True)
         m = gradckpt.measure(step, model=model)
+        flops.add((m.forward_flops, m.backward_flops, m.recompute_flops))
         return m.peak_bytes - m.baseline_bytes
 
     hidden = 2 * 256 * 128 * 4
@@ -173,6 +177,7 @@ def test_norms_and_projections_tiled_keep_less() -> None:
     proj = peak(tile_norms=True, tile_proj=True)
     assert tiled - normed >= 2.5 * hidden
     assert normed - proj >= 0.9 * hidden
+    assert len(flops) == 1  # no matmul FLOPs beyond the MLP tiles' (which are full's)
 
 
 def test_tile_slices_share_one_input_gradient() -> None:

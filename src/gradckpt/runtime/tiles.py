@@ -32,10 +32,12 @@ With ``tile_proj=True`` (policy ``lean``) the attention's input and output proje
 ``v_proj``, ``o_proj``...) are tiled too. Each projection's own intermediates are then a tile's:
 under QLoRA with peft's k-bit preparation the hidden states are float32, and each of ``q_proj``,
 ``k_proj`` and ``v_proj`` (their LoRA ``A`` matmul) keeps its own bfloat16 cast of the whole input
-for backward (Llama 3 8B: 3 x 8 KB per token per block). Their outputs feed attention, which
-saves them, so the block's recompute runs the projections as ``full`` does and each tile's
-backward runs its projection once more: one more forward of the projections per block
-(Llama 3 8B: about a fifth of a block's forward FLOPs).
+for backward (Llama 3 8B: 3 x 8 KB per token per block). FLOPs (exact counts): a plain
+linear projection keeps only its input, so a tile's recompute stops before its matmul (torch's
+early stop): no FLOPs beyond ``full``'s (``tests/test_tiles.py``). With LoRA adapters the
+adapter's intermediate is kept too, and the base projection runs before it, so each tile's
+recompute runs the base projection once more: one more forward of the projections per block
+(Llama 3.1 8B QLoRA at 16K tokens: recompute FLOPs +11%, 389 -> 434 TFLOP in the estimate).
 
 Which module is tiled: the block's attribute named in ``TILED_ATTRS`` (``mlp``, ``feed_forward``,
 ``ffn``), whose forward takes the hidden states ``(batch, tokens, hidden)`` first and returns one
