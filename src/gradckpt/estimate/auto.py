@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ..errors import GradCkptError
+from ..plans import Decision
 from ..planner.api import plan as planner_plan
 from ..runtime.chunked_loss import HEAD_NAME
 from ..units import format_bytes
@@ -65,6 +66,7 @@ def planner_plan_for_gpu(
                 budget,
                 {"input_ids": ids, "labels": ids},
                 blocks=[n for n, _ in sess.blocks],
+                decisions=list(Decision),  # the fake model stands for a CUDA device
                 **head,
             ), None
     except GradCkptError as e:

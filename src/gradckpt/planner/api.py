@@ -50,13 +50,16 @@ def _profile_and_solve(
     blocks: Sequence[tuple[str, nn.Module]],
     loss_fn: LossFn | None,
     options: dict[str, Any],
+    decisions: Sequence[Decision] | None = None,
 ) -> Plan:
     """The cheapest plan that fits, adding ``LONG_CONTEXT_STEPS`` one by one while none does."""
     opts = dict(options)
     added: list[str] = []
     steps = [s for s in LONG_CONTEXT_STEPS if not any(k in opts for k in s)]
     while True:
-        prof = profile_model(model, example, blocks=blocks, loss_fn=loss_fn, options=opts)
+        prof = profile_model(
+            model, example, blocks=blocks, loss_fn=loss_fn, options=opts, decisions=decisions
+        )
         try:
             plan = auto_plan(prof, budget, opts)
         except BudgetError as e:
@@ -97,8 +100,13 @@ def profile_model(
     blocks: Sequence[tuple[str, nn.Module]],
     loss_fn: LossFn | None = None,
     options: dict[str, Any] | None = None,
+    decisions: Sequence[Decision] | None = None,
 ) -> StepProfile:
-    """Profile one forward+backward of ``model`` on ``example`` (gradients and RNG restored)."""
+    """Profile one forward+backward of ``model`` on ``example`` (gradients and RNG restored).
+
+    ``decisions``: those to offer (default: what the model's device allows; the estimator's
+    fake model, which stands for a CUDA device, offers OFFLOAD too).
+    """
     if example is None:
         raise ConfigError("profiling needs an example batch (example=...)")
     loss_of = loss_fn or default_loss
@@ -106,7 +114,9 @@ def profile_model(
     def step() -> None:
         loss_of(call_model(model, example)).backward()
 
-    return profile_step(model, step, blocks, options=options, batch=batch_of(example))
+    return profile_step(
+        model, step, blocks, decisions=decisions, options=options, batch=batch_of(example)
+    )
 
 
 def plan(
@@ -116,6 +126,7 @@ def plan(
     *,
     blocks: Any = None,
     loss_fn: LossFn | None = None,
+    decisions: Sequence[Decision] | None = None,
     **options: Any,
 ) -> Plan:
     """The cheapest plan whose predicted peak fits ``budget``, from one profiled step on ``example``.
@@ -126,6 +137,7 @@ def plan(
         example: one training batch: a dict of keyword inputs, a tuple of positional ones, or a tensor.
         blocks: as for ``enable`` (default: ``find_blocks``).
         loss_fn: ``loss_fn(output) -> loss`` (default: ``output.loss``, else ``output.sum()``).
+        decisions: the decisions to choose from (default: all the model's device allows).
         **options: plan options for the decisions (e.g. ``save_ops``).
 
     Returns:
@@ -145,7 +157,9 @@ def plan(
 
     found = resolve_blocks(model, blocks)
     b = resolve_budget(budget)
-    return _profile_and_solve(model, b, example, blocks=found, loss_fn=loss_fn, options=options)
+    return _profile_and_solve(
+        model, b, example, blocks=found, loss_fn=loss_fn, options=options, decisions=decisions
+    )
 
 
 def plan_for_budget(
