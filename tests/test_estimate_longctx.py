@@ -108,3 +108,37 @@ def test_loss_chunked_and_liger_use_the_chunked_head_under_every_policy() -> Non
     assert not any("Liger-Kernel" in n for n in chunked.notes)
     with pytest.raises(gradckpt.ConfigError, match="hf_loss"):
         gradckpt.estimate(_config(), hf_loss="fused", **kw)
+
+
+def test_auto_adds_the_chunked_head_and_may_offload() -> None:
+    """``auto`` on a GPU that no per-block plan fits (the logits alone are over it): the planner
+    adds the chunked loss head and the plan fits. On the fake model (a CUDA device's stand-in)
+    OFFLOAD is offered and its block keeps nothing on the device: its input is in host memory."""
+    import torch
+
+    from gradckpt.estimate import fake_model
+    from gradckpt.estimate.training import TrainingSetup
+    from gradckpt.planner.api import profile_model
+    from gradckpt.plans import Decision
+
+    kw = dict(method="lora", seq=SEQ, alternatives=False)
+    r = gradckpt.estimate(_config(), policies=["full", "lean"], **kw)
+    full, lean = r.result("full"), r.result("lean")
+    gpu = f"{(full.peak_bytes + lean.peak_bytes) / 2e9:.3f}GB"
+    auto = gradckpt.estimate(_config(), policies=["auto"], gpu=gpu, **kw).result("auto")
+    assert "chunked loss head" in auto.plan and auto.fits
+    assert full.peak_bytes > auto.peak_bytes
+
+    st = TrainingSetup(method="lora", seq=SEQ)
+    sess = fake_model.get_session(_config(), st, LAYERS, None)
+    with sess.mode:
+        ids = torch.randint(0, sess.vocab, (1, SEQ))
+    with sess.mode, torch.autocast("cpu", dtype=torch.bfloat16):
+        prof = profile_model(
+            sess.model,
+            {"input_ids": ids, "labels": ids},
+            blocks=sess.blocks,
+            decisions=list(Decision),
+        )
+    for opts in prof.options:
+        assert opts[Decision.OFFLOAD].kept == 0 < opts[Decision.RECOMPUTE].kept
