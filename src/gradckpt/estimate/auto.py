@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from ..errors import GradCkptError
-from ..plans import Decision
 from ..planner.api import plan as planner_plan
+from ..plans import Decision
 from ..runtime.chunked_loss import HEAD_NAME
 from ..units import format_bytes
 from . import fake_model
