@@ -1,8 +1,9 @@
 """Sequence tiles (``tile_tokens=N``): gradients within rounding, a smaller backward transient.
 
 Checks, on tiny random-weight Hugging Face models (fp32, CPU): gradients of ``full`` with tiles
-equal those without checkpointing within 1e-5 relative (Llama, Gemma 2 with its norm after the
-MLP, GPT-2, Mixtral's MoE block, and Llama with LoRA); exact bytes and FLOPs from
+equal those without checkpointing within 1e-5 relative (Llama, Qwen2, Mistral, Gemma 2 with its
+norm after the MLP, GPT-2, Mixtral's MoE block, and Llama with LoRA; norms and attention
+projections tiled too); exact bytes and FLOPs from
 ``gradckpt.measure``: the step's peak drops by the MLP intermediates that tiles keep out of
 the recompute, with exactly ``full``'s FLOPs; ``disable`` restores the MLPs; bad options refused.
 
@@ -34,6 +35,10 @@ def _model(kind: str) -> torch.nn.Module:
     )
     if kind in ("llama", "lora"):
         cfg = transformers.LlamaConfig(**common)
+    elif kind == "qwen2":
+        cfg = transformers.Qwen2Config(**common)
+    elif kind == "mistral":
+        cfg = transformers.MistralConfig(**common)
     elif kind == "gemma2":
         cfg = transformers.Gemma2Config(head_dim=8, **common)
     elif kind == "mixtral":
@@ -76,7 +81,7 @@ def _grads(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dic
     ("kind", "norms", "proj"),
     [(k, False, False) for k in ("llama", "gemma2", "gpt2", "mixtral", "lora")]
     + [("llama", True, False), ("gemma2", True, False), ("gpt2", True, False)]
-    + [(k, True, True) for k in ("llama", "gemma2", "gpt2", "mixtral", "lora")],
+    + [(k, True, True) for k in ("llama", "qwen2", "mistral", "gemma2", "gpt2", "mixtral", "lora")],
 )
 def test_tiled_grads_match_no_checkpointing(kind: str, norms: bool, proj: bool) -> None:
     model = _model(kind)
