@@ -61,9 +61,14 @@ def test_plan_api_leaves_gradients_buffers_and_rng_alone() -> None:
     model, batch, step = _setup("llama")
     step()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    # a budget every plan meets: the planner counts the process's live tensors as present, so a
+    # fixed size would depend on what other tests in this worker left alive
+    prof = profile_model(model, batch, blocks=gradckpt.find_blocks(model))
+    budget = predict_peak(prof, [gradckpt.Decision.SAVE] * len(prof.blocks))
     rng = torch.get_rng_state()
-    plan = gradckpt.plan(model, "2GiB", example=batch)
-    assert plan.policy == "auto" and plan.notes["predicted_peak_bytes"] <= 2 * 2**30
+    plan = gradckpt.plan(model, budget, example=batch)
+    assert plan.policy == "auto" and plan.notes["predicted_peak_bytes"] <= budget
+    assert "long_context" not in plan.notes
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(grads[n], p.grad) for n, p in model.named_parameters())
     assert gradckpt.applied_plan(model) is None

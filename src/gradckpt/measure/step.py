@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -219,7 +220,8 @@ def measure(
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base_cuda = int(torch.cuda.memory_allocated())
-    tracker.seed(live_tensors())
+    fake = model is not None and any(is_fake(p) for p in model.parameters())
+    tracker.seed(live_tensors(fake=fake))
     t0 = time.perf_counter()
     try:
         with tracker:

@@ -143,8 +143,18 @@ def io_bytes(args: Any, kwargs: Any, out: Any, *, distinct: bool = False) -> int
     return n
 
 
-def live_tensors() -> list[torch.Tensor]:
-    """Every tensor Python holds now (what ``seed`` is given before a step)."""
+def live_tensors(*, fake: bool = False) -> list[torch.Tensor]:
+    """Every tensor Python holds now (what ``seed`` is given before a step).
+
+    Fake tensors (``gradckpt.estimate``'s cached fake models) hold no memory: they are left out
+    unless ``fake`` (the step measured runs on fake tensors itself).
+    """
+    from torch._subclasses.fake_tensor import FakeTensor
+
     # issubclass(type(o)) rather than isinstance: isinstance on some torch module-level objects
     # (torch.distributed.reduce_op) emits a deprecation warning.
-    return [o for o in gc.get_objects() if issubclass(type(o), torch.Tensor)]
+    return [
+        o
+        for o in gc.get_objects()
+        if issubclass(type(o), torch.Tensor) and (fake or not issubclass(type(o), FakeTensor))
+    ]

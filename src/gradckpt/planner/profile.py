@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils._pytree import tree_flatten
 
 from .._model_io import ModelState
@@ -331,7 +332,7 @@ def profile_step(
         for p in model.parameters():
             p.grad = None
         gc.collect()
-        tracker.seed(live_tensors())
+        tracker.seed(live_tensors(fake=any(is_fake(p) for p in model.parameters())))
         # Gradients left from an earlier step are held only to be restored afterwards; a training
         # step starting from zero_grad(set_to_none=True) would not have them.
         tracker.forget(stale)
