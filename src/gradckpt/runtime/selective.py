@@ -196,13 +196,16 @@ class _Policy:
         self.learned = learned
         self.counts: dict[Any, int] = {}
         self.force_save = False
+        self.saved_last = False  # whether the last call asked torch to keep the op's output
 
     def __call__(self, ctx: Any, func: Any, *args: Any, **kwargs: Any) -> tuc.CheckpointPolicy:
         # torch numbers the calls of each op the same way (its cache key is the op).
         idx = self.counts.get(func, 0)
         self.counts[func] = idx + 1
+        self.saved_last = False
         if self.force_save:  # a random op whose generator state could not be noted
             self.force_save = False
+            self.saved_last = True
             return tuc.CheckpointPolicy.MUST_SAVE
         if _writes(func):
             # An in-place op's cached result would be handed back without writing into the
@@ -212,6 +215,7 @@ class _Policy:
             call = (func, idx)
             if call in self.learned.unreached or call in self.learned.mutated:
                 return tuc.CheckpointPolicy.PREFER_RECOMPUTE
+            self.saved_last = True
             return tuc.CheckpointPolicy.PREFER_SAVE
         return tuc.CheckpointPolicy.PREFER_RECOMPUTE
 
@@ -311,6 +315,8 @@ class _BlockRun:
 
     def noted(self, func: Any, args: Any, out: Any, writes: bool) -> None:
         """After ``func`` ran in forward: note where a kept output lives, or a new alias of one."""
+        if not self.policy.saved_last and (writes or not self.kept_on):
+            return  # the common op: nothing of it kept, and no kept output it could alias
         storage = self._entries(self.caching)
         if storage is None or _RECOMPUTE is None or func in _SAC_IGNORED:
             return
