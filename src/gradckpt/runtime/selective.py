@@ -428,6 +428,9 @@ def _replay_op(
         run.rng_i += 1
         if isinstance(snap, tuple):
             snap[0].set_state(snap[1])
+    if _RECOMPUTE is not None and not is_data_dependent(func):
+        if _cached_entry(cached, func, args) is _RECOMPUTE:
+            return call()  # the common op: not kept, torch's cached mode simply runs it
 
     def kept_or_run() -> Any:
         run.before_cached(cached, func, args)
@@ -449,6 +452,17 @@ def _replay_op(
 
 
 _CONSUMED = getattr(tuc, "_CONSUMED", None)
+
+
+def _cached_entry(cached: Any, func: Any, args: Any) -> Any:
+    """What torch's cached mode holds for this call of ``func`` (None if it holds nothing)."""
+    storage = getattr(cached, "storage", None)
+    counter = getattr(cached, "func_counter", None)
+    if not isinstance(storage, Mapping) or counter is None or func in _SAC_IGNORED:
+        return None
+    key = _cache_key(func, args)
+    entries = storage.get(key)
+    return None if entries is None else entries.get(counter.get(key, 0))
 
 
 def _consumed_entry(cached: Any, func: Any, args: Any) -> tuple[Any, int] | None:
