@@ -428,9 +428,9 @@ def _replay_op(
         run.rng_i += 1
         if isinstance(snap, tuple):
             snap[0].set_state(snap[1])
-    if _RECOMPUTE is not None and not is_data_dependent(func):
-        if _cached_entry(cached, func, args) is _RECOMPUTE:
-            return call()  # the common op: not kept, torch's cached mode simply runs it
+    common = _RECOMPUTE is not None and not is_data_dependent(func)
+    if common and _cached_entry(cached, func, args) is _RECOMPUTE:
+        return call()  # the common op: not kept, torch's cached mode simply runs it
 
     def kept_or_run() -> Any:
         run.before_cached(cached, func, args)
