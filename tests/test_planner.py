@@ -69,6 +69,10 @@ def test_plan_api_leaves_gradients_buffers_and_rng_alone() -> None:
     plan = gradckpt.plan(model, budget, example=batch)
     assert plan.policy == "auto" and plan.notes["predicted_peak_bytes"] <= budget
     assert "long_context" not in plan.notes
+    only = gradckpt.plan(
+        model, budget, example=batch, decisions=[gradckpt.Decision.RECOMPUTE]
+    )  # every block must then be recomputed, budget or not
+    assert set(only.decisions) == {gradckpt.Decision.RECOMPUTE}
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(grads[n], p.grad) for n, p in model.named_parameters())
     assert gradckpt.applied_plan(model) is None
