@@ -2,8 +2,8 @@
 
 Which ops draw random numbers, write into their inputs or make data-dependent decisions (looked up
 once per op overload); the generator state noted before a random op; the per-op policy handed to
-torch's selective-checkpoint contexts (``_Policy``); what is learned per block across steps
-(``_Learned``); and one forward's record (``_BlockRun``): kept outputs, their aliases, random
+torch's selective-checkpoint contexts (``Policy``); what is learned per block across steps
+(``Learned``); and one forward's record (``BlockRun``): kept outputs, their aliases, random
 states and decisions. ``runtime/selective.py`` runs these around each op inside torch's modes.
 """
 
@@ -33,7 +33,7 @@ def _tags(func: Any) -> tuple[Any, ...]:
 _RANDOM: dict[Any, bool] = {}  # per op overload (every op of a selective block asks)
 
 
-def _is_random(func: Any) -> bool:
+def is_random(func: Any) -> bool:
     known = _RANDOM.get(func)
     if known is None:
         known = _RANDOM[func] = torch.Tag.nondeterministic_seeded in _tags(func)
@@ -43,7 +43,7 @@ def _is_random(func: Any) -> bool:
 _WRITES: dict[Any, bool] = {}
 
 
-def _writes(func: Any) -> bool:
+def op_writes(func: Any) -> bool:
     """Whether the op's schema says it writes into an input (``add_``, ``out=``)."""
     known = _WRITES.get(func)
     if known is None:
@@ -81,7 +81,7 @@ def _default_generator(dev: torch.device) -> torch.Generator | None:
     return gens[index] if 0 <= index < len(gens) else None
 
 
-def _rng_snapshot(args: Any, kwargs: Mapping[str, Any]) -> Any:
+def rng_snapshot(args: Any, kwargs: Mapping[str, Any]) -> Any:
     """``(generator, state)`` before a random op, ``_NO_REPLAY``, or None when it cannot be taken."""
     gen = kwargs.get("generator")
     if not isinstance(gen, torch.Generator):
@@ -97,7 +97,7 @@ def _rng_snapshot(args: Any, kwargs: Mapping[str, Any]) -> Any:
         return None
 
 
-class _Learned:
+class Learned:
     """Per block, which kept op calls not to keep, learned from past forwards and backwards.
 
     ``unreached``: torch stops a recompute as soon as every tensor the forward saved exists again
@@ -128,14 +128,14 @@ class _Learned:
             for idx, entry in entries.items():
                 if idx < n:
                     self.unreached.discard((func, idx))
-                elif entry is not _RECOMPUTE:
+                elif entry is not RECOMPUTE:
                     self.unreached.add((func, idx))
 
 
-class _Policy:
+class Policy:
     """torch's per-op policy: keep ``save`` ops, never keep ops that write into their inputs."""
 
-    def __init__(self, save: frozenset[Any], learned: _Learned) -> None:
+    def __init__(self, save: frozenset[Any], learned: Learned) -> None:
         self.save = save
         self.learned = learned
         self.counts: dict[Any, int] = {}
@@ -151,7 +151,7 @@ class _Policy:
             self.force_save = False
             self.saved_last = True
             return tuc.CheckpointPolicy.MUST_SAVE
-        if _writes(func):
+        if op_writes(func):
             # An in-place op's cached result would be handed back without writing into the
             # recomputed input (the `noise.bernoulli_(p)` of CPU dropout): always re-run it.
             return tuc.CheckpointPolicy.PREFER_RECOMPUTE
@@ -166,13 +166,13 @@ class _Policy:
 
 # torch's selective-checkpoint internals (torch/utils/checkpoint.py, 2.4 to 2.13): the cache
 # marker for "recompute this call", the ops it neither counts nor caches, and its cache key.
-_RECOMPUTE = getattr(tuc, "_RECOMPUTE", None)
+RECOMPUTE = getattr(tuc, "_RECOMPUTE", None)
 _VERSION_WRAPPER = getattr(tuc, "_VersionWrapper", None)
-_SAC_IGNORED: Any = getattr(tuc, "SAC_IGNORED_OPS", frozenset({aten.detach.default}))
+SAC_IGNORED: Any = getattr(tuc, "SAC_IGNORED_OPS", frozenset({aten.detach.default}))
 _detach_helper: Callable[[Any], Any] = getattr(tuc, "_detach_helper", lambda x: x.detach())
 
 
-def _cache_key(func: Any, args: Any) -> Any:
+def cache_key(func: Any, args: Any) -> Any:
     # torch keys its cache by the op, except inductor_compiled_code regions (one key each); the
     # name test avoids calling torch's key function, which imports a module, on every op.
     key_fn = getattr(tuc, "_sac_storage_key", None)
@@ -214,7 +214,7 @@ def _written(func: Any, args: Any, kwargs: Mapping[str, Any]) -> list[Any]:
 
 
 @dataclass
-class _BlockRun:
+class BlockRun:
     """One forward of one block: what its recompute must reproduce.
 
     Kept outputs must not change before the recompute reads them. torch checks each kept
@@ -244,8 +244,8 @@ class _BlockRun:
     """
 
     name: str
-    policy: _Policy
-    learned: _Learned
+    policy: Policy
+    learned: Learned
     caching: Any = None  # torch's forward (caching) mode, whose storage holds what is kept
     rng: list[Any] = field(default_factory=list)
     decisions: DecisionLog = field(default_factory=lambda: DecisionLog("block"))
@@ -262,13 +262,13 @@ class _BlockRun:
         if not self.policy.saved_last and (writes or not self.kept_on):
             return  # the common op: nothing of it kept, and no kept output it could alias
         storage = self._entries(self.caching)
-        if storage is None or _RECOMPUTE is None or func in _SAC_IGNORED:
+        if storage is None or RECOMPUTE is None or func in SAC_IGNORED:
             return
-        key = _cache_key(func, args)
+        key = cache_key(func, args)
         counter = getattr(self.caching, "func_counter", {})
         call = (key, counter.get(key, 0) - 1)
-        entry = storage.get(key, {}).get(call[1], _RECOMPUTE)
-        if entry is not _RECOMPUTE:
+        entry = storage.get(key, {}).get(call[1], RECOMPUTE)
+        if entry is not RECOMPUTE:
             for w in _leaves(entry):
                 sid = _storage_id(getattr(w, "val", None))
                 if sid is not None:
@@ -278,7 +278,7 @@ class _BlockRun:
             return
         for x in _leaves(out):
             for kept_call in self.kept_on.get(_storage_id(x), ()):  # type: ignore[arg-type]
-                if storage.get(kept_call[0], {}).get(kept_call[1]) is _RECOMPUTE:
+                if storage.get(kept_call[0], {}).get(kept_call[1]) is RECOMPUTE:
                     continue  # no longer kept (another of its outputs was written)
                 handle = _detach_helper(x)  # shares x's version counter and storage
                 self.aliases.setdefault(kept_call, []).append((handle, x._version))
@@ -295,7 +295,7 @@ class _BlockRun:
         """Recompute ``call`` in backward instead of using its (modified) kept output."""
         storage = self._entries(self.caching)
         if storage is not None and call[1] in storage.get(call[0], {}):
-            storage[call[0]][call[1]] = _RECOMPUTE
+            storage[call[0]][call[1]] = RECOMPUTE
         self.learned.mutated.add(call)
         self.aliases.pop(call, None)
 
@@ -317,18 +317,18 @@ class _BlockRun:
             return
         for key, entries in list(storage.items()):
             for idx, entry in list(entries.items()):
-                if entry is not _RECOMPUTE and self.changed((key, idx), entry):
+                if entry is not RECOMPUTE and self.changed((key, idx), entry):
                     self.recompute((key, idx))
 
     def before_cached(self, cached: Any, func: Any, args: Any) -> None:
         """Recompute: a kept call about to be used is recomputed if it changed after forward."""
         storage = self._entries(cached)
-        if storage is None or _RECOMPUTE is None or func in _SAC_IGNORED:
+        if storage is None or RECOMPUTE is None or func in SAC_IGNORED:
             return
-        key = _cache_key(func, args)
+        key = cache_key(func, args)
         call = (key, getattr(cached, "func_counter", {}).get(key, 0))
         entry = storage.get(key, {}).get(call[1])
-        if entry is None or entry is _RECOMPUTE:
+        if entry is None or entry is RECOMPUTE:
             return
         if self.changed(call, entry):
             self.recompute(call)

@@ -51,15 +51,15 @@ from .decisions import early_stop_option, run_checkpointed
 from .megatron import attention_recomputed
 from .replay import DecisionLog, is_data_dependent
 from .sac_state import (
-    _RECOMPUTE,
-    _SAC_IGNORED,
-    _BlockRun,
-    _cache_key,
-    _is_random,
-    _Learned,
-    _Policy,
-    _rng_snapshot,
-    _writes,
+    RECOMPUTE,
+    SAC_IGNORED,
+    BlockRun,
+    Learned,
+    Policy,
+    cache_key,
+    is_random,
+    op_writes,
+    rng_snapshot,
 )
 from .save_ops import (
     DEFAULT_SAVE_OPS,
@@ -89,14 +89,14 @@ __all__ = [
 aten = torch.ops.aten
 
 
-def _record_op(run: _BlockRun, func: Any, args: Any, kwargs: Any, call: Callable[[], Any]) -> Any:
+def _record_op(run: BlockRun, func: Any, args: Any, kwargs: Any, call: Callable[[], Any]) -> Any:
     """Forward: note generator states before random ops and keep data-dependent decisions."""
-    if _is_random(func):
-        snap = _rng_snapshot(args, kwargs)
+    if is_random(func):
+        snap = rng_snapshot(args, kwargs)
         run.rng.append(snap)
         if snap is None:
             run.policy.force_save = True
-    writes = _writes(func)
+    writes = op_writes(func)
     if writes:
         run.written(func, args, kwargs)
     out = call()
@@ -107,18 +107,18 @@ def _record_op(run: _BlockRun, func: Any, args: Any, kwargs: Any, call: Callable
 
 
 def _replay_op(
-    run: _BlockRun, cached: Any, func: Any, args: Any, kwargs: Any, call: Callable[[], Any]
+    run: BlockRun, cached: Any, func: Any, args: Any, kwargs: Any, call: Callable[[], Any]
 ) -> Any:
     """Recompute: restore generator states, hand back kept decisions, name mutation errors."""
-    if _is_random(func):
+    if is_random(func):
         if run.rng_i >= len(run.rng):
             raise run.mismatch("more random ops")
         snap = run.rng[run.rng_i]
         run.rng_i += 1
         if isinstance(snap, tuple):
             snap[0].set_state(snap[1])
-    common = _RECOMPUTE is not None and not is_data_dependent(func)
-    if common and _cached_entry(cached, func, args) is _RECOMPUTE:
+    common = RECOMPUTE is not None and not is_data_dependent(func)
+    if common and _cached_entry(cached, func, args) is RECOMPUTE:
         return call()  # the common op: not kept, torch's cached mode simply runs it
 
     def kept_or_run() -> Any:
@@ -147,9 +147,9 @@ def _cached_entry(cached: Any, func: Any, args: Any) -> Any:
     """What torch's cached mode holds for this call of ``func`` (None if it holds nothing)."""
     storage = getattr(cached, "storage", None)
     counter = getattr(cached, "func_counter", None)
-    if not isinstance(storage, Mapping) or counter is None or func in _SAC_IGNORED:
+    if not isinstance(storage, Mapping) or counter is None or func in SAC_IGNORED:
         return None
-    key = _cache_key(func, args)
+    key = cache_key(func, args)
     entries = storage.get(key)
     return None if entries is None else entries.get(counter.get(key, 0))
 
@@ -161,7 +161,7 @@ def _consumed_entry(cached: Any, func: Any, args: Any) -> tuple[Any, int] | None
     counter = getattr(cached, "func_counter", None)
     if _CONSUMED is None or not isinstance(storage, Mapping) or counter is None:
         return None
-    key = _cache_key(func, args)
+    key = cache_key(func, args)
     entries = storage.get(key)
     if entries is None:
         return None
@@ -203,7 +203,7 @@ _CACHING = getattr(tuc, "_CachingTorchDispatchMode", None)
 _CACHED = getattr(tuc, "_CachedTorchDispatchMode", None)
 
 
-def _merged(caching: Any, cached: Any, run: _BlockRun) -> tuple[Any, Any] | None:
+def _merged(caching: Any, cached: Any, run: BlockRun) -> tuple[Any, Any] | None:
     """torch's two modes turned into gradckpt's (``__class__`` swapped), or None."""
     if (
         _RecordSAC is None
@@ -224,7 +224,7 @@ if _CACHING is not None and _CACHED is not None:
     class _RecordSAC(_CACHING):  # type: ignore[misc, valid-type]
         """torch's forward (caching) mode with ``_record_op`` around each op."""
 
-        _gradckpt_run: _BlockRun
+        _gradckpt_run: BlockRun
 
         def __exit__(self, *exc: Any) -> Any:
             out = super().__exit__(*exc)
@@ -244,7 +244,7 @@ if _CACHING is not None and _CACHED is not None:
     class _ReplaySAC(_CACHED):  # type: ignore[misc, valid-type]
         """torch's recompute (cached) mode with ``_replay_op`` around each op."""
 
-        _gradckpt_run: _BlockRun
+        _gradckpt_run: BlockRun
 
         def __enter__(self) -> Any:
             self._gradckpt_run.rng_i = 0
@@ -278,7 +278,7 @@ else:  # pragma: no cover - torch without these private classes
 class _Stacked(TorchDispatchMode):
     """A mode entered right above torch's selective-checkpoint mode ``inner`` (it sees ops first)."""
 
-    def __init__(self, run: _BlockRun, inner: TorchDispatchMode) -> None:
+    def __init__(self, run: BlockRun, inner: TorchDispatchMode) -> None:
         super().__init__()
         self.run = run
         self.inner = inner
@@ -329,7 +329,7 @@ class _Replay(_Stacked):
 
 
 def selective_context_fn(
-    name: str, save: frozenset[Any], learned: _Learned | None = None
+    name: str, save: frozenset[Any], learned: Learned | None = None
 ) -> Callable[[], tuple[AbstractContextManager[Any], AbstractContextManager[Any]]]:
     """The ``context_fn`` that checkpoints block ``name`` keeping the outputs of ops in ``save``.
 
@@ -345,17 +345,17 @@ def selective_context_fn(
         >>> y = gradckpt.checkpoint(layer, x, context_fn=fn)
     """
 
-    known = learned if learned is not None else _Learned()
+    known = learned if learned is not None else Learned()
 
     def make() -> tuple[AbstractContextManager[Any], AbstractContextManager[Any]]:
         if torch.compiler.is_compiling():
             # Under torch.compile the policy only tags graph nodes, and compiled random ops
             # replay their seeds themselves (functionalized RNG).
-            policy = _Policy(save, _Learned())
+            policy = Policy(save, Learned())
             return tuc.create_selective_checkpoint_contexts(policy)  # type: ignore[no-any-return]
-        policy = _Policy(save, known)
+        policy = Policy(save, known)
         caching, cached = tuc.create_selective_checkpoint_contexts(policy)
-        run = _BlockRun(
+        run = BlockRun(
             name=name,
             policy=policy,
             learned=known,
@@ -370,7 +370,7 @@ def selective_context_fn(
     return make
 
 
-_LEARNED: weakref.WeakKeyDictionary[nn.Module, dict[frozenset[Any], _Learned]] = (
+_LEARNED: weakref.WeakKeyDictionary[nn.Module, dict[frozenset[Any], Learned]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -385,7 +385,7 @@ def selective_block(
     # What the recompute never reaches is a property of the block's code, so it is remembered per
     # block across enable() calls: the planner's profiling run teaches it, and the first training
     # step under a new plan then keeps exactly what later steps keep (the peak it predicted).
-    learned = _LEARNED.setdefault(block, {}).setdefault(save, _Learned())
+    learned = _LEARNED.setdefault(block, {}).setdefault(save, Learned())
     context_fn = selective_context_fn(name, save, learned)
     stateful = stateful_modules([block])
     early_stop = early_stop_option(options)
