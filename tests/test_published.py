@@ -73,8 +73,24 @@ def test_a_row_runs_end_to_end_for_each_kind(tmp_path: Path) -> None:
     )
     got = capacity["prediction"]
     assert capacity["predicted"] == got["seq"] == 512
-    assert got["device_total"] <= cap < got["next_total"]
+    assert got["device_total"] <= cap < got["next"]
     assert capacity["error"] == pytest.approx(512 / 500 - 1)
+    # the same card read as a reserved-memory extrapolation: reserved bytes, no CUDA context,
+    # so a card of the step's reserved bytes at 512 tokens stops at 512 tokens too
+    res_cap = p["reserved"]
+    by_reserved = run.run_row(
+        _row(str(cfg), "capacity",
+             capacity={"gpu_bytes": res_cap, "seq_step": 128, "criterion": "reserved"})
+        | {"measured": {"kind": "capacity", "value": 500}}
+    )  # fmt: skip
+    got = by_reserved["prediction"]
+    assert got["criterion"] == "reserved" and got["seq"] == 512
+    assert got["reserved"] <= res_cap < got["next"]
+    with pytest.raises(ValueError, match="criterion"):
+        bad = _row(str(cfg), "capacity", capacity={"gpu_bytes": 1, "seq_step": 1, "criterion": "oom"})
+        path = tmp_path / "bad.json"
+        path.write_text(json.dumps([bad | {"measured": {"kind": "capacity", "value": 1}}]))
+        run.load_rows(path)
 
 
 def test_summary_counts_modelled_rows_only_and_the_markdown_lists_the_others() -> None:

@@ -10,8 +10,11 @@ Steps:
    - ``reserved`` (``torch.cuda.memory_reserved``): what the caching allocator holds at that
      peak, from the estimate's ``reserved_bytes``;
    - ``capacity`` (the longest sequence that fits a card): the largest multiple of
-     ``seq_step`` whose predicted peak (``peak_bytes``: CUDA context + the segments the
-     allocator must hold, wholly free cached ones given back) fits, by bisection.
+     ``seq_step`` whose predicted figure fits ``capacity.gpu_bytes``, by bisection. The figure
+     is ``capacity.criterion``: ``device_total`` (default; a search for the longest run that
+     does not go out of memory: ``peak_bytes``, CUDA context + the segments the allocator must
+     hold, wholly free cached ones given back before an OOM) or ``reserved`` (a table that
+     extrapolates ``max_memory_reserved`` to a VRAM size: ``reserved_bytes``, no context).
 3. Error = predicted / measured - 1, per row; median and worst over the rows gradckpt models.
    Rows whose setup it cannot model yet are still estimated and listed, with the reason, but
    left out of the median and worst.
@@ -48,6 +51,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
 START, END = "<!-- published:start -->", "<!-- published:end -->"
 KINDS = ("allocated", "active", "reserved", "capacity")
+CRITERIA = ("device_total", "reserved")  # what a capacity row compares with the card
 
 
 def load_rows(path: Path = TABLE) -> list[dict[str, Any]]:
@@ -61,6 +65,9 @@ def load_rows(path: Path = TABLE) -> list[dict[str, Any]]:
             raise ValueError(f"{r['id']}: a memory row needs measured.bytes (an int)")
         if kind == "capacity" and "capacity" not in r:
             raise ValueError(f"{r['id']}: a capacity row needs capacity.gpu_bytes")
+        criterion = r.get("capacity", {}).get("criterion", "device_total")
+        if criterion not in CRITERIA:
+            raise ValueError(f"{r['id']}: unknown capacity.criterion {criterion!r}; one of {CRITERIA}")
     return rows
 
 
@@ -86,10 +93,11 @@ def predict_memory(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def predict_capacity(row: dict[str, Any]) -> dict[str, Any]:
-    """The longest sequence (a multiple of ``seq_step``) whose predicted device total fits."""
+    """The longest sequence (a multiple of ``seq_step``) whose predicted figure fits the card."""
     model, policy, est = _settings(row)
     est.pop("seq", None)
     cap, step = row["capacity"]["gpu_bytes"], row["capacity"]["seq_step"]
+    criterion = row["capacity"].get("criterion", "device_total")
     probes: dict[int, int] = {}
 
     def total(seq: int) -> int:
@@ -97,14 +105,16 @@ def predict_capacity(row: dict[str, Any]) -> dict[str, Any]:
             r = estimate_one(model, policy, gpu=None, seq=seq, **est)
             if r is None:  # pragma: no cover
                 raise RuntimeError(f"{row['id']}: no estimate at seq {seq}")
-            probes[seq] = r.peak_bytes  # what the card must hold: context + held segments
+            # device_total: what the card must hold (context + held segments); reserved: what
+            # the allocator reports holding (every cached segment, no context)
+            probes[seq] = r.reserved_bytes if criterion == "reserved" else r.peak_bytes
         return probes[seq]
 
     limit = max_positions(resolve_model(model).config) or 1 << 30
     lo, hi = 0, min(step * 16, limit)  # lo fits (0: nothing yet), hi does not
     while total(hi) <= cap:
         if hi == limit:  # the model's positions, not memory, stop the search
-            return {"seq": hi, "device_total": probes[hi], "next_total": None,
+            return {"seq": hi, criterion: probes[hi], "next": None, "criterion": criterion,
                     "probes": len(probes), "limited_by": "max_position_embeddings"}  # fmt: skip
         lo, hi = hi, min(hi * 2, limit)
     while hi - lo > step:
@@ -115,8 +125,9 @@ def predict_capacity(row: dict[str, Any]) -> dict[str, Any]:
             hi = mid
     return {
         "seq": lo,
-        "device_total": probes.get(lo),
-        "next_total": probes[hi],
+        criterion: probes.get(lo),
+        "next": probes[hi],
+        "criterion": criterion,
         "probes": len(probes),
     }
 
