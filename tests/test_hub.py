@@ -101,3 +101,23 @@ def test_a_config_that_needs_remote_code_is_refused(offline_cache: Path) -> None
     _cache(offline_cache, "tiny-org/remote", remote)
     with pytest.raises(ConfigError, match="never runs"):
         resolve_model("tiny-org/remote")
+
+
+def test_an_unreachable_hub_is_told_at_once_not_after_retries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    # a port nothing listens on: bind one, then close it, so the connection is refused
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    with pytest.raises(ConfigError, match=f"cannot be reached \\(127.0.0.1:{port}: "):
+        load_hub_config("tiny-org/tiny-llama")
+    code = main(["plan", "tiny-org/tiny-llama"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "gradckpt plan path/to/config.json" in err

@@ -87,7 +87,9 @@ def test_a_row_runs_end_to_end_for_each_kind(tmp_path: Path) -> None:
     assert got["criterion"] == "reserved" and got["seq"] == 512
     assert got["reserved"] <= res_cap < got["next"]
     with pytest.raises(ValueError, match="criterion"):
-        bad = _row(str(cfg), "capacity", capacity={"gpu_bytes": 1, "seq_step": 1, "criterion": "oom"})
+        bad = _row(
+            str(cfg), "capacity", capacity={"gpu_bytes": 1, "seq_step": 1, "criterion": "oom"}
+        )
         path = tmp_path / "bad.json"
         path.write_text(json.dumps([bad | {"measured": {"kind": "capacity", "value": 1}}]))
         run.load_rows(path)

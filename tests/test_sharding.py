@@ -6,8 +6,10 @@
 - On a real (fake-tensor) estimate: per-GPU weights, gradients and optimizer states are the
   single-GPU ones divided as each mode says, activations are unchanged, buffers are one block's
   parameters unsharded + one prefetched (+ FSDP2's root), and the peak falls as GPUs are added.
+- ``auto`` plans for each GPU's share (the planner's budget is what the card leaves after the
+  per-GPU weights, states and buffers; its profile holds each gradient as a 1/N shard).
 - ``gpus_needed`` finds the smallest count that fits; bad input (N < 1, an unknown mode,
-  ``auto`` with sharding, DeepSpeed with fp32 model weights) is refused with one clear line,
+  DeepSpeed with fp32 model weights) is refused with one clear line,
   exit 2 on the command line.
 
 Run: PYTHONPATH=src .venv/bin/python -m pytest -p no:xdist -q tests/test_sharding.py
@@ -154,11 +156,21 @@ def test_mixed_precision_fsdp2_runs_the_bf16_step(single: object) -> None:
         gradckpt.estimate(MODEL, precision="mixed", gpus=2, shard="zero3", **SETTINGS)
 
 
-def test_auto_policy_is_refused_when_sharded() -> None:
+def test_auto_plans_for_each_gpus_share() -> None:
     import gradckpt
 
-    with pytest.raises(ConfigError, match="policy 'auto' plans for one unsharded GPU"):
-        gradckpt.estimate(MODEL, gpus=2, shard="fsdp2", gpu="rtx-4090", policies=["auto"])
+    kw = {"gpus": 2, "shard": "fsdp2", "seq": 256, "batch": 4, "alternatives": False}
+    none, full = gradckpt.estimate(MODEL, policies=["none", "full"], **kw).results
+    # a card between the two per-GPU peaks: 'none' does not fit, 'full' does
+    card = (none.peak_bytes + full.peak_bytes) // 2 // 2**20
+    got = gradckpt.estimate(MODEL, policies=["auto"], gpu=f"{card}MiB", **kw)
+    auto = got.results[0]
+    assert got.setup["gpus"] == 2 and got.setup["shard"] == "fsdp2"
+    # planned for what each GPU holds (its shard of weights and states, the buffers), so it
+    # fits the card and saves more than 'full' does: cheaper than recomputing every block
+    assert auto.fits and auto.peak_bytes <= card * 2**20
+    assert 0 < auto.speed_cost < full.speed_cost
+    assert auto.breakdown["weights"] == none.breakdown["weights"]  # the per-GPU share
 
 
 def test_sweep_max_batch_is_per_gpu() -> None:

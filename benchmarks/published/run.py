@@ -67,7 +67,9 @@ def load_rows(path: Path = TABLE) -> list[dict[str, Any]]:
             raise ValueError(f"{r['id']}: a capacity row needs capacity.gpu_bytes")
         criterion = r.get("capacity", {}).get("criterion", "device_total")
         if criterion not in CRITERIA:
-            raise ValueError(f"{r['id']}: unknown capacity.criterion {criterion!r}; one of {CRITERIA}")
+            raise ValueError(
+                f"{r['id']}: unknown capacity.criterion {criterion!r}; one of {CRITERIA}"
+            )
     return rows
 
 

@@ -28,6 +28,7 @@ def planner_plan_for_gpu(
     gpu: GPU | None,
     fixed_overhead: int | None,
     shrink: int = 0,
+    sharded: tuple[int, int] | None = None,
 ) -> tuple[Any, str | None]:
     """Hook for the memory-budget planner (``gradckpt.planner``): the cheapest plan that fits ``gpu``.
 
@@ -39,6 +40,13 @@ def planner_plan_for_gpu(
     does), so cached fake models are dropped first; large real CPU tensors the caller keeps
     alive make its plan more conservative. The plan it returns is then estimated like any other.
     ``shrink``: bytes taken off that budget (a re-plan after the estimate found the plan over).
+    ``sharded``: with data-parallel sharding, ``(static, grad_shards)``: what each GPU holds
+    all step besides gradients (its share of weights and optimizer states, plus the
+    communication buffers at the peak) and the ways each gradient is sharded (FSDP2, ZeRO-2/3:
+    N; else 1). The planner profiles the unsharded model, counting its weights as present: the
+    budget gives them back and takes ``static`` instead. Gradients are profiled as the sharded
+    step holds them: with ``grad_shards`` > 1 each one, once accumulated, is replaced by its
+    1/N shard (the reduce-scatter FSDP2 and ZeRO run after each block's backward).
     """
     if gpu is None:
         return None, "policy 'auto' needs a GPU (--gpu): the memory it plans for"
@@ -53,12 +61,20 @@ def planner_plan_for_gpu(
     else:
         room = gpu.memory_bytes - fixed_overhead
     budget = room - whole.optimizer_bytes - shrink
+    if sharded is not None:
+        budget = room - shrink - sharded[0] + whole.weight_bytes
     if budget <= 0:
-        return None, f"policy 'auto' skipped: the optimizer states alone exceed {gpu.name}"
+        what = (
+            "the optimizer states alone exceed"
+            if sharded is None
+            else ("each GPU's share of weights and optimizer states and its buffers exceed")
+        )
+        return None, f"policy 'auto' skipped: {what} {gpu.name}"
     with sess.mode:
         ids = torch.randint(0, sess.vocab, (st.batch, st.seq))
     chunked = st.hf_loss in CHUNKED_LOSSES  # the setup's loss is a chunked head: plan with it
     head: dict[str, Any] = {"loss_head": HEAD_NAME, "loss_head_optional": True} if chunked else {}
+    hooks = [] if sharded is None or sharded[1] <= 1 else _reduce_scatter(sess.model, sharded[1])
     try:
         with sess.mode, torch.autocast("cpu", dtype=torch.bfloat16, enabled=st.autocast):
             return planner_plan(
@@ -71,3 +87,22 @@ def planner_plan_for_gpu(
             ), None
     except GradCkptError as e:
         return None, f"policy 'auto' (planner, {format_bytes(budget)} for the step): {e}"
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _reduce_scatter(model: torch.nn.Module, n: int) -> list[Any]:
+    """Hooks that turn each accumulated gradient into its 1/``n`` shard, as a sharded step holds it."""
+    shards: dict[int, torch.Tensor] = {}
+
+    def hook(p: torch.Tensor) -> None:
+        if p.grad is not None:
+            # a flat shard padded to a multiple of n, as FSDP2 and ZeRO keep it; the full
+            # gradient goes (its reduce-scatter output replaces it)
+            shards[id(p)] = p.grad.new_empty(-(-p.grad.numel() // n))
+            p.grad = None
+
+    return [
+        p.register_post_accumulate_grad_hook(hook) for p in model.parameters() if p.requires_grad
+    ]

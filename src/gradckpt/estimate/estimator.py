@@ -344,13 +344,8 @@ def _inputs(
     split = sharding(gpus, shard)
     if split is not None:
         split.check(st)
-        if "auto" in names:
-            raise ConfigError(
-                "policy 'auto' plans for one unsharded GPU's memory; with gpus/shard compare "
-                "fixed policies (e.g. none, selective, full)"
-            )
-    if policies is None and the_gpu is not None and split is None:
-        names.append("auto")  # the cheapest plan that fits the GPU
+    if policies is None and the_gpu is not None:
+        names.append("auto")  # the cheapest plan that fits the GPU (each GPU, when sharded)
     fixed_overhead = None
     if overhead is not None:
         try:
@@ -506,14 +501,34 @@ def _estimate(inp: _Inputs, t0: float) -> tuple[EstimateReport | None, list[str]
         # The planner's peak model is close to the replayed step, not equal to it: a plan the
         # replay puts over the GPU is planned again with the budget lowered by the excess.
         shrink = 0
-        for _ in range(_AUTO_TRIES):
-            auto, why = planner_plan_for_gpu(cfg, st, L, types, the_gpu, fixed_overhead, shrink)
+        per_gpu = None
+        if split is not None:  # each GPU holds its share of the static tensors and the buffers
+            if shard_tot is None:
+                probe_sess = fake_model.get_session(cfg, st, L, types)
+                whole_tot, _ = probe_sess.totals(st.optimizer)
+                shard_tot = _shard_totals(cfg, inp, probe_sess, whole_tot, st)
+                del probe_sess
+            static = split.static(shard_tot, st.optimizer)
+            per_gpu = (
+                static["weights"]
+                + static["optimizer_states"]
+                + split.buffers(shard_tot, inp.setup),
+                split.grad_shards,
+            )
+        for attempt in range(_AUTO_TRIES):
+            auto, why = planner_plan_for_gpu(
+                cfg, st, L, types, the_gpu, fixed_overhead, shrink, per_gpu
+            )
             if auto is None:
                 break
             result, tot = run_policy(policy, auto)
             if result.fits is not False or result.headroom_bytes is None:
                 break
-            shrink += -result.headroom_bytes
+            # The planner's plans move in steps (a block's decision): take off the room its
+            # plan left in its own budget too, so that the next plan's own peak is lower by
+            # the excess, twice that on each further try
+            margin = auto.notes.get("budget_bytes", 0) - auto.notes.get("predicted_peak_bytes", 0)
+            shrink += max(0, margin) + (-result.headroom_bytes << attempt)
         if auto is None:
             skipped.append(str(why))
             continue

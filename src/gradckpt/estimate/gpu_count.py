@@ -96,7 +96,8 @@ def gpus_needed(
         model: a preset, a ``config.json`` path or a ``transformers`` config (as ``estimate``).
         gpu: the GPU (preset or size): one per data-parallel rank.
         shard: ``"ddp"``, ``"fsdp2"`` (default), ``"zero1"``, ``"zero2"`` or ``"zero3"``.
-        policies: policies to answer for (default ``none`` and ``full``).
+        policies: policies to answer for (default ``none`` and ``full``; ``auto``: the fewest
+            GPUs on which the planner finds a plan that fits, at that plan's speed cost).
         counts: GPU counts to try, increasing (default ``GPU_COUNTS``: 1, 2, 4, 8, 16... 1024).
         progress: called with a short description after each count is estimated.
         **settings: the rest of ``estimate``'s keyword arguments (``method``, ``batch``,
@@ -123,6 +124,8 @@ def gpus_needed(
         or tries != sorted(set(tries))
     ):
         raise ConfigError(f"counts must be increasing whole numbers >= 1, got {counts!r}")
+    if policies is None:
+        policies = ["none", "full"]  # estimate would add 'auto' for a GPU: a planner run per count
     open_: dict[str, list[tuple[int, int]]] = {}
     found: dict[str, GpuCount] = {}
     last: dict[str, Any] = {}

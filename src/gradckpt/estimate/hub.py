@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .._optional import require
 from ..errors import ConfigError
@@ -37,6 +39,21 @@ def _how_to_pass(repo_id: str) -> str:
         f"download https://huggingface.co/{repo_id}/blob/main/config.json where the Hub is "
         "reachable and pass its path (gradckpt plan path/to/config.json)"
     )
+
+
+def _unreachable(endpoint: str, timeout: float = 3.0) -> str | None:
+    """Why the Hub at ``endpoint`` cannot be reached (None: a TCP connection opens).
+
+    ``huggingface_hub`` retries a failed connection with backoff (about 25 s offline); one
+    connection attempt first lets an offline machine get its answer at once.
+    """
+    url = urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+    except OSError as e:
+        return f"{url.hostname}:{port}: {e.strerror or type(e).__name__}"
+    return None
 
 
 def load_hub_config(
@@ -69,6 +86,12 @@ def load_hub_config(
             raise ConfigError(
                 f"{repo_id}: config.json is not in the local Hugging Face cache and HF_HUB_OFFLINE "
                 f"is set; {_how_to_pass(repo_id)}"
+            )
+        down = _unreachable(constants.ENDPOINT)
+        if down is not None:
+            raise ConfigError(
+                f"{repo_id}: config.json is not in the local Hugging Face cache and the Hub cannot "
+                f"be reached ({down}); {_how_to_pass(repo_id)}"
             )
         try:
             path = hub.hf_hub_download(

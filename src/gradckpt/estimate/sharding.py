@@ -124,6 +124,11 @@ class Sharding:
     def to_dict(self) -> dict[str, Any]:
         return {"gpus": self.gpus, "shard": self.mode}
 
+    @property
+    def grad_shards(self) -> int:
+        """The ways each gradient is sharded: N under FSDP2 and ZeRO-2/3, else 1."""
+        return self.gpus if self.mode in ("fsdp2", "zero2", "zero3") else 1
+
     # -- what the estimator asks ----------------------------------------------------------------
     def check(self, setup: TrainingSetup) -> None:
         """Refuse setups a mode cannot run (DeepSpeed's bf16 mode with fp32 model weights)."""
