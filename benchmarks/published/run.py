@@ -208,17 +208,18 @@ def markdown(
         lines.append("")
     lines += [
         "Modelled: Hugging Face `transformers` models run as their eager code (the loss as the "
-        "installed transformers computes it: fp32 logits inside its loss function); full "
+        "installed transformers computes it: fp32 logits inside its loss function, or as 4.46-4.48 "
+        "did, or gradckpt's chunked head / Liger's fused linear cross-entropy: `--loss`); full "
         "fine-tune, LoRA and QLoRA (NF4 with or without double quantization, bitsandbytes "
         "before or from 0.44, peft's `prepare_model_for_kbit_training` or not); bf16 autocast "
         "or `bf16-true`; fp32 or base-dtype adapters; LoRA dropout; SDPA, flash or eager "
-        "attention; AdamW, 8-bit AdamW, SGD; every checkpointing policy; the CUDA caching "
-        "allocator's reserved memory. lit-gpt's rows run transformers' Llama of the same "
-        "shapes in place of lit-gpt's own code (an assumption each row states). Not modelled "
-        "yet: `torch.compile` (fused, re-materialized activations), chunked or fused losses "
-        "(torchtune's `CEWithChunkedOutputLoss`, lit-gpt's chunked CE, Liger, Cut Cross "
-        "Entropy), activation offloading to host memory on a GPU, Unsloth's kernels, paged "
-        "optimizer states moving to host memory.",
+        "attention; AdamW, 8-bit AdamW, SGD; every checkpointing policy, offloading of block "
+        "inputs to host memory included; the CUDA caching allocator's reserved memory. lit-gpt's "
+        "rows run transformers' Llama of the same shapes in place of lit-gpt's own code (an "
+        "assumption each row states). Not modelled yet: `torch.compile` (fused kernels, "
+        "min-cut re-materialization), torchtune's `CEWithChunkedOutputLoss` (which keeps every "
+        "chunk's logits), offloading of every saved tensor (torchtune's `OffloadActivations`), "
+        "Unsloth's Triton kernels, paged optimizer states moving to host memory.",
         "",
         "| row | setup | kind | measured | predicted | error |",
         "|---|---|---|---:|---:|---:|",
