@@ -195,7 +195,8 @@ def markdown(
         f"commit), estimated here with the settings of that run. GB = 1e9 bytes. Kinds: "
         f"*allocated* = `max_memory_allocated`, *active* = `active_bytes.all.peak` (both: tensors "
         f"at the peak), *reserved* = `memory_reserved` (what the caching allocator holds), "
-        f"*capacity* = the longest sequence that fit the card.",
+        f"*capacity* = the longest sequence that fit the card (rows whose `capacity.criterion` is "
+        f"`reserved`: where a line through `max_memory_reserved` reaches the card's size).",
         "",
     ]
     if s["rows"]:

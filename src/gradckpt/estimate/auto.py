@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,7 +18,10 @@ from .gpus import GPU
 from .step_cost import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES
 from .training import CHUNKED_LOSSES, TrainingSetup
 
-__all__ = ["planner_plan_for_gpu"]
+__all__ = ["AUTO_TRIES", "plan_until_it_fits", "planner_plan_for_gpu"]
+
+#: plans the estimate tries before it reports the last one as over the GPU
+AUTO_TRIES = 3
 
 
 def planner_plan_for_gpu(
@@ -90,6 +94,43 @@ def planner_plan_for_gpu(
     finally:
         for h in hooks:
             h.remove()
+
+
+def plan_until_it_fits(
+    cfg: Any,
+    st: TrainingSetup,
+    L: int,
+    types: Any,
+    gpu: GPU | None,
+    fixed_overhead: int | None,
+    run: Callable[[Any], tuple[Any, Any]],
+    sharded: tuple[int, int] | None = None,
+) -> tuple[Any, str | None, tuple[Any, Any]]:
+    """The planner's plan for ``gpu``, checked by ``run`` (the replayed estimate) and re-planned.
+
+    The planner's peak model is close to the replayed step, not equal to it: a plan the replay
+    puts over the GPU is planned again with the budget lowered, at most ``AUTO_TRIES`` times.
+    Returns ``(plan, why, run(plan))``: ``plan`` None (and ``why``) when the planner found none;
+    ``run``'s result may still be over the GPU after the last try.
+    """
+    shrink = 0
+    plan: Any = None
+    why: str | None = None
+    ran: tuple[Any, Any] = (None, None)
+    for attempt in range(AUTO_TRIES):
+        plan, why = planner_plan_for_gpu(cfg, st, L, types, gpu, fixed_overhead, shrink, sharded)
+        if plan is None:
+            break
+        ran = run(plan)
+        result: Any = ran[0]
+        if result.fits is not False or result.headroom_bytes is None:
+            break
+        # The planner's plans move in steps (a block's decision): take off the room its plan
+        # left in its own budget too, so that the next plan's own peak is lower by the excess,
+        # twice that on each further try
+        margin = plan.notes.get("budget_bytes", 0) - plan.notes.get("predicted_peak_bytes", 0)
+        shrink += max(0, margin) + (-result.headroom_bytes << attempt)
+    return plan, why, ran
 
 
 def _reduce_scatter(model: torch.nn.Module, n: int) -> list[Any]:

@@ -25,7 +25,7 @@ from ..units import format_bytes, parse_size
 from . import fake_model, periodic
 from .allocator import step_allocation
 from .alternatives import alternatives as _alternatives
-from .auto import planner_plan_for_gpu
+from .auto import AUTO_TRIES, plan_until_it_fits
 from .compat import deprecated_csv
 from .gpus import GPU, GPU_PRESETS, get_gpu
 from .presets import ModelSpec, resolve_model
@@ -311,7 +311,6 @@ def _with_loss(plan: Plan, st: TrainingSetup) -> Plan:
 
 
 #: plans the budget planner makes at most for policy 'auto' (each one lower by the excess)
-_AUTO_TRIES = 3
 # estimate()'s keyword arguments that are not TrainingSetup fields
 _RESOLVED = ("setup", "overhead", "full_depth", "gpus", "shard", "host_budget", "max_positions")
 
@@ -498,37 +497,17 @@ def _estimate(inp: _Inputs, t0: float) -> tuple[EstimateReport | None, list[str]
             result, totals_full = run_policy(policy, plan)
             results.append(result)
             continue
-        # The planner's peak model is close to the replayed step, not equal to it: a plan the
-        # replay puts over the GPU is planned again with the budget lowered by the excess.
-        shrink = 0
-        per_gpu = None
+        sharded = None
         if split is not None:  # each GPU holds its share of the static tensors and the buffers
             if shard_tot is None:
                 probe_sess = fake_model.get_session(cfg, st, L, types)
                 whole_tot, _ = probe_sess.totals(st.optimizer)
                 shard_tot = _shard_totals(cfg, inp, probe_sess, whole_tot, st)
                 del probe_sess
-            static = split.static(shard_tot, st.optimizer)
-            per_gpu = (
-                static["weights"]
-                + static["optimizer_states"]
-                + split.buffers(shard_tot, inp.setup),
-                split.grad_shards,
-            )
-        for attempt in range(_AUTO_TRIES):
-            auto, why = planner_plan_for_gpu(
-                cfg, st, L, types, the_gpu, fixed_overhead, shrink, per_gpu
-            )
-            if auto is None:
-                break
-            result, tot = run_policy(policy, auto)
-            if result.fits is not False or result.headroom_bytes is None:
-                break
-            # The planner's plans move in steps (a block's decision): take off the room its
-            # plan left in its own budget too, so that the next plan's own peak is lower by
-            # the excess, twice that on each further try
-            margin = auto.notes.get("budget_bytes", 0) - auto.notes.get("predicted_peak_bytes", 0)
-            shrink += max(0, margin) + (-result.headroom_bytes << attempt)
+            sharded = split.planner_share(shard_tot, inp.setup)
+        auto, why, (result, tot) = plan_until_it_fits(
+            cfg, st, L, types, the_gpu, fixed_overhead, lambda p: run_policy("auto", p), sharded
+        )
         if auto is None:
             skipped.append(str(why))
             continue
@@ -536,7 +515,7 @@ def _estimate(inp: _Inputs, t0: float) -> tuple[EstimateReport | None, list[str]
             notes.append(
                 f"'auto': the planner's plan is over {the_gpu.name} by "
                 f"{format_bytes(-(result.headroom_bytes or 0))} in this estimate after "
-                f"{_AUTO_TRIES} tries"
+                f"{AUTO_TRIES} tries"
             )
         if Decision.OFFLOAD in auto.decisions:
             offloaded.append(policy)

@@ -124,11 +124,6 @@ class Sharding:
     def to_dict(self) -> dict[str, Any]:
         return {"gpus": self.gpus, "shard": self.mode}
 
-    @property
-    def grad_shards(self) -> int:
-        """The ways each gradient is sharded: N under FSDP2 and ZeRO-2/3, else 1."""
-        return self.gpus if self.mode in ("fsdp2", "zero2", "zero3") else 1
-
     # -- what the estimator asks ----------------------------------------------------------------
     def check(self, setup: TrainingSetup) -> None:
         """Refuse setups a mode cannot run (DeepSpeed's bf16 mode with fp32 model weights)."""
@@ -251,6 +246,17 @@ class Sharding:
                 "paper)"
             )
         return out
+
+    def planner_share(self, t: ShardTotals, setup: TrainingSetup) -> tuple[int, int]:
+        """What the budget planner needs to plan one GPU's step: ``(static, grad_shards)``.
+
+        ``static``: per-GPU weights and optimizer states plus the buffers at the peak (the bytes
+        held all step besides gradients); ``grad_shards``: the ways each gradient is sharded (N
+        under FSDP2 and ZeRO-2/3, 1 under DDP and ZeRO-1).
+        """
+        static = self.static(t, setup.optimizer)
+        held = static["weights"] + static["optimizer_states"] + self.buffers(t, setup)
+        return held, self.gpus if self.mode in ("fsdp2", "zero2", "zero3") else 1
 
     def fixed_bytes(self, t: ShardTotals, optimizer: str) -> int:
         """Per-GPU weights, gradients and optimizer states: what no checkpointing can reduce."""
