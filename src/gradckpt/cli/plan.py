@@ -166,6 +166,19 @@ def add_parser(subparsers: Any) -> None:
         "N are estimated past the config's max_position_embeddings",
     )
     p.add_argument(
+        "--image-size",
+        metavar="PX|HxW",
+        help="vision-language models (required for them): the images' size in pixels, e.g. 448 "
+        "or 1024x768; what the model's processor makes of it (resized, tiled, patches) sets the "
+        "image tokens and the vision tower's work",
+    )
+    p.add_argument(
+        "--images",
+        type=int,
+        metavar="N",
+        help="vision-language models: images per sequence (default 1)",
+    )
+    p.add_argument(
         "--no-alternatives",
         action="store_true",
         help="do not estimate alternatives when nothing fits",
@@ -270,6 +283,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         **_data_parallel(args),
         "host_budget": args.host_budget,
         "max_positions": args.max_positions,
+        "image_size": args.image_size,
+        "images": args.images,
     }
 
 

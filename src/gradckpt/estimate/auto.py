@@ -74,18 +74,21 @@ def planner_plan_for_gpu(
             else ("each GPU's share of weights and optimizer states and its buffers exceed")
         )
         return None, f"policy 'auto' skipped: {what} {gpu.name}"
-    with sess.mode:
-        ids = torch.randint(0, sess.vocab, (st.batch, st.seq))
+    batch = sess.inputs(st.batch, st.seq)
     chunked = st.hf_loss in CHUNKED_LOSSES  # the setup's loss is a chunked head: plan with it
     head: dict[str, Any] = {"loss_head": HEAD_NAME, "loss_head_optional": True} if chunked else {}
     hooks = [] if sharded is None or sharded[1] <= 1 else _reduce_scatter(sess.model, sharded[1])
     try:
-        with sess.mode, torch.autocast("cpu", dtype=torch.bfloat16, enabled=st.autocast):
+        with (
+            sess.mode,
+            sess.index_math(),
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=st.autocast),
+        ):
             return planner_plan(
                 sess.model,
                 budget,
-                {"input_ids": ids, "labels": ids},
-                blocks=[n for n, _ in sess.blocks],
+                batch,
+                blocks=sess.block_names,
                 decisions=list(Decision),  # the fake model stands for a CUDA device
                 **head,
             ), None

@@ -30,11 +30,12 @@ from .compat import deprecated_csv
 from .gpus import GPU, GPU_PRESETS, get_gpu
 from .presets import ModelSpec, resolve_model
 from .report import Alternative, EstimateReport, PolicyEstimate
-from .sharding import Sharding, ShardTotals, sharding
+from .sharding import Sharding, ShardTotals, shard_totals, sharding
 from .step_cost import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, policy_estimate, static_notes
 from .timeline import replay
 from .totals import replayed_totals
 from .training import CHUNKED_LOSSES, TrainingSetup
+from .vision import check_images
 
 __all__ = [
     "ALLOCATOR_SLACK",
@@ -109,6 +110,8 @@ def estimate(
     nf4_keeps_input: bool | None = None,
     nf4_double_quant: bool | None = None,
     hf_loss: str | None = None,
+    image_size: int | str | tuple[int, int] | None = None,
+    images: int | None = None,
     setup: TrainingSetup | None = None,
     overhead: int | str | None = None,
     alternatives: bool = True,
@@ -155,6 +158,10 @@ def estimate(
         nf4_double_quant: QLoRA: ``bnb_4bit_use_double_quant`` (default True).
         hf_loss: ``"transformers"`` (default: the installed release's loss) or ``"shift-copy"``
             (transformers before 4.49, which also kept an fp32 copy of the shifted logits).
+        image_size, images: vision-language models: the images' size in pixels (``448``,
+            ``"448x336"`` or ``(448, 336)``) and how many per sequence (default 1); required
+            for a VLM (see ``gradckpt.estimate.vision``: which families, what their processors
+            make of an image).
         setup: a ``TrainingSetup`` to start from; the keyword arguments above override it.
         overhead: the CUDA allowance in bytes or as a size (``"1GiB"``); default
             ``CUDA_CONTEXT_BYTES`` + what the caching allocator holds beyond the live tensors
@@ -205,6 +212,8 @@ def estimate(
         nf4_keeps_input=nf4_keeps_input,
         nf4_double_quant=nf4_double_quant,
         hf_loss=hf_loss,
+        image_size=image_size,
+        images=images,
     )
     inputs = _inputs(
         model,
@@ -371,23 +380,10 @@ def _inputs(
     )
 
 
-def _shard_totals(cfg: Any, inp: _Inputs, sess: Any, step_tot: Any, step_st: Any) -> ShardTotals:
-    """What ``Sharding`` needs: the model's totals as stored (the setup's precision) and, from
-    the step's own session, the root's and the largest block's parameters in compute dtype."""
-    static = step_tot if step_st == inp.setup else fake_model.model_totals(cfg, inp.setup)
+def _shard_totals(cfg: Any, setup: TrainingSetup, sess: Any, step_tot: Any, step_st: Any) -> Any:
+    static = step_tot if step_st == setup else fake_model.model_totals(cfg, setup)
     whole, per_block = sess.totals(step_st.optimizer)
-    blocks = sum(b.weight_bytes for b in per_block)
-    return ShardTotals(
-        weight_bytes=static.weight_bytes,
-        trainable_params=static.trainable,
-        trainable_bytes=static.grad_bytes,
-        grad_bytes=static.grad_bytes,
-        optimizer_bytes=static.optimizer_bytes,
-        step_grad_bytes=step_tot.grad_bytes,
-        root_bytes=whole.weight_bytes - blocks,
-        block_bytes=max((b.weight_bytes for b in per_block), default=0),
-        block_grad_bytes=max((b.grad_bytes for b in per_block), default=0),
-    )
+    return shard_totals(static, step_tot, whole, per_block + sess.extra_totals(step_st.optimizer))
 
 
 def _estimate(inp: _Inputs, t0: float) -> tuple[EstimateReport | None, list[str]]:
@@ -405,6 +401,9 @@ def _estimate(inp: _Inputs, t0: float) -> tuple[EstimateReport | None, list[str]
         raise ConfigError(f"{spec.name} has {L} layers; nothing to estimate")
     check_positions(spec, st.seq, inp.max_positions)
     notes = list(spec.notes)
+    images_note = check_images(cfg, spec.name, st.image_size, st.images, st.seq)
+    if images_note is not None:
+        notes.append(images_note)
     if inp.max_positions is not None:
         notes.append(
             f"context extended to {inp.max_positions} positions (max_positions; the config says "
@@ -420,12 +419,15 @@ def _estimate(inp: _Inputs, t0: float) -> tuple[EstimateReport | None, list[str]
     n0 = min(L, 3)
     idx0 = [0, 1, L - 1][:n0] if L >= 3 else list(range(L))
     probe = fake_model.get_session(cfg, st, n0, None if types is None else [types[i] for i in idx0])
-    full_names = periodic.block_names_at_depth([n for n, _ in probe.blocks], L)
-    if full_names is None:
+    # other block lists (a VLM's vision tower) keep their depth: they come first, as they are
+    extra = [n for n, _ in probe.extra_blocks]
+    text_names = periodic.block_names_at_depth([n for n, _ in probe.blocks], L)
+    if text_names is None:
         force_full = True
         full = fake_model.get_session(cfg, st, L, types)
-        full_names = [n for n, _ in full.blocks]
+        text_names = [n for n, _ in full.blocks]
         del full
+    full_names = [*extra, *text_names]
     notes.extend(probe.notes)
     # Hold no session here: the 'auto' planner counts every live tensor as already in memory,
     # so a small build kept alive by this frame would be counted as weights (3 blocks of an 8B
@@ -441,22 +443,27 @@ def _estimate(inp: _Inputs, t0: float) -> tuple[EstimateReport | None, list[str]
 
     def run_policy(policy: str, plan: Plan) -> tuple[PolicyEstimate, Any]:
         # A function, so that no session outlives it in this frame (see ``del probe``).
-        layout = None if force_full else periodic.reduced_layout(plan, types)
+        # The language model's blocks are the plan's last L; the other lists run as they are.
+        k = len(extra)
+        text_plan = Plan(plan.blocks[k:], plan.decisions[k:], policy=plan.policy)
+        layout = None
+        if not force_full and not plan.segments:
+            layout = periodic.reduced_layout(text_plan, types)
         if layout is None:
             sess = fake_model.get_session(cfg, st, L, types)
             order = list(range(L))
             run_plan = Plan(
-                tuple(n for n, _ in sess.blocks),
-                plan.decisions,
-                plan.segments,
-                plan.policy,
-                plan.options,
+                tuple(sess.block_names), plan.decisions, plan.segments, plan.policy, plan.options
             )
         else:
             order, decisions, small_types = layout
             sess = fake_model.get_session(cfg, st, len(decisions), small_types)
             run_plan = Plan(
-                tuple(n for n, _ in sess.blocks), tuple(decisions), (), plan.policy, plan.options
+                tuple(sess.block_names),
+                (*plan.decisions[:k], *decisions),
+                (),
+                plan.policy,
+                plan.options,
             )
             replayed.add(f"{policy}: ran {len(decisions)} of {L} blocks")
         key = (
@@ -484,7 +491,7 @@ def _estimate(inp: _Inputs, t0: float) -> tuple[EstimateReport | None, list[str]
         if split is not None:
             nonlocal shard_tot
             if shard_tot is None:
-                shard_tot = _shard_totals(cfg, inp, sess, tot, st)
+                shard_tot = _shard_totals(cfg, inp.setup, sess, tot, st)
             memory = None if the_gpu is None else the_gpu.memory_bytes
             res = split.apply(res, shard_tot, inp.setup, memory)
         return res, tot
@@ -502,7 +509,7 @@ def _estimate(inp: _Inputs, t0: float) -> tuple[EstimateReport | None, list[str]
             if shard_tot is None:
                 probe_sess = fake_model.get_session(cfg, st, L, types)
                 whole_tot, _ = probe_sess.totals(st.optimizer)
-                shard_tot = _shard_totals(cfg, inp, probe_sess, whole_tot, st)
+                shard_tot = _shard_totals(cfg, inp.setup, probe_sess, whole_tot, st)
                 del probe_sess
             sharded = split.planner_share(shard_tot, inp.setup)
         auto, why, (result, tot) = plan_until_it_fits(

@@ -13,7 +13,7 @@ import copy
 import json
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_flatten
 
-from ..blocks import find_blocks
+from ..blocks import block_groups, find_blocks
 from ..errors import BlockError, ConfigError
 from ..plans import Plan
 from ..state import is_recomputing
@@ -30,6 +30,7 @@ from .presets import hf_transformers
 from .timeline import GRAD, HEAD, Timeline, TimelineTracker
 from .totals import TensorTotals, replayed_totals, tensor_totals
 from .training import TrainingSetup, apply_method
+from .vision import RealIndexMath, is_vlm, step_inputs, text_config
 
 __all__ = [
     "FakeSession",
@@ -59,28 +60,22 @@ _MASKED = (
 
 
 def _layer_count_key(cfg: Any) -> str:
+    # cfg: a language model's config (a VLM's text_config)
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if isinstance(getattr(cfg, key, None), int):
             return key
-    if getattr(cfg, "vision_config", None) is not None and hasattr(cfg, "text_config"):
-        # A VLM step also runs the vision tower on the image's patches: its memory depends on
-        # the image size, which the estimate does not model yet.
-        raise ConfigError(
-            f"{type(cfg).__name__} is a vision-language model: plan estimates text models only "
-            "(a VLM step also depends on the image size, not modelled yet); estimate its "
-            "language model from its text_config (config.text_config.to_json_file('text.json'))"
-        )
     raise ConfigError(f"{type(cfg).__name__} has no num_hidden_layers; cannot estimate this model")
 
 
 def num_layers(cfg: Any) -> int:
-    """Number of repeated blocks in a config."""
-    return int(getattr(cfg, _layer_count_key(cfg)))
+    """Number of repeated blocks in a config (a VLM's: its language model's layers)."""
+    text = text_config(cfg)
+    return int(getattr(text, _layer_count_key(text)))
 
 
 def layer_types(cfg: Any) -> list[Any] | None:
     """Per-layer attention types (Gemma 2 alternates sliding and global attention), if any."""
-    lt = getattr(cfg, "layer_types", None)
+    lt = getattr(text_config(cfg), "layer_types", None)
     if isinstance(lt, (list, tuple)) and len(lt) == num_layers(cfg):
         return list(lt)
     return None
@@ -97,30 +92,44 @@ def layers_differ_by_index(cfg: Any) -> bool:
     """
     if layer_types(cfg) is not None:
         return False
-    return cfg.model_type == "gemma2" or getattr(cfg, "sliding_window_pattern", None) is not None
+    text = text_config(cfg)
+    return text.model_type == "gemma2" or getattr(text, "sliding_window_pattern", None) is not None
 
 
 def per_layer_lists(cfg: Any) -> list[str]:
     """Config fields other than ``layer_types`` holding one value per layer (block roles unknown)."""
     n = num_layers(cfg)
     out = []
-    for k, v in cfg.to_dict().items():
+    for k, v in text_config(cfg).to_dict().items():
         if k != "layer_types" and isinstance(v, (list, tuple)) and len(v) == n and n > 2:
             out.append(k)
     return out
 
 
 def _model_class(t: Any, cfg: Any) -> Any:
+    kinds = ("ConditionalGeneration",) if is_vlm(cfg) else ("CausalLM", "MaskedLM", "LMHead")
     for arch in getattr(cfg, "architectures", None) or ():
         cls = getattr(t, arch, None)
-        if cls is not None and ("CausalLM" in arch or "MaskedLM" in arch or "LMHead" in arch):
+        if cls is not None and any(k in arch for k in kinds):
             return cls
     # The *_MAPPING_NAMES dicts name the class per model type without importing every model.
     from transformers.models.auto import modeling_auto as ma
 
-    maps = (ma.MODEL_FOR_MASKED_LM_MAPPING_NAMES, ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    maps: tuple[Any, ...] = (
+        ma.MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+        ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    )
     if cfg.model_type not in _MASKED:
         maps = maps[::-1]
+    if is_vlm(cfg):
+        maps = tuple(
+            getattr(ma, m)
+            for m in (
+                "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES",
+                "MODEL_FOR_VISION_2_SEQ_MAPPING_NAMES",
+            )
+            if hasattr(ma, m)
+        )
     for names in maps:
         cls_name = names.get(cfg.model_type)
         cls = getattr(t, cls_name, None) if isinstance(cls_name, str) else None
@@ -200,11 +209,13 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 def _small_config(cfg: Any, n: int, types: list[Any] | None) -> Any:
     small = copy.deepcopy(cfg)
-    setattr(small, _layer_count_key(small), n)
+    text = text_config(small)  # a VLM's vision tower keeps its depth
+    setattr(text, _layer_count_key(text), n)
     if types is not None:
-        small.layer_types = list(types)
-    if hasattr(small, "use_cache"):
-        small.use_cache = False
+        text.layer_types = list(types)
+    for c in {id(small): small, id(text): text}.values():
+        if hasattr(c, "use_cache"):
+            c.use_cache = False
     return small
 
 
@@ -240,7 +251,9 @@ class FakeSession:
         self.setup = setup
         #: replayed step results of this model, by plan and step shape (``estimator`` fills it)
         self.steps = LRU(64)
-        self.mode = FakeTensorMode(allow_non_fake_inputs=False)
+        #: a VLM's batch holds real index tensors (``vision.RealIndexMath``)
+        self.vlm = is_vlm(cfg)
+        self.mode = FakeTensorMode(allow_non_fake_inputs=self.vlm)
         small = _small_config(cfg, n_layers, types)
         cls = _model_class(t, small)
         attn, attn_notes = _attention_for(t, cls, setup)
@@ -260,13 +273,41 @@ class FakeSession:
         self.notes = attn_notes + notes
         _to_fake(model, self.mode)
         self.model: nn.Module = model
-        self.vocab = int(small.vocab_size)
-        self.blocks = find_blocks(model)
+        self.cfg = small
+        self.vocab = int(text_config(small).vocab_size)
+        found = find_blocks(model)
+        #: the blocks of the other lists (a VLM's vision tower), at full depth, run before
+        #: ``blocks`` in the step; plans name them first
+        self.extra_blocks: list[tuple[str, nn.Module]] = []
+        self.blocks = found
+        if self.vlm:
+            self.blocks, self.extra_blocks = _split_text_list(found, n_layers)
         if len(self.blocks) != n_layers:
             raise BlockError(
                 f"found {len(self.blocks)} blocks in a {n_layers}-layer {cls.__name__}; "
                 "this model's blocks are not its layers, cannot estimate it"
             )
+
+    @property
+    def block_names(self) -> list[str]:
+        """Every block's name, as plans of this model list them (other lists first)."""
+        return [n for n, _ in (*self.extra_blocks, *self.blocks)]
+
+    def inputs(self, batch: int, seq: int, seed: int = 0) -> dict[str, Any]:
+        """One batch for the step: ``input_ids`` and ``labels`` (a VLM's: with its images)."""
+        st = self.setup
+        if self.vlm and st.image_size is not None:
+            return step_inputs(
+                self.model, self.cfg, st.image_size, st.images, batch, seq, self.vocab
+            )
+        with self.mode:
+            g = torch.Generator().manual_seed(seed)
+            ids = torch.randint(0, self.vocab, (batch, seq), generator=g)
+        return {"input_ids": ids, "labels": ids}
+
+    def index_math(self) -> Any:
+        """A context running a VLM's index math on real values (``RealIndexMath``); else a no-op."""
+        return RealIndexMath() if self.vlm else nullcontext()
 
     # tensors of the model --------------------------------------------------------------------
     def totals(self, optimizer: str) -> tuple[TensorTotals, list[TensorTotals]]:
@@ -274,6 +315,10 @@ class FakeSession:
         return tensor_totals(self.model, optimizer), [
             tensor_totals(b, optimizer) for _, b in self.blocks
         ]
+
+    def extra_totals(self, optimizer: str) -> list[TensorTotals]:
+        """Tensor totals of each block of the other lists (``extra_blocks``)."""
+        return [tensor_totals(b, optimizer) for _, b in self.extra_blocks]
 
     # one step --------------------------------------------------------------------------------
     def run(
@@ -283,9 +328,8 @@ class FakeSession:
         from ..enable import disable, enable
 
         model, mode, setup = self.model, self.mode, self.setup
-        with mode:
-            g = torch.Generator().manual_seed(seed)
-            ids = torch.randint(0, self.vocab, (batch, seq), generator=g)
+        batch_in = self.inputs(batch, seq, seed)
+        ids = batch_in["input_ids"]
         trainable = [p for p in model.parameters() if p.requires_grad]
         tracker = TimelineTracker()
         n = len(self.blocks)
@@ -325,15 +369,17 @@ class FakeSession:
             warnings.simplefilter("ignore", FutureWarning)
             # the estimate says itself how it treats offload on this CPU-only run
             warnings.filterwarnings("ignore", message=".*OFFLOAD on a CPU-only run.*")
-            enable(model, plan=plan, blocks=[name for name, _ in self.blocks])
+            enable(model, plan=plan, blocks=list(plan.blocks))
             try:
                 with mode:
                     if grad_accum > 1:  # gradients of earlier micro-batches live all step long
                         for p in trainable:
                             p.grad = torch.zeros_like(p)
-                    tracker.seed([*_model_tensors(model), ids])
+                    inputs = [v for v in batch_in.values() if isinstance(v, torch.Tensor)]
+                    tracker.seed([*_model_tensors(model), *inputs])
                     tracker.mark("start")  # empty interval: sets the baseline
                     with ExitStack() as stack:
+                        stack.enter_context(self.index_math())
                         stack.enter_context(one_sequence_per_row())
                         stack.enter_context(no_padding_checks(model))
                         stack.enter_context(tracker)
@@ -341,7 +387,7 @@ class FakeSession:
                             if setup.hf_loss == "shift-copy":
                                 loss = _shift_copy_loss(model(input_ids=ids), ids)
                             else:  # the installed transformers' own loss
-                                loss = model(input_ids=ids, labels=ids).loss
+                                loss = model(**batch_in).loss
                             tracker.mark("head")
                         tracker.mark("exit")  # leaving autocast frees its weight-cast cache
                         state["fwd"] = False
@@ -363,6 +409,24 @@ class FakeSession:
         # (block 0's input needs no gradient when the embeddings are frozen).
         labels = [iv.label for iv in tracker.intervals]
         return "post" if "b0" in labels else "b0"
+
+
+def _split_text_list(
+    found: list[tuple[str, nn.Module]], n_layers: int
+) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]]]:
+    """A VLM's blocks as ``(language model's list, the other lists)``.
+
+    The language model's list is the one under ``language_model``/``text_model``, else the last.
+    """
+    groups = [found[a:b] for a, b in block_groups([n for n, _ in found])]
+    text = [g for g in groups if any(k in g[0][0] for k in ("language_model", "text_model"))]
+    pick = text[-1] if text else (groups[-1] if groups else [])
+    if len(pick) != n_layers:
+        raise BlockError(
+            f"found no list of {n_layers} blocks for this VLM's language model "
+            f"(lists: {', '.join(f'{g[0][0]} x{len(g)}' for g in groups)}); cannot estimate it"
+        )
+    return pick, [b for g in groups if g is not pick for b in g]
 
 
 def _shift_copy_loss(out: Any, labels: torch.Tensor) -> torch.Tensor:
@@ -435,7 +499,7 @@ def _to_fake(model: nn.Module, mode: Any) -> None:
 def max_positions(cfg: Any) -> int | None:
     """The longest sequence the config states (``max_position_embeddings``/``n_positions``), if any."""
     for key in ("max_position_embeddings", "n_positions"):
-        v = getattr(cfg, key, None)
+        v = getattr(text_config(cfg), key, None)
         if isinstance(v, int) and v > 0:
             return v
     return None

@@ -49,7 +49,7 @@ from ..errors import ConfigError
 from .report import PolicyEstimate
 from .training import TrainingSetup
 
-__all__ = ["GPU_COUNTS", "SHARD_MODES", "ShardTotals", "Sharding", "sharding"]
+__all__ = ["GPU_COUNTS", "SHARD_MODES", "ShardTotals", "Sharding", "shard_totals", "sharding"]
 
 SHARD_MODES = ("ddp", "fsdp2", "zero1", "zero2", "zero3")
 #: GPU counts ``--gpus auto`` tries, in order: a single node's 1-8, then whole 8-GPU nodes.
@@ -287,3 +287,25 @@ def _scaled_overhead(overhead: int, old_tensors: int, tensors: int) -> int:
     if overhead == CUDA_CONTEXT_BYTES + int(ALLOCATOR_SLACK * old_tensors):
         return CUDA_CONTEXT_BYTES + int(ALLOCATOR_SLACK * tensors)
     return overhead  # an allowance the caller fixed stays as given
+
+
+def shard_totals(static: Any, step_tot: Any, whole: Any, per_block: list[Any]) -> ShardTotals:
+    """What ``Sharding`` needs, from ``TensorTotals``.
+
+    ``static``: the full-depth model as stored (the setup's precision); ``step_tot``: the
+    step's (compute dtype); ``whole`` and ``per_block``: the step's model and each of its
+    blocks, every block list (a VLM's vision blocks are wrapped one by one too), which give the
+    root's and the largest block's parameters.
+    """
+    blocks = sum(b.weight_bytes for b in per_block)
+    return ShardTotals(
+        weight_bytes=static.weight_bytes,
+        trainable_params=static.trainable,
+        trainable_bytes=static.grad_bytes,
+        grad_bytes=static.grad_bytes,
+        optimizer_bytes=static.optimizer_bytes,
+        step_grad_bytes=step_tot.grad_bytes,
+        root_bytes=whole.weight_bytes - blocks,
+        block_bytes=max((b.weight_bytes for b in per_block), default=0),
+        block_grad_bytes=max((b.grad_bytes for b in per_block), default=0),
+    )

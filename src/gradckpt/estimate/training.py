@@ -13,6 +13,7 @@ from torch import nn
 from .._optional import require
 from ..errors import ConfigError
 from .compat import deprecated_csv
+from .vision import parse_image_size
 
 __all__ = [
     "ADAPTER_DTYPES",
@@ -117,6 +118,9 @@ class TrainingSetup:
             per weight instead of 0.127).
         hf_loss: ``"transformers"``, ``"shift-copy"``, ``"chunked"`` or ``"liger"`` (see
             ``HF_LOSSES``).
+        image_size: vision-language models: the images' size in pixels, ``(height, width)``
+            (``448`` or ``"448x336"`` are read too; see ``estimate.vision``). None: a text model.
+        images: images per sequence (VLMs; default 1).
     """
 
     method: str = "full"
@@ -135,6 +139,8 @@ class TrainingSetup:
     nf4_keeps_input: bool = False
     nf4_double_quant: bool = True
     hf_loss: str = "transformers"
+    image_size: tuple[int, int] | None = None
+    images: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", _choice(self.method, METHODS, "method"))
@@ -152,6 +158,9 @@ class TrainingSetup:
         _positive_int(self.seq, "sequence length")
         _positive_int(self.grad_accum, "grad_accum")
         _positive_int(self.lora_rank, "lora_rank")
+        _positive_int(self.images, "images")
+        if self.image_size is not None:
+            object.__setattr__(self, "image_size", parse_image_size(self.image_size))
         if (
             isinstance(self.lora_alpha, bool)
             or not isinstance(self.lora_alpha, (int, float))
@@ -204,10 +213,15 @@ class TrainingSetup:
     def to_dict(self) -> dict[str, Any]:
         """The fields as JSON-ready data (``lora_targets`` a list, or ``"all-linear"``)."""
         targets = self.lora_targets
-        return {
+        out = {
             **asdict(self),
             "lora_targets": targets if isinstance(targets, str) else list(targets),
         }
+        if self.image_size is None:  # a text model's setup: no image fields
+            del out["image_size"], out["images"]
+        else:
+            out["image_size"] = list(self.image_size)
+        return out
 
 
 _MIN_8BIT_SIZE = 4096  # bitsandbytes Optimizer8bit: smaller tensors keep 32-bit states

@@ -1,0 +1,171 @@
+"""gradckpt.estimate on vision-language models: the fake step against a real CPU step, bad input.
+
+Tiny random LLaVA, Qwen2-VL, Gemma 3, PaliGemma and Idefics3 (the configs of
+``test_vlm_blocks``, five text layers so that the replay of identical blocks is used) are
+estimated from their configs with an image size; the same model is then trained for real on
+this CPU on the batch the estimate built (``vision.step_inputs``) under ``gradckpt.measure``:
+predicted step peak and activation bytes within 3%, FLOPs equal, for each policy. The vision
+tower is planned with the same policy as the language model (its own block list).
+
+Run: PYTHONPATH=src .venv/bin/python -m pytest -p no:xdist -q tests/test_estimate_vlm.py
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gradckpt
+from gradckpt.errors import ConfigError
+from gradckpt.estimate import estimate
+from gradckpt.estimate.vision import image_layout, step_inputs
+
+t = pytest.importorskip("transformers")
+import test_vlm_blocks as vlm  # noqa: E402  (the tiny VLM configs; tests/ is on sys.path)
+
+BATCH, SEQ = 2, 48
+#: family -> the image size asked for (Qwen2-VL's is kept near its size, Idefics3's is tiled)
+SIZES = {"llava": 28, "qwen2_vl": (56, 84), "gemma3": 28, "paligemma": 28, "idefics3": (56, 28)}
+
+
+def _config(name: str) -> object:
+    model, _, _ = getattr(vlm, name)()
+    cfg = copy.deepcopy(model.config)
+    text = cfg.text_config
+    text.num_hidden_layers = 5
+    if getattr(text, "layer_types", None):  # the pattern continued (Gemma 3: sliding, full)
+        text.layer_types = [text.layer_types[i % len(text.layer_types)] for i in range(5)]
+    return cfg
+
+
+def _real_step(model: torch.nn.Module, batch: dict, policy: str) -> gradckpt.MemoryStats:
+    def step() -> None:
+        model(**batch).loss.backward()
+
+    gradckpt.enable(model, policy=policy)
+    try:
+        return gradckpt.measure(step, model=model)
+    finally:
+        gradckpt.disable(model)
+        model.zero_grad(set_to_none=True)
+
+
+def _close(pred: int, real: int, tol: float = 0.03) -> bool:
+    return abs(pred - real) <= tol * max(real, 1)
+
+
+@pytest.mark.parametrize("name", list(SIZES))
+def test_vlm_prediction_matches_real_cpu_run(name: str) -> None:
+    cfg = _config(name)
+    policies = ["none", "full", "every:2", "offload"]
+    report = estimate(
+        cfg,
+        precision="fp32",
+        optimizer="sgd",
+        batch=BATCH,
+        seq=SEQ,
+        image_size=SIZES[name],
+        policies=policies,
+        overhead=0,
+        alternatives=False,
+    )
+    assert any(n.startswith("vision-language model") for n in report.notes)
+    torch.manual_seed(0)
+    model = type(getattr(vlm, name)()[0])(cfg)
+    model.train()
+    size = (SIZES[name],) * 2 if isinstance(SIZES[name], int) else SIZES[name]
+    batch = step_inputs(model, cfg, size, 1, BATCH, SEQ, cfg.text_config.vocab_size)
+    image = image_layout(cfg, size)
+    assert int((batch["labels"] == -100).sum()) == BATCH * image.tokens
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    for r in report.results:
+        stats = _real_step(model, batch, r.policy)
+        real_peak = stats.peak_bytes - stats.baseline_bytes
+        assert _close(r.step_peak_bytes, real_peak), (r.policy, r.step_peak_bytes, real_peak)
+        assert _close(r.activation_bytes, stats.activation_bytes), (
+            r.policy,
+            r.activation_bytes,
+            stats.activation_bytes,
+        )
+        assert r.recompute_flops == stats.recompute_flops, r.policy
+        assert r.forward_flops == stats.forward_flops, r.policy
+        assert r.peak_bytes - r.step_peak_bytes >= weights
+    # the vision tower is checkpointed too: 'full' recomputes more than the text blocks alone
+    none, full = report.result("none"), report.result("full")
+    assert full.activation_bytes < none.activation_bytes
+
+
+def test_replay_equals_full_depth_and_images_cost_memory() -> None:
+    cfg = _config("qwen2_vl")
+    kw = dict(batch=1, seq=SEQ, policies=["none", "full"], overhead=0, alternatives=False)
+    small = estimate(cfg, image_size=(28, 28), **kw)
+    deep = estimate(cfg, image_size=(28, 28), full_depth=True, **kw)
+    assert [r.to_dict() for r in small.results] == [r.to_dict() for r in deep.results]
+    # a larger image: more patches through the tower and more image tokens (Qwen2-VL keeps size)
+    big = estimate(cfg, image_size=(84, 84), **kw)
+    two = estimate(cfg, image_size=(28, 28), images=2, **kw)
+    for policy in ("none", "full"):
+        assert big.result(policy).peak_bytes > small.result(policy).peak_bytes
+        assert two.result(policy).peak_bytes > small.result(policy).peak_bytes
+    assert small.setup["image_size"] == [28, 28] and two.setup["images"] == 2
+
+
+def test_fixed_resolution_towers_do_not_depend_on_the_image_size() -> None:
+    cfg = _config("llava")
+    kw = dict(batch=1, seq=SEQ, policies=["full"], overhead=0, alternatives=False)
+    a, b = estimate(cfg, image_size=28, **kw), estimate(cfg, image_size="1024x768", **kw)
+    assert a.results[0].peak_bytes == b.results[0].peak_bytes
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({}, "vision-language model: its step depends on the images"),
+        ({"image_size": "big"}, "image size must be pixels"),
+        ({"image_size": 0}, "image size must be pixels"),
+        ({"image_size": 28, "images": 0}, "images must be >= 1"),
+        ({"image_size": 28, "images": 12}, "leaving no text"),
+    ],
+)
+def test_bad_image_settings_are_refused(kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        estimate(_config("llava"), batch=1, seq=SEQ, policies=["full"], **kwargs)
+
+
+def test_image_size_for_a_text_model_is_refused() -> None:
+    with pytest.raises(ConfigError, match="text model"):
+        estimate("llama-3-8b", image_size=448, policies=["full"])
+
+
+def test_unmodelled_vlm_family_is_named() -> None:
+    cfg = t.LlavaNextConfig(
+        text_config=t.LlamaConfig(**vlm.TEXT), vision_config=t.CLIPVisionConfig(**vlm.VISION)
+    )
+    with pytest.raises(ConfigError, match="does not model yet .*llava, paligemma"):
+        estimate(cfg, image_size=28, policies=["full"])
+
+
+def _plan_cli(tmp_path: object, *args: str) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "config.json"  # type: ignore[operator]
+    _config("llava").to_json_file(str(path))
+    return subprocess.run(
+        [sys.executable, "-m", "gradckpt.cli", "plan", str(path), "--seq", str(SEQ), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_cli_plan_estimates_a_vlm_with_its_image_size(tmp_path: object) -> None:
+    out = _plan_cli(tmp_path, "--image-size", "336x336", "--images", "2", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["setup"]["image_size"] == [336, 336] and data["setup"]["images"] == 2
+    bad = _plan_cli(tmp_path)
+    assert bad.returncode == 2
+    assert bad.stderr.count("\n") == 1 and "--image-size" in bad.stderr
