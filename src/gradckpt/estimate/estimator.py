@@ -574,7 +574,10 @@ def _estimate(inp: _Inputs, t0: float) -> tuple[EstimateReport | None, list[str]
 
             def run(alt: TrainingSetup) -> PolicyEstimate | None:
                 changed = replace(inp, setup=alt, policies=[frugal], alternatives=False)
-                report, _ = _estimate(changed, time.perf_counter())
+                try:
+                    report, _ = _estimate(changed, time.perf_counter())
+                except ConfigError:  # e.g. a sequence too short for the VLM's images
+                    return None
                 return None if report is None else report.results[0]
 
             report_alts = _alternatives(

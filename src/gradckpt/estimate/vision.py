@@ -181,7 +181,7 @@ def image_layout(cfg: Any, size: tuple[int, int]) -> ImageLayout:
         tiles = rows * cols + (1 if rows * cols > 1 else 0)
         per_tile = (s // p) ** 2 // int(cfg.scale_factor) ** 2
         how = (
-            f"longest edge resized to {edge} px and cut into {rows}x{cols} tiles of {s} px"
+            f"with its longest edge resized to {edge} px cut into {rows}x{cols} tiles of {s} px"
             + (" plus one global view" if tiles > rows * cols else "")
             + f": {tiles} x {per_tile} = {tiles * per_tile} image tokens"
         )
@@ -260,9 +260,9 @@ def layout_note(cfg: Any, size: tuple[int, int], images: int, seq: int) -> str:
     """One line for the report: what each sequence of the step holds."""
     lay = image_layout(cfg, size)
     return (
-        f"vision-language model: {images} image(s) of {size[0]}x{size[1]} px per sequence, each "
-        f"{lay.how} ({cfg.model_type}); the vision tower is its own block list, planned with "
-        f"the same policy; the rest of the {seq} tokens are text"
+        f"vision-language model ({cfg.model_type}): {images} image(s) of {size[0]}x{size[1]} px "
+        f"per sequence, each {lay.how}; the vision tower is its own block list, planned with the "
+        f"same policy; the rest of the {seq} tokens are text"
     )
 
 
