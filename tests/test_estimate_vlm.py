@@ -22,7 +22,8 @@ import torch
 
 import gradckpt
 from gradckpt.errors import ConfigError
-from gradckpt.estimate import estimate
+from gradckpt.estimate import estimate, get_gpu
+from gradckpt.estimate.report import setup_words
 from gradckpt.estimate.vision import image_layout, step_inputs
 
 t = pytest.importorskip("transformers")
@@ -169,3 +170,25 @@ def test_cli_plan_estimates_a_vlm_with_its_image_size(tmp_path: object) -> None:
     bad = _plan_cli(tmp_path)
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1 and "--image-size" in bad.stderr
+
+
+def test_max_seq_search_starts_past_the_image_tokens() -> None:
+    cfg = _config("qwen2_vl")
+    # 168x168: 12x12 patches merged 2x2 = 36 image tokens + start/end marks = 38 > seq_step
+    report = gradckpt.sweep(
+        cfg,
+        seq=64,
+        image_size=168,
+        max_seq=True,
+        seq_step=8,
+        gpu="4MB",
+        policies=["none", "full"],
+        overhead="1KB",
+    )
+    for fit in report.largest:
+        assert fit.found and fit.seq > 38 and fit.seq % 8 == 0, fit
+        # the answer is the largest: one more step does not fit
+        assert fit.next_peak_bytes is not None and fit.next_peak_bytes > get_gpu("4MB").memory_bytes
+    none, full = (next(f for f in report.largest if f.policy == p) for p in ("none", "full"))
+    assert full.seq > none.seq
+    assert "1 image of 168x168 per sequence" in setup_words(report.setup, shape=False)

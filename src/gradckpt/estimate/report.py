@@ -81,6 +81,10 @@ def setup_words(setup: Mapping[str, Any], *, shape: bool = True) -> str:
             f"batch {setup['batch']} x seq {setup['seq']}" + (f" {accum}" if accum else "")
         )
     parts.append(f"{setup['attention']} attention")
+    if setup.get("image_size"):  # a VLM's images, per sequence
+        h, w = setup["image_size"]
+        n = setup.get("images", 1)
+        parts.append(f"{n} image{'s' if n > 1 else ''} of {h}x{w} per sequence")
     if "gpus" in setup:  # a sharded estimate: every figure is per GPU
         parts.append(f"per GPU of {setup['gpus']} ({setup['shard']})")
     if accum and not shape:

@@ -30,6 +30,7 @@ from .report import GpuOption, LargestFit, PolicyEstimate, SweepPoint, SweepRepo
 from .search import Capacity, largest_fitting
 from .sharding import sharding
 from .training import TrainingSetup
+from .vision import image_tokens, is_vlm
 
 __all__ = [
     "SWEEP_POLICIES",
@@ -306,13 +307,16 @@ def _search(
     limit_name: str,
     accum: int,
     price: float | None,
+    first: int = 1,
 ) -> LargestFit | None:
-    """The largest batch (``vary="batch"``, at seq ``fixed``) or sequence (multiples of ``step``,
-    at batch ``fixed``) that fits ``gpu``; None when 'auto' has no plan at the smallest."""
+    """The largest batch (``vary="batch"``, at seq ``fixed``) or sequence (multiples of ``step``
+    from ``first * step``, at batch ``fixed``) that fits ``gpu``; None when 'auto' has no plan
+    at the smallest."""
     calls0 = est.calls
+    limit -= first - 1  # k counts from the first setting tried
 
     def setting(k: int) -> tuple[int, int]:
-        return (k, fixed) if vary == "batch" else (fixed, k * step)
+        return (k, fixed) if vary == "batch" else (fixed, (k + first - 1) * step)
 
     cap = Capacity(gpu.memory_bytes, lambda k: est.peak(policy, *setting(k), gpu))
     found = cap(1)
@@ -492,6 +496,10 @@ def sweep(
             f"policy 'auto': the planner found no plan for {speed_gpu.name} at some settings "
             "(left out of those points)"
         )
+    # a VLM's sequences hold its images: the sequence search starts past their tokens
+    first_seq = 1
+    if st.image_size is not None and is_vlm(spec.config):
+        first_seq = image_tokens(spec.config, st.image_size, st.images) // seq_step + 1
     searches: list[tuple[str, list[int], int, str]] = []
     if max_batch:
         searches.append(("batch", seqs, batch_limit, "search limit"))
@@ -521,6 +529,7 @@ def sweep(
                         limit_name=why,
                         accum=accum,
                         price=price_of.get(g.name),
+                        first=first_seq if vary == "seq" else 1,
                     )
                     if f is not None:
                         largest.append(f)

@@ -31,6 +31,7 @@ __all__ = [
     "ImageLayout",
     "RealIndexMath",
     "image_layout",
+    "image_tokens",
     "layout_note",
     "check_images",
     "is_vlm",
@@ -306,6 +307,12 @@ class RealIndexMath(TorchDispatchMode):
             return func(*args, **kwargs)
 
 
+def image_tokens(cfg: Any, size: tuple[int, int], images: int) -> int:
+    """Tokens ``images`` images of ``size`` take in each sequence (Qwen2-VL's start/end marks too)."""
+    marks = 2 if cfg.model_type in ("qwen2_vl", "qwen2_5_vl") else 0
+    return images * (image_layout(cfg, size).tokens + marks)
+
+
 def check_images(
     cfg: Any, name: str, size: tuple[int, int] | None, images: int, seq: int
 ) -> str | None:
@@ -327,8 +334,7 @@ def check_images(
             "(--image-size 448 or 448x336; image_size=) and how many per sequence (--images, default 1)"
         )
     lay = image_layout(cfg, size)
-    marks = 2 if cfg.model_type in ("qwen2_vl", "qwen2_5_vl") else 0
-    per_seq = images * (lay.tokens + marks)
+    per_seq = image_tokens(cfg, size, images)
     if per_seq >= seq:
         raise ConfigError(
             f"{images} image(s) of {size[0]}x{size[1]} take {per_seq} tokens of each sequence "
