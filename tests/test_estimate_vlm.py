@@ -171,6 +171,9 @@ def test_cli_plan_estimates_a_vlm_with_its_image_size(tmp_path: Path) -> None:
     assert rc == 2 and err.count("\n") == 1 and "--image-size" in err, err
 
 
+CARD = get_gpu("2500KB")
+
+
 def test_max_seq_search_starts_past_the_image_tokens() -> None:
     cfg = _config("qwen2_vl")
     # 168x168: 12x12 patches merged 2x2 = 36 image tokens + start/end marks = 38 > seq_step
@@ -180,14 +183,14 @@ def test_max_seq_search_starts_past_the_image_tokens() -> None:
         image_size=168,
         max_seq=True,
         seq_step=16,
-        gpu="2500KB",
+        gpu=CARD,
         policies=["none", "full"],
         overhead="1KB",
     )
     for fit in report.largest:
         assert fit.found and fit.seq > 38 and fit.seq % 16 == 0, fit
         # the answer is the largest: one more step does not fit
-        assert fit.next_peak_bytes is not None and fit.next_peak_bytes > get_gpu("2500KB").memory_bytes
+        assert fit.next_peak_bytes is not None and fit.next_peak_bytes > CARD.memory_bytes
     none, full = (next(f for f in report.largest if f.policy == p) for p in ("none", "full"))
     assert full.seq > none.seq
     assert "1 image of 168x168 per sequence" in setup_words(report.setup, shape=False)
