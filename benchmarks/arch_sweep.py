@@ -55,6 +55,9 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# MKL's results must not depend on memory alignment (on AMD EPYC with AVX-512 a recomputed
+# matmul otherwise differs in the last bit): set before torch's first computation
+os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
 
 import numpy as np
 import torch

@@ -334,6 +334,10 @@ def test_sqrt_on_t5_stays_inside_encoder_and_decoder_and_is_exact() -> None:
         dropout_rate=0.1,
         decoder_start_token_id=0,
         pad_token_id=0,
+        # gradckpt turns the KV cache off while gradients are recorded; with it on, T5's decoder
+        # attends over the cache's contiguous copy of its keys, which some CPUs' kernels round
+        # differently in the last bit (AMD EPYC, AVX-512): the reference runs as gradckpt does
+        use_cache=False,
     )
     torch.manual_seed(0)
     model = transformers.T5ForConditionalGeneration(cfg).train()

@@ -188,7 +188,7 @@ def test_presets_build_with_their_published_parameter_counts() -> None:
     required = {
         "mistral-7b", "llama-3-8b", "llama-3.2-1b", "llama-3.2-3b", "qwen2.5-7b",
         "qwen2.5-14b", "gemma-2-9b", "phi-3-mini", "gpt2", "mixtral-8x7b", "qwen2-vl-7b",
-        "llava-1.5-7b",
+        "llava-1.5-7b", "qwen2.5-vl-7b",
     }  # fmt: skip
     assert required <= set(MODEL_PRESETS)
     for name, preset in MODEL_PRESETS.items():

@@ -17,6 +17,7 @@ import copy
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -33,11 +34,45 @@ import test_vlm_blocks as vlm  # noqa: E402  (the tiny VLM configs; tests/ is on
 
 BATCH, SEQ = 2, 48
 #: family -> the image size asked for (Qwen2-VL's is kept near its size, Idefics3's is tiled)
-SIZES = {"llava": 28, "qwen2_vl": (56, 84), "gemma3": 28, "paligemma": 28, "idefics3": (56, 28)}
+SIZES = {
+    "llava": 28,
+    "qwen2_vl": (56, 84),
+    "qwen2_5_vl": (112, 84),
+    "gemma3": 28,
+    "paligemma": 28,
+    "idefics3": (56, 28),
+}
+
+
+def qwen2_5_vl() -> tuple[object, None, None]:
+    """Qwen2.5-VL: window attention in the tower (2 of its 4 blocks attend over the image)."""
+    cfg = t.Qwen2_5_VLConfig(
+        text_config={**vlm.TEXT, "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}},
+        vision_config={
+            "depth": 4,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "out_hidden_size": 32,
+            "num_heads": 4,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 56,
+            "fullatt_block_indexes": [1, 3],
+        },
+        image_token_id=5,
+        vision_start_token_id=6,
+        vision_end_token_id=7,
+    )
+    return t.Qwen2_5_VLForConditionalGeneration(cfg), None, None
+
+
+def _builder(name: str) -> Any:
+    return qwen2_5_vl if name == "qwen2_5_vl" else getattr(vlm, name)
 
 
 def _config(name: str) -> object:
-    model, _, _ = getattr(vlm, name)()
+    model, _, _ = _builder(name)()
     cfg = copy.deepcopy(model.config)
     text = cfg.text_config
     text.num_hidden_layers = 5
@@ -79,7 +114,7 @@ def test_vlm_prediction_matches_real_cpu_run(name: str) -> None:
     )
     assert any(n.startswith("vision-language model") for n in report.notes)
     torch.manual_seed(0)
-    model = type(getattr(vlm, name)()[0])(cfg)
+    model = type(_builder(name)()[0])(cfg)
     model.train()
     size = (SIZES[name],) * 2 if isinstance(SIZES[name], int) else SIZES[name]
     batch = step_inputs(model, cfg, size, 1, BATCH, SEQ, cfg.text_config.vocab_size)
