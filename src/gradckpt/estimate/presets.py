@@ -50,6 +50,26 @@ _LLAMA3_ROPE = {
     "original_max_position_embeddings": 8192,
 }
 
+# Qwen2-VL 7B and Qwen2.5-VL 7B: the same language model and special tokens
+_QWEN_VL_TOKENS = dict(
+    image_token_id=151655,
+    video_token_id=151656,
+    vision_start_token_id=151652,
+    vision_end_token_id=151653,
+)
+_QWEN_VL_TEXT = dict(
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+)
+
 # fmt: off
 _PRESETS = [
     _p("mistral-7b", "mistralai/Mistral-7B-v0.3", "7.25B", model_type="mistral",
@@ -119,26 +139,16 @@ _PRESETS = [
        max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-5,
        sliding_window=None, tie_word_embeddings=False),
     _p("qwen2-vl-7b", "Qwen/Qwen2-VL-7B-Instruct", "8.29B", model_type="qwen2_vl",
-       architectures=["Qwen2VLForConditionalGeneration"], image_token_id=151655,
-       video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
-       text_config=dict(
-           model_type="qwen2_vl_text", vocab_size=152064, hidden_size=3584,
-           intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-           num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1000000.0,
-           rms_norm_eps=1e-6, tie_word_embeddings=False,
-           rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
+       architectures=["Qwen2VLForConditionalGeneration"], **_QWEN_VL_TOKENS,
+       text_config={**_QWEN_VL_TEXT, "model_type": "qwen2_vl_text",
+                    "max_position_embeddings": 32768},
        vision_config=dict(
            depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16, in_chans=3, hidden_size=3584,
            patch_size=14, spatial_merge_size=2, temporal_patch_size=2)),
     _p("qwen2.5-vl-7b", "Qwen/Qwen2.5-VL-7B-Instruct", "8.29B", model_type="qwen2_5_vl",
-       architectures=["Qwen2_5_VLForConditionalGeneration"], image_token_id=151655,
-       video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
-       text_config=dict(
-           model_type="qwen2_5_vl_text", vocab_size=152064, hidden_size=3584,
-           intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-           num_key_value_heads=4, max_position_embeddings=128000, rope_theta=1000000.0,
-           rms_norm_eps=1e-6, tie_word_embeddings=False,
-           rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
+       architectures=["Qwen2_5_VLForConditionalGeneration"], **_QWEN_VL_TOKENS,
+       text_config={**_QWEN_VL_TEXT, "model_type": "qwen2_5_vl_text",
+                    "max_position_embeddings": 128000},
        vision_config=dict(
            depth=32, hidden_act="silu", hidden_size=1280, intermediate_size=3420, num_heads=16,
            in_chans=3, out_hidden_size=3584, patch_size=14, spatial_merge_size=2,
